@@ -1,0 +1,49 @@
+"""Imported from mergekit_symalign.pth at interpreter start; must stay tiny.
+
+Installs a meta-path hook that, right after ``mergekit.merge`` has been imported (as
+``mergekit-yaml`` and every other entry point do before planning), registers the
+``symmetry_aligned_*`` merge methods and the planner hook. Processes that never import
+mergekit pay for one small module and nothing else.
+"""
+
+import sys
+from importlib.abc import MetaPathFinder
+
+_TRIGGER = "mergekit.merge"
+
+
+def _register(module_name):
+    import importlib
+    import warnings
+
+    try:
+        importlib.import_module("mergekit_symalign.plugin").install()
+    except Exception as err:  # never break plain mergekit merges
+        warnings.warn(
+            f"mergekit-symalign could not register its merge methods ({err!r}); "
+            f"plain mergekit methods are unaffected.",
+            stacklevel=2,
+        )
+
+
+class _RegisterAfterMergekit(MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            loader_exec(module)
+            _register(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if not any(isinstance(f, _RegisterAfterMergekit) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterMergekit())

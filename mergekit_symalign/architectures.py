@@ -1,0 +1,293 @@
+"""Per-architecture symmetry specs, as data.
+
+An :class:`Architecture` names a decoder layer's projections; :func:`layer_spec` turns it
+plus a model's :class:`Geometry` (read from its HF config) into the :class:`LayerSpec` that
+the generic solver and apply read. Adding an architecture whose layer is a plain
+GQA-attention + gated-MLP block is one entry in ``ARCHITECTURES``; anything that shrinks the
+group (QK-norm, fused projections, ...) must be declared and handled here, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .groups import Kind, Site, Symmetry, slot_index
+from .spec import Block, LayerSpec
+
+QK_ROTATIONS = ("rope", "full")
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: Tuple[str, ...]
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    activation: str = "SwiGLU"
+    # HF's rotate_half pairs dims (i, i + r/2); GPT-J / GLM interleave (2i, 2i + 1).
+    rope_layout: str = "rotate_half"
+    layer_pattern: str = r"^(?P<prefix>(?:.+\.)?layers\.(?P<index>\d+)\.)(?P<name>.+)$"
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("llama", ("llama",)),
+        Architecture("mistral", ("mistral",)),
+        Architecture("qwen2", ("qwen2",)),  # q/k/v biases are sites of their rows
+        Architecture("gemma", ("gemma",), activation="GeGLU"),
+    )
+}
+
+
+def supported_model_types() -> List[str]:
+    return sorted(t for a in ARCHITECTURES.values() for t in a.model_types)
+
+
+def architecture_for(model_type: str, model: str = "model") -> Architecture:
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.model_types:
+            return arch
+    raise UnsupportedArchitecture(
+        f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
+        f"its symmetries are not proven exact and it cannot be aligned. Supported model types: "
+        f"{', '.join(supported_model_types())}. Use mergekit's plain method instead, or add a "
+        f"spec (mergekit_symalign/architectures.py) together with an exactness test."
+    )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes a layer's symmetry group depends on, read from an HF config."""
+
+    model_type: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rotary_dim: int
+    num_layers: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def describe(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, heads={self.num_heads}/{self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, mlp={self.intermediate_size}, rotary_dim={self.rotary_dim}"
+        )
+
+
+def _rope_parameters(cfg: Any) -> Dict[str, Any]:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # per-layer-type rope settings (e.g. Gemma 3): require one consistent factor
+        factors = {v.get("partial_rotary_factor", 1.0) for v in params.values()}
+        if len(factors) != 1:
+            raise UnsupportedArchitecture(f"per-layer partial rotary factors {factors}")
+        return {"partial_rotary_factor": factors.pop()}
+    return params if isinstance(params, dict) else {}
+
+
+def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    model_type = getattr(cfg, "model_type", None)
+    architecture_for(model_type, model)
+    try:
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hidden = int(cfg.hidden_size)
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+        factor = _rope_parameters(cfg).get("partial_rotary_factor")
+        if factor is None:
+            factor = getattr(cfg, "partial_rotary_factor", 1.0)
+        rotary_dim = int(head_dim * float(factor))
+        geometry = Geometry(
+            model_type=model_type,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(cfg.intermediate_size),
+            rotary_dim=rotary_dim,
+            num_layers=int(cfg.num_hidden_layers),
+        )
+    except (AttributeError, TypeError) as err:
+        raise UnsupportedArchitecture(f"{model}: cannot read layer geometry from config: {err}")
+    if heads % kv_heads:
+        raise UnsupportedArchitecture(
+            f"{model}: {heads} query heads are not a multiple of {kv_heads} KV heads"
+        )
+    if rotary_dim % 2:
+        raise UnsupportedArchitecture(
+            f"{model}: rotary dimension {rotary_dim} is odd, so RoPE planes are undefined"
+        )
+    return geometry
+
+
+def split_layer_name(arch: Architecture, name: str) -> Optional[Tuple[str, int, str]]:
+    """``model.layers.3.mlp.up_proj.weight`` -> (``model.layers.3.``, 3, ``mlp.up_proj.weight``)."""
+    m = re.match(arch.layer_pattern, name)
+    if not m:
+        return None
+    return m.group("prefix"), int(m.group("index")), m.group("name")
+
+
+# --------------------------------------------------------------------------- index layouts
+
+
+def _heads(kv_groups: int, copies: int, head_dim: int, within: torch.Tensor) -> torch.Tensor:
+    """Index ``[kv_groups * m, copies, k]`` of dims ``within[m, k]`` of each group's heads.
+
+    Head ``h = j * copies + c`` of group ``j`` occupies rows ``h * head_dim + ...``.
+    """
+    head = torch.arange(kv_groups)[:, None] * copies + torch.arange(copies)[None, :]
+    idx = (head * head_dim)[:, None, :, None] + within[None, :, None, :]  # [K, m, c, k]
+    return idx.reshape(kv_groups * within.shape[0], copies, within.shape[1])
+
+
+def _rope_planes(rotary_dim: int, layout: str) -> torch.Tensor:
+    half = rotary_dim // 2
+    p = torch.arange(half)
+    if layout == "rotate_half":
+        return torch.stack([p, p + half], -1)
+    if layout == "interleaved":
+        return torch.stack([2 * p, 2 * p + 1], -1)
+    raise UnsupportedArchitecture(f"unknown RoPE layout {layout!r}")
+
+
+def _as_scale(index: torch.Tensor) -> torch.Tensor:
+    """One scalar per slot acting on every coordinate of every copy."""
+    n, c, k = index.shape
+    return index.reshape(n, c * k, 1)
+
+
+def _rows(name: str, index: torch.Tensor, contragredient=False, bias=True) -> List[Site]:
+    """A projection's output rows (and its optional bias)."""
+    sites = [Site(f"{name}.weight", 0, index, contragredient)]
+    if bias:
+        sites.append(Site(f"{name}.bias", 0, index, contragredient, optional=True))
+    return sites
+
+
+def _mlp_block(arch: Architecture, g: Geometry) -> Block:
+    neurons = slot_index(g.intermediate_size, 1, 1)
+    perm = Symmetry(
+        "mlp.neurons",
+        Kind.permutation,
+        tuple(
+            _rows(arch.gate, neurons)
+            + _rows(arch.up, neurons)
+            + [Site(f"{arch.down}.weight", 1, neurons)]
+        ),
+    )
+    # Only the up branch is linear in its pre-activation, so only it can carry a scale;
+    # a negative scale is fine there (the gate keeps its sign).
+    scale = Symmetry(
+        "mlp.neuron_scale",
+        Kind.scale,
+        tuple(_rows(arch.up, neurons) + [Site(f"{arch.down}.weight", 1, neurons, True)]),
+        signed=True,
+    )
+    return Block("mlp", perm, scale)
+
+
+def _vo_block(arch: Architecture, g: Geometry) -> Block:
+    dims = torch.arange(g.head_dim)[None, :]
+    value = _heads(g.num_kv_heads, 1, g.head_dim, dims)
+    output = _heads(g.num_kv_heads, g.group_size, g.head_dim, dims)
+    rotation = Symmetry(
+        "attn.vo_rotation",
+        Kind.orthogonal,
+        tuple(_rows(arch.v, value) + [Site(f"{arch.o}.weight", 1, output)]),
+    )
+    # O(d) already holds -1, so the group scale is positive.
+    scale = Symmetry(
+        "attn.vo_scale",
+        Kind.scale,
+        tuple(
+            _rows(arch.v, _as_scale(value))
+            + [Site(f"{arch.o}.weight", 1, _as_scale(output), True)]
+        ),
+        signed=False,
+    )
+    return Block("attn.vo", rotation, scale)
+
+
+def _qk_block(name: str, arch: Architecture, g: Geometry, within: torch.Tensor, kind: Kind) -> Block:
+    query = _heads(g.num_kv_heads, g.group_size, g.head_dim, within)
+    key = _heads(g.num_kv_heads, 1, g.head_dim, within)
+    # q.k is kept by q -> R q, k -> R k (R orthogonal) and by q -> s q, k -> k / s.
+    rotation = Symmetry(f"{name}_rotation", kind, tuple(_rows(arch.q, query) + _rows(arch.k, key)))
+    scale = Symmetry(
+        f"{name}_scale",
+        Kind.scale,
+        tuple(_rows(arch.q, _as_scale(query)) + _rows(arch.k, _as_scale(key), True)),
+        signed=False,  # -1 is a rotation by pi, already in the group
+    )
+    return Block(name, rotation, scale)
+
+
+@lru_cache(maxsize=64)
+def layer_spec(arch_name: str, geometry: Geometry, qk_rotation: str = "rope") -> LayerSpec:
+    arch = ARCHITECTURES[arch_name]
+    if qk_rotation not in QK_ROTATIONS:
+        raise ValueError(f"qk_rotation must be one of {QK_ROTATIONS}, not {qk_rotation!r}")
+    blocks = [_mlp_block(arch, geometry), _vo_block(arch, geometry)]
+    d, r = geometry.head_dim, geometry.rotary_dim
+    if qk_rotation == "full":
+        # The seed papers' transform space: one d x d rotation per KV group. Not exact
+        # under RoPE (see docs); callers must warn.
+        blocks.append(_qk_block("attn.qk_full", arch, geometry, torch.arange(d)[None, :], Kind.orthogonal))
+    else:
+        if r:
+            planes = _rope_planes(r, arch.rope_layout)
+            blocks.append(_qk_block("attn.qk_planes", arch, geometry, planes, Kind.plane_rotation))
+        if r < d:
+            # Non-rotated dims (partial rotary) keep the full orthogonal group.
+            rest = torch.arange(r, d)[None, :]
+            blocks.append(_qk_block("attn.qk_nonrotary", arch, geometry, rest, Kind.orthogonal))
+    return LayerSpec(architecture=arch.name, blocks=tuple(blocks))
+
+
+def check_same_geometry(geometries: Dict[str, Geometry]) -> None:
+    """All models must share one layer geometry (the group acts on equal shapes)."""
+    items = list(geometries.items())
+    name0, g0 = items[0]
+    for name, g in items[1:]:
+        for field in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                      "intermediate_size", "rotary_dim"):
+            if getattr(g, field) != getattr(g0, field):
+                raise ValueError(
+                    f"models {name0} and {name} differ in {field} ({getattr(g0, field)} vs "
+                    f"{getattr(g, field)}): symmetry alignment needs models of one "
+                    f"architecture and size ({g0.describe()} vs {g.describe()}). Merge models "
+                    f"of the same base family."
+                )
+
+
+def full_qk_warning(model: str) -> None:
+    warnings.warn(
+        f"qk_rotation: full aligns {model} with a full d x d rotation of each KV group's "
+        f"query/key heads (as the seed papers do). On a RoPE model this is NOT a symmetry: "
+        f"the aligned model computes a different function. Use qk_rotation: rope for the "
+        f"exact, rotary-safe alignment.",
+        stacklevel=2,
+    )

@@ -1,0 +1,339 @@
+"""The planner hook: plain mergekit planning, with aligned inputs for our methods.
+
+mergekit 0.1.5 always wraps a method in a fixed ``ExecuteMergeMethodTask(gather_tensors=...)``
+(see docs/how-it-works.md); to feed it aligned tensors we subclass ``MergePlanner`` and
+swap it into ``mergekit.merge``. For every other method the subclass does exactly what
+mergekit does (it calls the parent).
+
+For an aligned method and one output tensor the graph is::
+
+    LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--+
+    LoadTensor(R) -------------------------------------------------+-> ExecuteMergeMethodTask
+                                                                        (wrapped method, base R)
+    LoadTensor(B), LayerAlignmentTask(B, R) ----------------------------> TransferTask -> save
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit.architecture import WeightInfo
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.config import ConfigReader, ConditionalParameter
+from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
+from mergekit.merge_methods.base import ParameterScope
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
+from mergekit.parameter_resolver import resolve_parameters
+from mergekit.plan import MergePlanner
+
+from .architectures import (
+    UnsupportedArchitecture,
+    architecture_for,
+    check_same_geometry,
+    full_qk_warning,
+    geometry_from_config,
+    layer_spec,
+    split_layer_name,
+)
+from .methods import (
+    SymAlignConfigError,
+    SymmetryAlignedMerge,
+    check_choice,
+    check_parameter_names,
+)
+from .tasks import AlignTensorTask, LayerAlignmentTask, TransferTask
+
+LOG = logging.getLogger(__name__)
+LAYER_SETTINGS = ("alignment", "permutation", "rotation", "scaling", "qk_rotation", "output_frame")
+
+
+class SymAlignPlanner(MergePlanner):
+    def __init__(self, config, arch_info, options, out_model_config):
+        super().__init__(config, arch_info, options, out_model_config)
+        self._aligned = isinstance(self._method, SymmetryAlignedMerge)
+        self._alignments: Dict[Tuple, LayerAlignmentTask] = {}
+        self._layer_settings: Dict[Tuple, Dict[str, Any]] = {}
+        self._roles: Dict[ModelReference, str] = {}
+        self._geometry = None
+        self._arch = None
+
+    # ------------------------------------------------------------------ recipe checks
+
+    def _plan(self):
+        if self._aligned:
+            self._check_recipe()
+        return super()._plan()
+
+    def _parameter_scopes(self):
+        """(where, parameters, model or None) for every parameter dict in the recipe."""
+        cfg = self.config
+        yield "parameters", cfg.parameters, None
+        for model in cfg.models or ():
+            yield f"models[{model.model}]", model.parameters, model.model
+        slices = list(cfg.slices or ())
+        for name, module in (cfg.modules or {}).items():
+            yield f"modules.{name}", module.parameters, None
+            for model in module.models or ():
+                yield f"modules.{name}.models[{model.model}]", model.parameters, model.model
+            slices += module.slices or ()
+        for i, out_slice in enumerate(slices):
+            yield f"slices[{i}]", out_slice.parameters, None
+            for source in out_slice.sources:
+                yield f"slices[{i}].sources[{source.model}]", source.parameters, source.model
+
+    def _check_recipe(self):
+        method: SymmetryAlignedMerge = self._method
+        cfg = self.config
+        name = method.spec.name
+        if cfg.base_model is None and not all(s.base_model for s in cfg.slices or ()):
+            raise SymAlignConfigError(
+                f"{name} needs base_model: the model the skill is transferred onto (or, for "
+                f"plain fusion, the model every other model is aligned to). Add "
+                f"`base_model: <model>` to the recipe."
+            )
+        if cfg.tokenizer is not None or cfg.tokenizer_source is not None:
+            raise SymAlignConfigError(
+                f"{name} does not support tokenizer / tokenizer_source yet: aligned transfers "
+                f"need models that share one vocabulary. Remove the tokenizer section."
+            )
+        references = set()
+        for where, params, model in self._parameter_scopes():
+            check_parameter_names(method, where, params)
+            for key, value in (params or {}).items():
+                if key in ("role", "alignment", "qk_rotation", "output_frame"):
+                    if not isinstance(value, str):
+                        raise SymAlignConfigError(
+                            f"parameter {key} in {where} must be a single string (it cannot "
+                            f"vary by layer or tensor), got {value!r}."
+                        )
+                    check_choice(key, value, where)
+                if key == "role" and model is None:
+                    raise SymAlignConfigError(
+                        f"role is a per-model parameter; set it under the model in {where}."
+                    )
+                if key == "role" and value == "reference":
+                    references.add(model)
+                if key == "alignment" and value == "activations":
+                    raise SymAlignConfigError(
+                        f"alignment: activations (in {where}) is not implemented yet; use "
+                        f"alignment: weights (the default)."
+                    )
+        bases = {cfg.base_model} | {s.base_model for s in cfg.slices or () if s.base_model}
+        references -= bases  # role: reference on the base = plain fusion (the default)
+        if len(references) > 1:
+            raise SymAlignConfigError(
+                f"{name}: more than one model has role: reference "
+                f"({', '.join(sorted(map(str, references)))}). Skill vectors are measured from "
+                f"exactly one reference; mark only one."
+            )
+        models = cfg.referenced_models()
+        if len(models) < 2:
+            raise SymAlignConfigError(f"{name}: the recipe has no model to transfer from.")
+        trust = self.options.trust_remote_code
+        geometries = {}
+        for model in models:
+            try:
+                geometries[str(model)] = geometry_from_config(model.config(trust), str(model))
+            except UnsupportedArchitecture as err:
+                raise SymAlignConfigError(str(err)) from None
+        types = {g.model_type for g in geometries.values()}
+        if len(types) > 1:
+            raise SymAlignConfigError(
+                f"{name}: models have different architectures "
+                f"({', '.join(f'{m}: {g.model_type}' for m, g in geometries.items())}); "
+                f"symmetry alignment needs one architecture."
+            )
+        try:
+            check_same_geometry(geometries)
+        except ValueError as err:
+            raise SymAlignConfigError(f"{name}: {err}") from None
+        self._geometry = next(iter(geometries.values()))
+        self._arch = architecture_for(self._geometry.model_type)
+
+    # ------------------------------------------------------------------ planning
+
+    def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
+        # Built by mergekit's own GatherTensors, so equal loads are shared with it.
+        gather = GatherTensors(
+            weight_info=ImmutableMap(data={model: info}),
+            dtype=self.config.dtype,
+            device=self.options.device if self.options.read_to_gpu else None,
+        )
+        (load,) = gather.arguments().values()
+        return load
+
+    def _weight_info(self, model: ModelReference, name: str, index: int, optional: bool):
+        for module_name in self.arch_info.modules:
+            try:
+                weights = self._model_arch(model).get_module(module_name).layer_weights(index=index)
+            except Exception:  # not every module has this layer index
+                continue
+            for info in weights or ():
+                if info.name == name:
+                    return info
+        return WeightInfo(name=name, optional=optional)
+
+    def _present(self, model: ModelReference, info: WeightInfo) -> bool:
+        index = LoaderCache().get(model).index
+        return any(n in index.tensor_paths for n in [info.name, *(info.aliases or ())])
+
+    def _layer_loads(self, model, prefix, index, spec, optional_names, reference_side=None):
+        loads = []
+        for rel in spec.tensors():
+            info = self._weight_info(model, prefix + rel, index, rel in optional_names)
+            present = self._present(model, info)
+            if not present and rel not in optional_names:
+                raise SymAlignConfigError(
+                    f"model {model} lacks tensor {prefix + rel}, which the {spec.architecture} "
+                    f"symmetry spec moves together with the rest of the layer. The checkpoint "
+                    f"is incomplete or not a standard {spec.architecture} model: re-download "
+                    f"it, or check its config.json (model_type)."
+                )
+            if present:
+                loads.append((rel, self._load(model, info)))
+        return tuple(loads)
+
+    def _alignment(self, model, reference, prefixes, indices, settings) -> LayerAlignmentTask:
+        key = (model, prefixes[model], reference, prefixes[reference],
+               tuple(settings[k] for k in LAYER_SETTINGS))
+        if key in self._alignments:
+            return self._alignments[key]
+        spec = layer_spec(self._arch.name, self._geometry, settings["qk_rotation"])
+        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
+        model_loads = self._layer_loads(model, prefixes[model], indices[model], spec, optional)
+        ref_loads = self._layer_loads(reference, prefixes[reference], indices[reference], spec, optional)
+        if {r for r, _ in model_loads} != {r for r, _ in ref_loads}:
+            diff = {r for r, _ in model_loads} ^ {r for r, _ in ref_loads}
+            raise SymAlignConfigError(
+                f"models {model} and {reference} differ in which optional tensors they carry "
+                f"in {prefixes[model]}* ({', '.join(sorted(diff))}): they are not the same "
+                f"architecture variant and cannot be aligned."
+            )
+        if settings["qk_rotation"] == "full" and not getattr(self, "_warned_full", False):
+            full_qk_warning(str(model))
+            self._warned_full = True
+        task = LayerAlignmentTask(
+            model=model,
+            reference=reference,
+            layer_prefix=prefixes[model],
+            architecture=self._arch.name,
+            geometry=self._geometry,
+            qk_rotation=settings["qk_rotation"],
+            permutation=settings["permutation"],
+            rotation=settings["rotation"],
+            scaling=settings["scaling"],
+            model_tensors=model_loads,
+            reference_tensors=ref_loads,
+        )
+        self._alignments[key] = task
+        return task
+
+    def _consistent(self, key, value, what: str):
+        seen = self._layer_settings.setdefault(key, value)
+        if seen != value:
+            raise SymAlignConfigError(
+                f"{what} resolves differently for different tensors ({seen} vs {value}): "
+                f"every tensor of a layer moves together, so set it per model or per layer "
+                f"(no tensor filters)."
+            )
+
+    def plan_tensor(self, weight: WeightInfo, weights_in: List[WeightInfo],
+                    models: List[ModelReference], cfg_reader: ConfigReader):
+        if not self._aligned:
+            return super().plan_tensor(weight, weights_in, models, cfg_reader)
+        if weight.optional and not any(self._present(m, w) for m, w in zip(models, weights_in)):
+            logging.info(f"Skipping optional weight {weight.name}")
+            return
+        method: SymmetryAlignedMerge = self._method
+        base = cfg_reader.base_model
+        shared, per_input = resolve_parameters(
+            method.spec,
+            tensor_name=weight.name,
+            inputs={m: w.name for m, w in zip(models, weights_in)},
+            sources=cfg_reader.parameter_sources,
+            base_model=base,
+            t=cfg_reader.t,
+        )
+        w_by_model = dict(zip(models, weights_in))
+        for m in models:
+            role = per_input[m]["role"]
+            check_choice("role", role, f"model {m}")
+            self._consistent(("role", m), role, f"role of model {m}")
+        refs = [m for m in models if per_input[m]["role"] == "reference" and m != base]
+        reference = refs[0] if refs else base
+        skills = [m for m in models if m not in (base, reference)]
+        for m in skills:
+            if per_input[m].get("weight") is None:
+                raise SymAlignConfigError(
+                    f"model {m} is a skill model but has no weight (tensor {weight.name}). "
+                    f"Give it `weight:` or mark it `role: reference`."
+                )
+        if not skills:
+            raise SymAlignConfigError(
+                f"{method.spec.name}: no skill model contributes to {weight.name}; the recipe "
+                f"needs at least one model besides the base and the reference."
+            )
+
+        # Which layer tensor is this, in each model's own numbering (slices may differ)?
+        spec = layer_spec(self._arch.name, self._geometry, shared["qk_rotation"])
+        splits = {m: split_layer_name(self._arch, w.name) for m, w in w_by_model.items()}
+        rels = {s[2] for s in splits.values() if s is not None}
+        touched = len(rels) == 1 and all(s is not None for s in splits.values()) and (
+            next(iter(rels)) in spec.tensors()
+        )
+        rel = next(iter(rels)) if touched else None
+        prefixes = {m: s[0] for m, s in splits.items() if s is not None}
+        indices = {m: s[1] for m, s in splits.items() if s is not None}
+        settings = {k: shared[k] for k in LAYER_SETTINGS}
+        for k in ("alignment", "qk_rotation", "output_frame"):
+            check_choice(k, settings[k], weight.name)
+        if touched:
+            for m in models:
+                self._consistent(("layer", m, prefixes[m]), settings, f"{m} {prefixes[m]}* settings")
+                self._consistent(("align", m, prefixes[m]), per_input[m]["align"], f"align of {m}")
+
+        def needs_alignment(m):
+            return touched and m != reference and bool(per_input[m]["align"])
+
+        def aligned_input(m):
+            load = self._load(m, w_by_model[m])
+            if not needs_alignment(m):
+                return load
+            alignment = self._alignment(m, reference, prefixes, indices, settings)
+            return AlignTensorTask(tensor=load, alignment=alignment, name=rel)
+
+        inner = method.inner.spec
+        inner_models = (reference, *skills)
+        input_params = {}
+        for m in inner_models:
+            input_params[m] = ImmutableMap(data={
+                p.name: per_input[m][p.name]
+                for p in inner.input_parameters
+                if m != reference or p.scope == ParameterScope.INPUT
+            })
+        merged = ExecuteMergeMethodTask(
+            method_name=inner.name,
+            gather_tensors=TensorDictWrapper(
+                tensors=ImmutableMap(data={m: aligned_input(m) for m in inner_models})
+            ),
+            model_order=inner_models,
+            base_model=reference,
+            output_weight=weight,
+            parameters=ImmutableMap(data={p.name: shared[p.name] for p in inner.shared_parameters}),
+            input_parameters=ImmutableMap(data=input_params),
+            # A transfer subtracts the reference again: keep the delta in float32.
+            dtype="float32" if reference != base else None,
+        )
+        final = TransferTask(
+            merged=merged,
+            base=self._load(base, w_by_model[base]),
+            reference=None if reference == base else self._load(reference, w_by_model[reference]),
+            base_alignment=(
+                self._alignment(base, reference, prefixes, indices, settings)
+                if needs_alignment(base) else None
+            ),
+            name=rel,
+            output_frame=settings["output_frame"],
+        )
+        self._tensors.append((weight, final))

@@ -1,0 +1,163 @@
+"""mergekit task-graph nodes: per-(layer, model) alignment, aligned tensors, the transfer.
+
+* :class:`LayerAlignmentTask` loads one layer of a model and of the reference (the very
+  ``LoadTensor`` tasks mergekit builds, so loads are shared), solves the layer's symmetry
+  group once, and returns the small :class:`LayerTransform`; the graph frees it after the
+  last tensor of the layer has used it.
+* :class:`AlignTensorTask` moves one tensor of a model into the reference's frame.
+* :class:`TransferTask` turns the wrapped method's output ``R + combine(S_i - R)`` into
+  ``aligned(B) + combine(...)``, in the base's or the reference's coordinates.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from mergekit.common import ModelReference
+from mergekit.graph import Task
+from mergekit.io.tasks import LoadTensor
+
+from .architectures import Geometry, layer_spec
+from .spec import LayerTransform, Switches, align_layer
+
+NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
+
+
+class NonFiniteTensorError(FloatingPointError):
+    pass
+
+
+def check_finite(tensor: torch.Tensor, model: ModelReference, name: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteTensorError(
+            f"model {model}: tensor {name} has {bad} NaN/Inf values, so it cannot be aligned "
+            f"(and would poison the merge). The checkpoint is corrupt or overflowed in its "
+            f"dtype: re-download or re-export it, or load it in a wider dtype (dtype: float32)."
+        )
+
+
+class LayerAlignmentTask(Task[LayerTransform]):
+    model: ModelReference
+    reference: ModelReference
+    layer_prefix: str  # the model's own prefix, e.g. "model.layers.7." (for messages)
+    architecture: str
+    geometry: Geometry
+    qk_rotation: str = "rope"
+    permutation: bool = True
+    rotation: bool = True
+    scaling: bool = True
+    model_tensors: NamedLoads
+    reference_tensors: NamedLoads
+
+    def arguments(self) -> Dict[str, Task]:
+        args = {f"model:{rel}": load for rel, load in self.model_tensors}
+        args.update({f"reference:{rel}": load for rel, load in self.reference_tensors})
+        return args
+
+    def group_label(self) -> Optional[str]:
+        return max(load.group_label() or "" for _, load in self.model_tensors)
+
+    def priority(self) -> int:
+        return -5
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, **kwargs) -> LayerTransform:
+        target: Dict[str, torch.Tensor] = {}
+        anchor: Dict[str, torch.Tensor] = {}
+        for key, value in kwargs.items():
+            side, rel = key.split(":", 1)
+            if value is None:
+                continue
+            model = self.model if side == "model" else self.reference
+            full = dict(self.model_tensors if side == "model" else self.reference_tensors)[rel]
+            check_finite(value, model, full.tensor)
+            (target if side == "model" else anchor)[rel] = value
+        spec = layer_spec(self.architecture, self.geometry, self.qk_rotation)
+        switches = Switches(self.permutation, self.rotation, self.scaling)
+        try:
+            return align_layer(spec, anchor, target, switches, model=str(self.model))
+        except ValueError as err:
+            raise ValueError(
+                f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"
+            ) from None
+
+
+class AlignTensorTask(Task[Optional[torch.Tensor]]):
+    tensor: LoadTensor
+    alignment: LayerAlignmentTask
+    name: str  # layer-relative name the spec knows
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"tensor": self.tensor, "transform": self.alignment}
+
+    def group_label(self) -> Optional[str]:
+        return self.tensor.group_label()
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, tensor: Optional[torch.Tensor], transform: LayerTransform):
+        if tensor is None:
+            return None
+        # Work in at least float32 so a bf16 checkpoint is rounded once, at save time.
+        work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+        return transform.apply_one(self.name, work)
+
+
+class TransferTask(Task[Optional[torch.Tensor]]):
+    """``aligned(B) + (merged - R)``; with ``output_frame: base`` expressed as
+    ``B + inverse_B(merged - R)`` (the group acts linearly, so both are the same model)."""
+
+    merged: Task
+    base: LoadTensor
+    reference: Optional[LoadTensor] = None  # None: the base is the reference
+    base_alignment: Optional[LayerAlignmentTask] = None
+    name: Optional[str] = None
+    output_frame: str = "base"
+
+    def arguments(self) -> Dict[str, Task]:
+        args = {"merged": self.merged, "base": self.base}
+        if self.reference is not None:
+            args["reference"] = self.reference
+        if self.base_alignment is not None:
+            args["transform"] = self.base_alignment
+        return args
+
+    def group_label(self) -> Optional[str]:
+        return self.merged.group_label()
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(
+        self,
+        merged: Optional[torch.Tensor],
+        base: Optional[torch.Tensor],
+        reference: Optional[torch.Tensor] = None,
+        transform: Optional[LayerTransform] = None,
+    ) -> Optional[torch.Tensor]:
+        if merged is None:
+            return None
+        out_dtype = base.dtype if base is not None else merged.dtype
+        if self.reference is None or base is None:
+            return merged.to(out_dtype)
+        if reference is None:
+            raise RuntimeError(
+                f"tensor {self.base.tensor}: present in base model {self.base.model} but not in "
+                f"the reference model; cannot measure the skill vector against it."
+            )
+        work = torch.promote_types(base.dtype, torch.float32)
+        delta = merged.to(work) - reference.to(work)
+        base_w = base.to(work)
+        if transform is None or not transform.touches(self.name):
+            out = base_w + delta
+        elif self.output_frame == "base":
+            out = base_w + transform.inverse().apply_one(self.name, delta)
+        else:
+            out = transform.apply_one(self.name, base_w) + delta
+        return out.to(out_dtype)
