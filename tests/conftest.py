@@ -1,0 +1,126 @@
+"""Tiny random models of each supported architecture, saved like real checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+import transformers
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import mergekit_symalign  # noqa: E402,F401  (registers the methods)
+from mergekit_symalign.statedict import scramble_state_dict  # noqa: E402
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+ARCH_CONFIGS = {
+    "llama": (transformers.LlamaConfig, dict(head_dim=12)),
+    "mistral": (transformers.MistralConfig, dict(head_dim=12, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict()),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+}
+
+
+def make_config(arch: str = "llama", **overrides):
+    cls, extra = ARCH_CONFIGS[arch]
+    return cls(**{**COMMON, **extra, **overrides})
+
+
+def make_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = make_config(arch, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases and norms: zero/one init would hide bugs
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A fine-tuned-looking relative: every weight moved by ``scale`` * its own std."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in model.state_dict().items():
+        noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+        out[name] = t + scale * (t.std() if t.numel() > 1 else 1.0) * noise
+    return out
+
+
+def save(model_or_sd, config, path: Path) -> str:
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if isinstance(model_or_sd, dict):
+        model.load_state_dict(model_or_sd)
+    else:
+        model.load_state_dict(model_or_sd.state_dict())
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def logits(path: str, ids=None) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if ids is None:
+        ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def scale_of(t: torch.Tensor) -> float:
+    return float(t.abs().max())
+
+
+def run_recipe(recipe: Dict, out: Path, **options) -> str:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(recipe)
+    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, **options)
+    run_merge(config, str(out), options=opts)
+    return str(out)
+
+
+def write_recipe(recipe: Dict, path: Path) -> str:
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """reference R, skill S (R + delta), sibling T (R + other delta), and scrambles."""
+    root = tmp_path_factory.mktemp("family")
+    config = make_config("llama")
+    ref = make_model("llama", seed=0)
+    skill = perturbed(ref, seed=1, scale=0.05)
+    sibling = perturbed(ref, seed=2, scale=0.02)
+    paths = {
+        "config": config,
+        "reference": save(ref, config, root / "reference"),
+        "skill": save(skill, config, root / "skill"),
+        "sibling": save(sibling, config, root / "sibling"),
+    }
+    ref_scr, _ = scramble_state_dict(ref.state_dict(), config, seed=11)
+    paths["reference_scrambled"] = save(ref_scr, config, root / "reference_scrambled")
+    skill_scr, _ = scramble_state_dict(skill, config, seed=12)
+    paths["skill_scrambled"] = save(skill_scr, config, root / "skill_scrambled")
+    from mergekit_symalign.spec import Switches
+
+    # Perm + rotations only: an isometry, under which the alignment is exactly equivariant.
+    sib_iso, _ = scramble_state_dict(sibling, config, seed=13, switches=Switches(scaling=False))
+    paths["sibling_scrambled"] = save(sib_iso, config, root / "sibling_scrambled")
+    paths["root"] = root
+    return paths

@@ -1,0 +1,126 @@
+"""Every symmetry: a random group element keeps the logits and the solver undoes it exactly."""
+
+import pytest
+import torch
+
+from mergekit_symalign import groups
+from mergekit_symalign.groups import Kind
+from mergekit_symalign.spec import Switches, align_layer, random_transform
+from mergekit_symalign.statedict import align_state_dict, scramble_state_dict, spec_for_config
+
+from .conftest import ARCH_CONFIGS, make_model, scale_of
+
+IDS = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model, state_dict):
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _max_rel_diff(a, b):
+    return max(float((a[k].double() - b[k].double()).abs().max()) / (scale_of(b[k]) + 1e-12) for k in b)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_full_exact_group_keeps_logits_and_is_undone(arch):
+    model = make_model(arch, seed=5)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _logits(model, sd)
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=21)
+    # the scramble really moved the weights ...
+    assert _max_rel_diff(scrambled, sd) > 0.1
+    # ... and did not change the function
+    after = _logits(model, scrambled)
+    assert float((after - before).abs().max()) <= 1e-4 * scale_of(before)
+    aligned, _ = align_state_dict(sd, scrambled, model.config)
+    assert _max_rel_diff(aligned, sd) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["permutation", "rotation", "scaling"])
+def test_each_switch_alone_is_exact_and_solved(kind):
+    model = make_model("qwen2", seed=6)  # q/k/v biases exercise the bias sites
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    only = Switches(**{k: k == kind for k in ("permutation", "rotation", "scaling")})
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=4, switches=only)
+    assert _max_rel_diff(scrambled, sd) > 0.05
+    before, after = _logits(model, sd), _logits(model, scrambled)
+    assert float((after - before).abs().max()) <= 1e-4 * scale_of(before)
+    aligned, _ = align_state_dict(sd, scrambled, model.config, switches=only)
+    assert _max_rel_diff(aligned, sd) < 1e-5
+    # With that kind switched off the scramble cannot be undone.
+    off = Switches(**{k: k != kind for k in ("permutation", "rotation", "scaling")})
+    not_aligned, _ = align_state_dict(sd, scrambled, model.config, switches=off)
+    assert _max_rel_diff(not_aligned, sd) > 1e-2
+
+
+def test_solution_is_the_exact_inverse_element():
+    model = make_model("llama", seed=8)
+    spec = spec_for_config(model.config)
+    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
+    g = random_transform(spec, torch.Generator().manual_seed(1))
+    moved = g.apply(layer)
+    solved = align_layer(spec, layer, moved)
+    by_name = {s.name: e for s, e in g.steps}
+    assert [s.name for s, _ in solved.steps] == [s.name for s, _ in g.steps]
+    unpermute = torch.argsort(by_name["mlp.neurons"])
+    for sym, found in solved.steps:
+        truth = by_name[sym.name]
+        if sym.kind == Kind.permutation:
+            assert torch.equal(found, unpermute)
+        elif sym.name == "mlp.neuron_scale":
+            # the scramble scaled slots *after* permuting them; the solver scales before
+            assert torch.allclose(found, 1 / truth[unpermute], rtol=1e-4)
+        elif sym.kind == Kind.scale:
+            assert torch.allclose(found, 1 / truth, rtol=1e-4)
+        else:
+            assert torch.allclose(found, truth.transpose(-1, -2), atol=1e-4)
+
+
+def test_full_qk_rotation_changes_rope_model_but_not_without_rope():
+    model = make_model("llama", seed=9)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _logits(model, sd)
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=2, qk_rotation="full")
+    after = _logits(model, scrambled)
+    assert float((after - before).abs().max()) > 1e-3 * scale_of(before)
+    # RoPE neutralised (all positions 0): the full rotation is exact again.
+    pos = torch.zeros_like(IDS)
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        b0 = model(IDS, position_ids=pos).logits
+    model.load_state_dict(scrambled)
+    with torch.no_grad():
+        a0 = model(IDS, position_ids=pos).logits
+    assert float((a0 - b0).abs().max()) <= 1e-4 * scale_of(b0)
+
+
+def test_quartic_recovers_signed_scales_and_guards_degenerate_rows():
+    g = torch.Generator().manual_seed(0)
+    xa, ya = torch.randn(50, 7, generator=g).double(), torch.randn(50, 5, generator=g).double()
+    s = torch.tensor([0.3, -2.0, 5.0, -0.7, 1.0] * 10).double()
+    x, y = xa / s[:, None], ya * s[:, None]  # target = anchor scaled by 1/s
+    found = groups.quartic_scale((x * x).sum(1), (x * xa).sum(1), (y * ya).sum(1), (y * y).sum(1))
+    assert torch.allclose(found, s, rtol=1e-6)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert torch.equal(groups.quartic_scale(zero, zero, zero, zero), torch.ones(3, dtype=torch.float64))
+    positive = groups.quartic_scale(
+        (x * x).sum(1), (x * xa).sum(1), (y * ya).sum(1), (y * y).sum(1), signed=False
+    )
+    assert (positive > 0).all()
+    assert torch.allclose(positive[s > 0], s[s > 0], rtol=1e-6)
+
+
+def test_permutation_matching_ignores_neuron_scales():
+    """A neuron rescaled by a large or negative factor is still matched to itself."""
+    model = make_model("llama", seed=10)
+    spec = spec_for_config(model.config)
+    mlp = next(b for b in spec.blocks if b.name == "mlp")
+    layer = {k.split("layers.1.", 1)[1]: v for k, v in model.state_dict().items() if "layers.1." in k}
+    gen = torch.Generator().manual_seed(3)
+    perm = groups.random_element(mlp.main, gen)
+    scale = groups.random_element(mlp.scale, gen, scale_range=(0.1, 10.0))
+    moved = groups.apply(mlp.scale, scale, groups.apply(mlp.main, perm, layer))
+    found = groups.solve_permutation(mlp.main, layer, moved, scale=mlp.scale)
+    assert torch.equal(found, torch.argsort(perm))

@@ -1,0 +1,230 @@
+"""End to end through mergekit: run_merge and an unmodified `mergekit-yaml` subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
+
+from .conftest import logits, run_recipe, scale_of, write_recipe
+
+
+def transfer(method, base, reference, skills, **params):
+    models = [{"model": reference, "parameters": {"role": "reference"}}]
+    models += [{"model": s, "parameters": {"weight": 1.0, **p}} for s, p in skills]
+    return {
+        "merge_method": method,
+        "base_model": base,
+        "models": models,
+        "dtype": "float32",
+        "parameters": params,
+    }
+
+
+def plain_transfer(base, reference, skill):
+    """mergekit's own task arithmetic for base + (skill - reference)."""
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": reference,
+        "models": [
+            {"model": skill, "parameters": {"weight": 1.0}},
+            {"model": base, "parameters": {"weight": 1.0}},
+        ],
+        "dtype": "float32",
+    }
+
+
+def close(a, b, tol=1e-4):
+    return float((a - b).abs().max()) <= tol * scale_of(b)
+
+
+@pytest.fixture(scope="module")
+def expected(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("expected")
+    return {
+        "skill": logits(family["skill"]),
+        "sibling+tau": logits(
+            run_recipe(plain_transfer(family["sibling"], family["reference"], family["skill"]),
+                       root / "sib")
+        ),
+    }
+
+
+@pytest.mark.parametrize("frame", ["base", "reference"])
+def test_aligned_transfer_onto_scrambled_reference_equals_unscrambled(family, expected, tmp_path, frame):
+    out = run_recipe(
+        transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
+                 [(family["skill"], {"align": False})], output_frame=frame),
+        tmp_path / "out",
+    )
+    assert close(logits(out), expected["skill"])
+    merged, scrambled = load_file(f"{out}/model.safetensors"), load_file(
+        f"{family['reference_scrambled']}/model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    skill = load_file(f"{family['skill']}/model.safetensors")
+    if frame == "base":  # coordinates of the (scrambled) base: close to it, not to the skill
+        assert (merged[name] - scrambled[name]).norm() < (merged[name] - skill[name]).norm()
+    else:  # coordinates of the reference: equal to the skill model itself
+        assert torch.allclose(merged[name], skill[name], atol=1e-5)
+
+
+def test_plain_task_arithmetic_fails_on_scrambled_target(family, expected, tmp_path):
+    out = run_recipe(
+        plain_transfer(family["reference_scrambled"], family["reference"], family["skill"]),
+        tmp_path / "plain",
+    )
+    assert not close(logits(out), expected["skill"], tol=0.05)
+
+
+@pytest.mark.parametrize("frame", ["base", "reference"])
+def test_aligned_transfer_onto_scrambled_sibling_equals_unscrambled(family, expected, tmp_path, frame):
+    out = run_recipe(
+        transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
+                 [(family["skill"], {})], output_frame=frame),
+        tmp_path / "out",
+    )
+    # aligned(scrambled sibling) = aligned(sibling): same result as the unscrambled transfer
+    unscrambled = run_recipe(
+        transfer(PREFIX + "task_arithmetic", family["sibling"], family["reference"],
+                 [(family["skill"], {})], output_frame=frame),
+        tmp_path / "unscrambled",
+    )
+    assert close(logits(out), logits(unscrambled))
+    # and aligning an unscrambled sibling changes its function not at all: it equals plain TA
+    assert close(logits(unscrambled), expected["sibling+tau"], tol=1e-3)
+
+
+def test_scrambled_skill_model_is_aligned_too(family, expected, tmp_path):
+    out = run_recipe(
+        transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
+                 [(family["skill_scrambled"], {})]),
+        tmp_path / "out",
+    )
+    assert close(logits(out), expected["skill"])
+
+
+def test_align_false_leaves_a_skill_model_unaligned(family, expected, tmp_path):
+    errors = {}
+    for align in (True, False):
+        out = run_recipe(
+            transfer(PREFIX + "task_arithmetic", family["sibling"], family["reference"],
+                     [(family["skill_scrambled"], {"align": align})]),
+            tmp_path / str(align),
+        )
+        errors[align] = float((logits(out) - expected["sibling+tau"]).abs().max())
+    # aligned: the scrambled skill vector lands where it belongs; unaligned: it does not
+    assert errors[True] < 0.05 * errors[False]
+
+
+@pytest.mark.parametrize("switch", ["permutation", "rotation", "scaling"])
+def test_switch_off_means_that_symmetry_is_not_used(family, expected, tmp_path, switch):
+    out = run_recipe(
+        transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
+                 [(family["skill"], {"align": False})], **{switch: False}),
+        tmp_path / "out",
+    )
+    # the target is scrambled by all three kinds; without one of them it cannot be undone
+    assert not close(logits(out), expected["skill"], tol=0.01)
+
+
+@pytest.mark.parametrize("wrapped", WRAPPED_METHODS)
+def test_every_aligned_gta_variant_runs_and_is_exact(family, tmp_path, wrapped):
+    """Two skill models onto a scrambled target: the same as onto the unscrambled target."""
+    skills = [(family["skill"], {"density": 0.7}), (family["sibling"], {"density": 0.7, "weight": 0.5})]
+    outs = {}
+    for name, base in (("scrambled", "reference_scrambled"), ("plain", "reference")):
+        outs[name] = logits(run_recipe(
+            transfer(PREFIX + wrapped, family[base], family["reference"], skills),
+            tmp_path / name, random_seed=0,
+        ))
+    assert torch.isfinite(outs["scrambled"]).all()
+    if wrapped in ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert close(outs["scrambled"], outs["plain"])  # deterministic methods: exact
+
+
+@pytest.mark.parametrize("wrapped", ["task_arithmetic", "ties", "breadcrumbs_ties"])
+def test_plain_fusion_without_alignment_is_mergekits_method(family, tmp_path, wrapped):
+    """No reference, no alignment: bit for bit mergekit's own method."""
+    models = [{"model": family["skill"], "parameters": {"weight": 1.0, "density": 0.6}},
+              {"model": family["sibling"], "parameters": {"weight": 0.5, "density": 0.6}}]
+    ours = {"merge_method": PREFIX + wrapped, "base_model": family["reference"], "dtype": "float32",
+            "models": [{**m, "parameters": {**m["parameters"], "align": False}} for m in models]}
+    theirs = {"merge_method": wrapped, "base_model": family["reference"], "models": models,
+              "dtype": "float32"}
+    a = load_file(f"{run_recipe(ours, tmp_path / 'ours')}/model.safetensors")
+    b = load_file(f"{run_recipe(theirs, tmp_path / 'theirs')}/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_alignment_runs_once_per_layer_and_model(family, tmp_path, monkeypatch):
+    import mergekit_symalign.tasks as tasks
+
+    calls = []
+    real = tasks.align_layer
+
+    def counting(spec, anchor, target, switches, model):
+        calls.append(model)
+        return real(spec, anchor, target, switches, model=model)
+
+    monkeypatch.setattr(tasks, "align_layer", counting)
+    run_recipe(
+        transfer(PREFIX + "ties", family["reference_scrambled"], family["reference"],
+                 [(family["skill"], {}), (family["sibling"], {"weight": 0.5})]),
+        tmp_path / "out",
+    )
+    layers = family["config"].num_hidden_layers
+    assert len(calls) == layers * 3  # base + two skill models, each layer once
+    assert len(set(calls)) == 3
+
+
+def test_slices_with_different_layer_ranges(family, tmp_path):
+    """Output layer i may come from different input layers: each model's own prefix is used."""
+    def src(model, rng, **p):
+        return {"model": model, "layer_range": rng, "parameters": p}
+
+    recipe = {
+        "merge_method": PREFIX + "task_arithmetic",
+        "base_model": family["reference_scrambled"],
+        "dtype": "float32",
+        "slices": [{"sources": [
+            src(family["reference_scrambled"], [0, 2]),
+            src(family["reference"], [0, 2], role="reference"),
+            src(family["skill"], [0, 2], weight=1.0),
+        ]}],
+    }
+    out = run_recipe(recipe, tmp_path / "out")
+    assert close(logits(out), logits(family["skill"]))
+    recipe["slices"][0]["sources"][2]["layer_range"] = [1, 2]  # lengths differ: mergekit refuses
+    with pytest.raises(RuntimeError, match="same number of layers"):
+        run_recipe(recipe, tmp_path / "bad")
+
+
+def test_mergekit_yaml_subprocess_knows_the_methods(family, expected, tmp_path):
+    recipe = write_recipe(
+        transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
+                 [(family["skill"], {"align": False})]),
+        tmp_path / "recipe.yml",
+    )
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(exe), recipe, str(tmp_path / "out"), "--no-copy-tokenizer"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert close(logits(str(tmp_path / "out")), expected["skill"])
+
+
+def test_interpreter_start_stays_light():
+    """The .pth hook must not import torch or the plugin in processes that never use mergekit."""
+    code = "import sys; print('torch' in sys.modules, 'mergekit_symalign' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    code = ("import mergekit.merge, mergekit.merge_methods.registry as r; "
+            "print(r.get('symmetry_aligned_ties').spec.name, mergekit.merge.MergePlanner.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["symmetry_aligned_ties", "SymAlignPlanner"]
