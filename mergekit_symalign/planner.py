@@ -16,16 +16,17 @@ For an aligned method and one output tensor the graph is::
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
-from mergekit.config import ConfigReader, ConditionalParameter
+from mergekit.config import ConfigReader
 from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
 from mergekit.merge_methods.base import ParameterScope
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
 from mergekit.parameter_resolver import resolve_parameters
 from mergekit.plan import MergePlanner
+from mergekit.tokenizer import PermutedVocabulary
 
 from .architectures import (
     UnsupportedArchitecture,
@@ -36,12 +37,8 @@ from .architectures import (
     layer_spec,
     split_layer_name,
 )
-from .methods import (
-    SymAlignConfigError,
-    SymmetryAlignedMerge,
-    check_choice,
-    check_parameter_names,
-)
+from .methods import SymAlignConfigError, SymmetryAlignedMerge, check_choice
+from .recipe import check_recipe
 from .tasks import AlignTensorTask, LayerAlignmentTask, TransferTask
 
 LOG = logging.getLogger(__name__)
@@ -65,67 +62,15 @@ class SymAlignPlanner(MergePlanner):
             self._check_recipe()
         return super()._plan()
 
-    def _parameter_scopes(self):
-        """(where, parameters, model or None) for every parameter dict in the recipe."""
-        cfg = self.config
-        yield "parameters", cfg.parameters, None
-        for model in cfg.models or ():
-            yield f"models[{model.model}]", model.parameters, model.model
-        slices = list(cfg.slices or ())
-        for name, module in (cfg.modules or {}).items():
-            yield f"modules.{name}", module.parameters, None
-            for model in module.models or ():
-                yield f"modules.{name}.models[{model.model}]", model.parameters, model.model
-            slices += module.slices or ()
-        for i, out_slice in enumerate(slices):
-            yield f"slices[{i}]", out_slice.parameters, None
-            for source in out_slice.sources:
-                yield f"slices[{i}].sources[{source.model}]", source.parameters, source.model
-
     def _check_recipe(self):
         method: SymmetryAlignedMerge = self._method
+        check_recipe(self.config, method)
         cfg = self.config
         name = method.spec.name
-        if cfg.base_model is None and not all(s.base_model for s in cfg.slices or ()):
+        if self.options.unsafe_truncate_embeddings:
             raise SymAlignConfigError(
-                f"{name} needs base_model: the model the skill is transferred onto (or, for "
-                f"plain fusion, the model every other model is aligned to). Add "
-                f"`base_model: <model>` to the recipe."
-            )
-        if cfg.tokenizer is not None or cfg.tokenizer_source is not None:
-            raise SymAlignConfigError(
-                f"{name} does not support tokenizer / tokenizer_source yet: aligned transfers "
-                f"need models that share one vocabulary. Remove the tokenizer section."
-            )
-        references = set()
-        for where, params, model in self._parameter_scopes():
-            check_parameter_names(method, where, params)
-            for key, value in (params or {}).items():
-                if key in ("role", "alignment", "qk_rotation", "output_frame"):
-                    if not isinstance(value, str):
-                        raise SymAlignConfigError(
-                            f"parameter {key} in {where} must be a single string (it cannot "
-                            f"vary by layer or tensor), got {value!r}."
-                        )
-                    check_choice(key, value, where)
-                if key == "role" and model is None:
-                    raise SymAlignConfigError(
-                        f"role is a per-model parameter; set it under the model in {where}."
-                    )
-                if key == "role" and value == "reference":
-                    references.add(model)
-                if key == "alignment" and value == "activations":
-                    raise SymAlignConfigError(
-                        f"alignment: activations (in {where}) is not implemented yet; use "
-                        f"alignment: weights (the default)."
-                    )
-        bases = {cfg.base_model} | {s.base_model for s in cfg.slices or () if s.base_model}
-        references -= bases  # role: reference on the base = plain fusion (the default)
-        if len(references) > 1:
-            raise SymAlignConfigError(
-                f"{name}: more than one model has role: reference "
-                f"({', '.join(sorted(map(str, references)))}). Skill vectors are measured from "
-                f"exactly one reference; mark only one."
+                f"{name} does not support --unsafe-truncate-embeddings; use a tokenizer "
+                f"section (tokenizer: {{source: base}}) to reconcile vocabularies instead."
             )
         models = cfg.referenced_models()
         if len(models) < 2:
@@ -312,11 +257,32 @@ class SymAlignPlanner(MergePlanner):
                 for p in inner.input_parameters
                 if m != reference or p.scope == ParameterScope.INPUT
             })
+        if weight.vocabulary_axis is not None and self._tokenizer_task is not None:
+            # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
+            # (no layer symmetry acts on them, so nothing is aligned here).
+            tokenizer = cfg_reader.config.tokenizer
+            inputs = sources = PermutedVocabulary(
+                gather_tensors=GatherTensors(
+                    weight_info=ImmutableMap(data=dict(w_by_model)),
+                    dtype=self.config.dtype,
+                    device=self.options.device if self.options.read_to_gpu else None,
+                ),
+                tokenizer_task=self._tokenizer_task,
+                tokens=(tokenizer.tokens if tokenizer else None) or {},
+                pad_to_multiple_of=tokenizer.pad_to_multiple_of if tokenizer else None,
+                base_model=base,
+                vocabulary_axis=weight.vocabulary_axis,
+            )
+        else:
+            inputs = TensorDictWrapper(
+                tensors=ImmutableMap(data={m: aligned_input(m) for m in inner_models})
+            )
+            sources = TensorDictWrapper(tensors=ImmutableMap(data={
+                m: self._load(m, w_by_model[m]) for m in dict.fromkeys((base, reference))
+            }))
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,
-            gather_tensors=TensorDictWrapper(
-                tensors=ImmutableMap(data={m: aligned_input(m) for m in inner_models})
-            ),
+            gather_tensors=inputs,
             model_order=inner_models,
             base_model=reference,
             output_weight=weight,
@@ -327,8 +293,9 @@ class SymAlignPlanner(MergePlanner):
         )
         final = TransferTask(
             merged=merged,
-            base=self._load(base, w_by_model[base]),
-            reference=None if reference == base else self._load(reference, w_by_model[reference]),
+            sources=sources,
+            base_model=base,
+            reference_model=reference,
             base_alignment=(
                 self._alignment(base, reference, prefixes, indices, settings)
                 if needs_alignment(base) else None

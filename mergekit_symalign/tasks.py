@@ -111,19 +111,22 @@ class AlignTensorTask(Task[Optional[torch.Tensor]]):
 
 class TransferTask(Task[Optional[torch.Tensor]]):
     """``aligned(B) + (merged - R)``; with ``output_frame: base`` expressed as
-    ``B + inverse_B(merged - R)`` (the group acts linearly, so both are the same model)."""
+    ``B + inverse_B(merged - R)`` (the group acts linearly, so both are the same model).
+
+    ``sources`` yields the base's and the reference's tensors (raw loads, or mergekit's
+    vocabulary-permuted ones for embeddings when the recipe has a tokenizer section).
+    """
 
     merged: Task
-    base: LoadTensor
-    reference: Optional[LoadTensor] = None  # None: the base is the reference
+    sources: Task
+    base_model: ModelReference
+    reference_model: ModelReference
     base_alignment: Optional[LayerAlignmentTask] = None
     name: Optional[str] = None
     output_frame: str = "base"
 
     def arguments(self) -> Dict[str, Task]:
-        args = {"merged": self.merged, "base": self.base}
-        if self.reference is not None:
-            args["reference"] = self.reference
+        args = {"merged": self.merged, "sources": self.sources}
         if self.base_alignment is not None:
             args["transform"] = self.base_alignment
         return args
@@ -137,19 +140,21 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     def execute(
         self,
         merged: Optional[torch.Tensor],
-        base: Optional[torch.Tensor],
-        reference: Optional[torch.Tensor] = None,
+        sources: Dict[ModelReference, torch.Tensor],
         transform: Optional[LayerTransform] = None,
     ) -> Optional[torch.Tensor]:
         if merged is None:
             return None
+        base = sources.get(self.base_model)
         out_dtype = base.dtype if base is not None else merged.dtype
-        if self.reference is None or base is None:
+        if self.reference_model == self.base_model or base is None:
             return merged.to(out_dtype)
+        reference = sources.get(self.reference_model)
         if reference is None:
             raise RuntimeError(
-                f"tensor {self.base.tensor}: present in base model {self.base.model} but not in "
-                f"the reference model; cannot measure the skill vector against it."
+                f"tensor {self.name or ''}: present in base model {self.base_model} but not in "
+                f"the reference model {self.reference_model}; the skill vector cannot be "
+                f"measured against it."
             )
         work = torch.promote_types(base.dtype, torch.float32)
         delta = merged.to(work) - reference.to(work)

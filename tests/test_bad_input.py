@@ -1,0 +1,159 @@
+"""Bad recipes and bad checkpoints: a clear error naming model, tensor and remedy, no output."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_symalign.methods import PREFIX, SymAlignConfigError
+from mergekit_symalign.tasks import NonFiniteTensorError
+
+from .conftest import make_config, make_model, run_recipe, save
+
+
+def recipe(family, **params):
+    return {
+        "merge_method": PREFIX + "task_arithmetic",
+        "base_model": family["sibling"],
+        "dtype": "float32",
+        "models": [
+            {"model": family["reference"], "parameters": {"role": "reference"}},
+            {"model": family["skill"], "parameters": {"weight": 1.0}},
+        ],
+        "parameters": params,
+    }
+
+
+def refused(rec, out: Path, error=SymAlignConfigError, match=None):
+    with pytest.raises(error, match=match) as info:
+        run_recipe(rec, out)
+    assert not out.exists(), "no output model may be written for a refused recipe"
+    return str(info.value)
+
+
+def copy_model(src: str, dst: Path, edit):
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{dst}/model.safetensors")
+    edit(tensors)
+    save_file(tensors, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_no_base_model(family, tmp_path):
+    rec = recipe(family)
+    del rec["base_model"]
+    msg = refused(rec, tmp_path / "out", match="needs base_model")
+    assert "base_model: <model>" in msg
+
+
+def test_two_references(family, tmp_path):
+    rec = recipe(family)
+    rec["models"][1]["parameters"] = {"role": "reference"}
+    msg = refused(rec, tmp_path / "out", match="more than one model has role: reference")
+    assert family["reference"] in msg and family["skill"] in msg
+
+
+def test_unknown_role(family, tmp_path):
+    rec = recipe(family)
+    rec["models"][0]["parameters"]["role"] = "referense"
+    refused(rec, tmp_path / "out", match="not one of skill, reference")
+
+
+@pytest.mark.parametrize("where", ["global", "model"])
+def test_misspelt_plugin_parameter(family, tmp_path, where):
+    rec = recipe(family)
+    if where == "global":
+        rec["parameters"] = {"permutaton": False}
+    else:
+        rec["models"][1]["parameters"]["algin"] = False
+    msg = refused(rec, tmp_path / "out", match="unknown parameter")
+    assert "Did you mean" in msg
+
+
+def test_activation_alignment_not_yet(family, tmp_path):
+    refused(recipe(family, alignment="activations"), tmp_path / "out", match="not implemented yet")
+
+
+def test_bad_choice_values(family, tmp_path):
+    refused(recipe(family, qk_rotation="partial"), tmp_path / "out", match="qk_rotation")
+    refused(recipe(family, output_frame="target"), tmp_path / "out2", match="output_frame")
+
+
+def test_skill_without_weight(family, tmp_path):
+    rec = recipe(family)
+    rec["models"][1]["parameters"] = {}
+    refused(rec, tmp_path / "out", match="has no weight")
+
+
+def test_models_of_different_shapes(family, tmp_path):
+    config = make_config("llama", intermediate_size=96)
+    other = save(make_model("llama", seed=3, intermediate_size=96), config, tmp_path / "wide")
+    rec = recipe(family)
+    rec["models"][1]["model"] = other
+    msg = refused(rec, tmp_path / "out", match="intermediate_size")
+    assert other in msg
+
+
+def test_models_of_different_architectures(family, tmp_path):
+    config = make_config("qwen2")
+    other = save(make_model("qwen2", seed=3), config, tmp_path / "qwen")
+    rec = recipe(family)
+    rec["models"][1]["model"] = other
+    with pytest.raises(RuntimeError, match="(?i)architecture"):
+        run_recipe(rec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(config)
+    paths = []
+    for i in range(2):
+        model.save_pretrained(tmp_path / f"m{i}")
+        paths.append(str(tmp_path / f"m{i}"))
+    rec = {"merge_method": PREFIX + "ties", "base_model": paths[0],
+           "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
+    msg = refused(rec, tmp_path / "out", match="no symmetry spec")
+    assert "gpt2" in msg and "llama" in msg
+
+
+def test_missing_mlp_tensor(family, tmp_path):
+    broken = copy_model(family["skill"], tmp_path / "broken",
+                        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    rec = recipe(family)
+    rec["models"][1]["model"] = broken
+    msg = refused(rec, tmp_path / "out", match="lacks tensor model.layers.1.mlp.up_proj.weight")
+    assert broken in msg and "re-download" in msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor(family, tmp_path, bad):
+    def poison(t):
+        t["model.layers.0.mlp.down_proj.weight"][3, 5] = bad
+
+    broken = copy_model(family["skill"], tmp_path / "broken", poison)
+    rec = recipe(family)
+    rec["models"][1]["model"] = broken
+    with pytest.raises(NonFiniteTensorError) as info:
+        run_recipe(rec, tmp_path / "out")
+    msg = str(info.value)
+    assert broken in msg and "model.layers.0.mlp.down_proj.weight" in msg and "NaN/Inf" in msg
+
+
+def test_tensor_filters_that_split_a_layer_are_refused(family, tmp_path):
+    rec = recipe(family)
+    rec["parameters"] = {"permutation": [{"filter": "up_proj", "value": False}, {"value": True}]}
+    refused(rec, tmp_path / "out", match="every tensor of a layer moves together")
+
+
+def test_unaligned_method_without_planner_refuses_to_run():
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.api import merge_tensors
+
+    with pytest.raises(RuntimeError, match="without mergekit-symalign's planner"):
+        merge_tensors([torch.ones(2), torch.zeros(2)], registry.get(PREFIX + "ties"),
+                      base_index=0, parameters={"weight": [1.0]})
