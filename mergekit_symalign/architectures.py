@@ -41,6 +41,14 @@ class Architecture:
     activation: str = "SwiGLU"
     # HF's rotate_half pairs dims (i, i + r/2); GPT-J / GLM interleave (2i, 2i + 1).
     rope_layout: str = "rotate_half"
+    # RMSNorm on q and k before RoPE: "per_head" (weight of size head_dim, Qwen3, Gemma 3) or
+    # "all_heads" (one norm over all heads, OLMo 2). It shrinks the Q/K group, see below.
+    qk_norm: str = "none"
+    # Fused projections (Phi-3): row blocks [q | k | v] and [gate | up] of one tensor.
+    fused_qkv: Optional[str] = None
+    fused_gate_up: Optional[str] = None
+    # Config flags whose variant we have not proven exact -> reason to refuse.
+    refuse_if: Tuple[Tuple[str, str], ...] = ()
     layer_pattern: str = r"^(?P<prefix>(?:.+\.)?layers\.(?P<index>\d+)\.)(?P<name>.+)$"
 
 
@@ -51,6 +59,18 @@ ARCHITECTURES: Dict[str, Architecture] = {
         Architecture("mistral", ("mistral",)),
         Architecture("qwen2", ("qwen2",)),  # q/k/v biases are sites of their rows
         Architecture("gemma", ("gemma",), activation="GeGLU"),
+        # soft-capping and sliding windows act on attention scores / logits: no change
+        Architecture("gemma2", ("gemma2",), activation="GeGLU"),
+        Architecture("gemma3", ("gemma3_text", "gemma3"), activation="GeGLU", qk_norm="per_head"),
+        Architecture("qwen3", ("qwen3",), qk_norm="per_head"),
+        Architecture("olmo2", ("olmo2",), qk_norm="all_heads"),
+        Architecture("phi3", ("phi3",), fused_qkv="self_attn.qkv_proj",
+                     fused_gate_up="mlp.gate_up_proj"),
+        # partial rotary (25 % by default): the non-rotated dims keep the full O(d - r)
+        Architecture("stablelm", ("stablelm",), refuse_if=(
+            ("qk_layernorm", "its per-head LayerNorm on q/k (with bias and mean subtraction) "
+                             "leaves no proven Q/K symmetry"),
+        )),
     )
 }
 
@@ -109,7 +129,12 @@ def _rope_parameters(cfg: Any) -> Dict[str, Any]:
 def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     model_type = getattr(cfg, "model_type", None)
-    architecture_for(model_type, model)
+    arch = architecture_for(model_type, model)
+    for flag, reason in arch.refuse_if:
+        if getattr(cfg, flag, False):
+            raise UnsupportedArchitecture(
+                f"{model}: {model_type} with {flag}=True is not supported: {reason}."
+            )
     try:
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
@@ -179,12 +204,29 @@ def _as_scale(index: torch.Tensor) -> torch.Tensor:
     return index.reshape(n, c * k, 1)
 
 
-def _rows(name: str, index: torch.Tensor, contragredient=False, bias=True) -> List[Site]:
-    """A projection's output rows (and its optional bias)."""
-    sites = [Site(f"{name}.weight", 0, index, contragredient)]
-    if bias:
-        sites.append(Site(f"{name}.bias", 0, index, contragredient, optional=True))
-    return sites
+def _projection(arch: Architecture, which: str, g: Geometry) -> Tuple[str, int]:
+    """(tensor base name, row offset) of a projection, fused or not."""
+    if which in "qkv" and arch.fused_qkv:
+        q_rows, kv_rows = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+        return arch.fused_qkv, {"q": 0, "k": q_rows, "v": q_rows + kv_rows}[which]
+    if which in ("gate", "up") and arch.fused_gate_up:
+        return arch.fused_gate_up, {"gate": 0, "up": g.intermediate_size}[which]
+    return getattr(arch, which), 0
+
+
+def _rows(arch, which, g, index, contragredient=False) -> List[Site]:
+    """Output rows of a projection at ``index`` (and the same rows of its optional bias)."""
+    name, offset = _projection(arch, which, g)
+    index = index + offset
+    return [
+        Site(f"{name}.weight", 0, index, contragredient),
+        Site(f"{name}.bias", 0, index, contragredient, optional=True),
+    ]
+
+
+def _columns(arch, which, g, index, contragredient=False) -> List[Site]:
+    name, _ = _projection(arch, which, g)
+    return [Site(f"{name}.weight", 1, index, contragredient)]
 
 
 def _mlp_block(arch: Architecture, g: Geometry) -> Block:
@@ -192,18 +234,15 @@ def _mlp_block(arch: Architecture, g: Geometry) -> Block:
     perm = Symmetry(
         "mlp.neurons",
         Kind.permutation,
-        tuple(
-            _rows(arch.gate, neurons)
-            + _rows(arch.up, neurons)
-            + [Site(f"{arch.down}.weight", 1, neurons)]
-        ),
+        tuple(_rows(arch, "gate", g, neurons) + _rows(arch, "up", g, neurons)
+              + _columns(arch, "down", g, neurons)),
     )
     # Only the up branch is linear in its pre-activation, so only it can carry a scale;
     # a negative scale is fine there (the gate keeps its sign).
     scale = Symmetry(
         "mlp.neuron_scale",
         Kind.scale,
-        tuple(_rows(arch.up, neurons) + [Site(f"{arch.down}.weight", 1, neurons, True)]),
+        tuple(_rows(arch, "up", g, neurons) + _columns(arch, "down", g, neurons, True)),
         signed=True,
     )
     return Block("mlp", perm, scale)
@@ -216,16 +255,14 @@ def _vo_block(arch: Architecture, g: Geometry) -> Block:
     rotation = Symmetry(
         "attn.vo_rotation",
         Kind.orthogonal,
-        tuple(_rows(arch.v, value) + [Site(f"{arch.o}.weight", 1, output)]),
+        tuple(_rows(arch, "v", g, value) + _columns(arch, "o", g, output)),
     )
     # O(d) already holds -1, so the group scale is positive.
     scale = Symmetry(
         "attn.vo_scale",
         Kind.scale,
-        tuple(
-            _rows(arch.v, _as_scale(value))
-            + [Site(f"{arch.o}.weight", 1, _as_scale(output), True)]
-        ),
+        tuple(_rows(arch, "v", g, _as_scale(value))
+              + _columns(arch, "o", g, _as_scale(output), True)),
         signed=False,
     )
     return Block("attn.vo", rotation, scale)
@@ -235,14 +272,34 @@ def _qk_block(name: str, arch: Architecture, g: Geometry, within: torch.Tensor, 
     query = _heads(g.num_kv_heads, g.group_size, g.head_dim, within)
     key = _heads(g.num_kv_heads, 1, g.head_dim, within)
     # q.k is kept by q -> R q, k -> R k (R orthogonal) and by q -> s q, k -> k / s.
-    rotation = Symmetry(f"{name}_rotation", kind, tuple(_rows(arch.q, query) + _rows(arch.k, key)))
+    rotation = Symmetry(f"{name}_rotation", kind, tuple(_rows(arch, "q", g, query) + _rows(arch, "k", g, key)))
     scale = Symmetry(
         f"{name}_scale",
         Kind.scale,
-        tuple(_rows(arch.q, _as_scale(query)) + _rows(arch.k, _as_scale(key), True)),
+        tuple(_rows(arch, "q", g, _as_scale(query)) + _rows(arch, "k", g, _as_scale(key), True)),
         signed=False,  # -1 is a rotation by pi, already in the group
     )
     return Block(name, rotation, scale)
+
+
+def _qk_norm_blocks(arch: Architecture, g: Geometry) -> List[Block]:
+    """What survives of the Q/K group when q and k pass through RMSNorm(weight) first.
+
+    A transform of q's rows must commute with the norm's diagonal weight (generic: only
+    per-dim signs) and with RoPE (only both signs of a plane together): a half-turn per
+    plane, shared by the KV group's query heads and its key head. The cross scale q*s, k/s
+    does not survive the norm. The norm would make each normalised block's own scale free,
+    but only up to its epsilon (rsqrt(mean(q^2) + eps)), so that scale is not exact and is
+    not used.
+    """
+    if g.rotary_dim != g.head_dim:
+        raise UnsupportedArchitecture(f"{arch.name}: QK-norm with partial rotary is not proven")
+    planes = _rope_planes(g.rotary_dim, arch.rope_layout)
+    query = _heads(g.num_kv_heads, g.group_size, g.head_dim, planes)
+    key = _heads(g.num_kv_heads, 1, g.head_dim, planes)
+    half_turns = Symmetry("attn.qk_plane_half_turn", Kind.sign,
+                          tuple(_rows(arch, "q", g, query) + _rows(arch, "k", g, key)))
+    return [Block("attn.qk_planes", half_turns, None)]
 
 
 @lru_cache(maxsize=64)
@@ -252,7 +309,15 @@ def layer_spec(arch_name: str, geometry: Geometry, qk_rotation: str = "rope") ->
         raise ValueError(f"qk_rotation must be one of {QK_ROTATIONS}, not {qk_rotation!r}")
     blocks = [_mlp_block(arch, geometry), _vo_block(arch, geometry)]
     d, r = geometry.head_dim, geometry.rotary_dim
-    if qk_rotation == "full":
+    if arch.qk_norm != "none":
+        if qk_rotation == "full":
+            raise UnsupportedArchitecture(
+                f"qk_rotation: full is not available for {arch.name}: its QK-norm does not "
+                f"commute with a d x d rotation of q/k, so the transform would not even "
+                f"approximately preserve the model. Use qk_rotation: rope (the default)."
+            )
+        blocks += _qk_norm_blocks(arch, geometry)
+    elif qk_rotation == "full":
         # The seed papers' transform space: one d x d rotation per KV group. Not exact
         # under RoPE (see docs); callers must warn.
         blocks.append(_qk_block("attn.qk_full", arch, geometry, torch.arange(d)[None, :], Kind.orthogonal))

@@ -18,6 +18,7 @@ An *element* of a symmetry is stored as
 * ``permutation``: ``LongTensor[n]`` — new slot ``i`` takes old slot ``perm[i]``;
 * ``orthogonal`` / ``plane_rotation``: ``Tensor[n, k, k]`` orthogonal matrices
   (``plane_rotation``: ``k == 2`` and determinant +1, the rotations that commute with RoPE);
+* ``sign``: ``Tensor[n]`` of +-1 (what survives of a plane rotation under QK-norm);
 * ``scale``: ``Tensor[n]`` non-zero scalars.
 
 Every solver returns the element ``g`` that moves the *target* towards the *anchor*, i.e.
@@ -40,6 +41,7 @@ class Kind(str, Enum):
     permutation = "permutation"
     orthogonal = "orthogonal"
     plane_rotation = "plane_rotation"
+    sign = "sign"  # +-1 per slot on all its coords: e.g. a half-turn of a RoPE plane
     scale = "scale"
 
 
@@ -124,6 +126,8 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
         factor = element.to(values.dtype)
         factor = 1.0 / factor if contragredient else factor
         return values * factor[:, None, None, None]
+    if kind == Kind.sign:  # its own inverse
+        return values * element.to(values.dtype)[:, None, None, None]
     # Orthogonal matrices are their own inverse-transpose, so both site kinds see ``g``.
     return torch.einsum("nij,ncjr->ncir", element.to(values.dtype), values)
 
@@ -145,6 +149,8 @@ def inverse(kind: Kind, element: torch.Tensor) -> torch.Tensor:
         return torch.argsort(element)
     if kind == Kind.scale:
         return 1.0 / element
+    if kind == Kind.sign:
+        return element
     return element.transpose(-1, -2)
 
 
@@ -152,7 +158,7 @@ def identity(symmetry: Symmetry) -> torch.Tensor:
     n, k = symmetry.slots, symmetry.coords
     if symmetry.kind == Kind.permutation:
         return torch.arange(n)
-    if symmetry.kind == Kind.scale:
+    if symmetry.kind in (Kind.scale, Kind.sign):
         return torch.ones(n, dtype=torch.float64)
     return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
 
@@ -171,6 +177,8 @@ def random_element(
             return mag
         sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double()
         return mag * sign
+    if symmetry.kind == Kind.sign:
+        return torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double()
     if symmetry.kind == Kind.plane_rotation:
         angle = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
         return rotation_2d(angle)
@@ -243,8 +251,13 @@ def solve_permutation(
     """
     from scipy.optimize import linear_sum_assignment
 
-    scaled_fwd = {(s.tensor, s.axis) for s in scale.sites if not s.contragredient} if scale else set()
-    scaled_inv = {(s.tensor, s.axis) for s in scale.sites if s.contragredient} if scale else set()
+    def moved_by_scale(site, contragredient):
+        return scale is not None and any(
+            s.tensor == site.tensor and s.axis == site.axis and s.contragredient == contragredient
+            and s.index.shape == site.index.shape and torch.equal(s.index, site.index)
+            for s in scale.sites
+        )
+
     plain = fwd = inv = None
 
     def add(acc, value):
@@ -253,10 +266,9 @@ def solve_permutation(
     for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
         n = a.shape[0]
         sim = a.reshape(n, -1) @ t.reshape(n, -1).T
-        key = (site.tensor, site.axis)
-        if key in scaled_fwd:
+        if moved_by_scale(site, False):
             fwd = add(fwd, sim)
-        elif key in scaled_inv:
+        elif moved_by_scale(site, True):
             inv = add(inv, sim)
         else:
             plain = add(plain, sim)
@@ -292,6 +304,13 @@ def solve_plane_rotation(symmetry: Symmetry, anchor: Tensors, target: Tensors, *
     # tr(R(theta) M^T) = cos(theta) (M00 + M11) + sin(theta) (M10 - M01)
     angle = torch.atan2(m[:, 1, 0] - m[:, 0, 1], m[:, 0, 0] + m[:, 1, 1])
     return rotation_2d(angle)
+
+
+def solve_sign(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+    """+1 or -1 per slot, whichever correlates the target with the anchor."""
+    m = cross_products(symmetry, anchor, target, **kw)
+    trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+    return torch.where(trace < 0, -1.0, 1.0).double()
 
 
 def quartic_scale(
@@ -353,6 +372,7 @@ def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> t
 SOLVERS = {
     Kind.orthogonal: solve_orthogonal,
     Kind.plane_rotation: solve_plane_rotation,
+    Kind.sign: solve_sign,
     Kind.scale: solve_scale,
 }
 

@@ -108,7 +108,8 @@ class SymAlignPlanner(MergePlanner):
         (load,) = gather.arguments().values()
         return load
 
-    def _weight_info(self, model: ModelReference, name: str, index: int, optional: bool):
+    def _weight_info(self, model: ModelReference, name: str, index: int):
+        """mergekit's WeightInfo for a layer tensor, or None if its architecture omits it."""
         for module_name in self.arch_info.modules:
             try:
                 weights = self._model_arch(model).get_module(module_name).layer_weights(index=index)
@@ -117,7 +118,7 @@ class SymAlignPlanner(MergePlanner):
             for info in weights or ():
                 if info.name == name:
                     return info
-        return WeightInfo(name=name, optional=optional)
+        return None
 
     def _present(self, model: ModelReference, info: WeightInfo) -> bool:
         index = LoaderCache().get(model).index
@@ -126,8 +127,17 @@ class SymAlignPlanner(MergePlanner):
     def _layer_loads(self, model, prefix, index, spec, optional_names, reference_side=None):
         loads = []
         for rel in spec.tensors():
-            info = self._weight_info(model, prefix + rel, index, rel in optional_names)
+            info = self._weight_info(model, prefix + rel, index)
+            known = info is not None
+            info = info or WeightInfo(name=prefix + rel, optional=True)
             present = self._present(model, info)
+            if present and not known:
+                raise SymAlignConfigError(
+                    f"model {model} has tensor {prefix + rel}, but mergekit's architecture "
+                    f"definition for {self.arch_info.expected_model_type} does not list it, so the merged "
+                    f"model would silently lose it (this happens to plain mergekit merges too). "
+                    f"Use a checkpoint without it, or an architecture definition that lists it."
+                )
             if not present and rel not in optional_names:
                 raise SymAlignConfigError(
                     f"model {model} lacks tensor {prefix + rel}, which the {spec.architecture} "

@@ -32,7 +32,18 @@ ARCH_CONFIGS = {
     "llama": (transformers.LlamaConfig, dict(head_dim=12)),
     "mistral": (transformers.MistralConfig, dict(head_dim=12, sliding_window=None)),
     "qwen2": (transformers.Qwen2Config, dict()),
-    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+    # Gemma always ties its embeddings (mergekit's gemma definitions have no lm_head)
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16, tie_word_embeddings=True)),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, sliding_window=8,
+                                                attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=3.0)),
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(head_dim=16, sliding_window=8,
+                                                        tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
+    "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0)),
+    "phi3": (transformers.Phi3Config, dict(pad_token_id=0)),
+    # partial rotary: half of each head's dims rotate, the other half keep O(d - r)
+    "stablelm": (transformers.StableLmConfig, dict(partial_rotary_factor=0.5, use_qkv_bias=True)),
 }
 
 
@@ -63,11 +74,12 @@ def perturbed(model, seed: int, scale: float = 0.02):
 
 
 def save(model_or_sd, config, path: Path) -> str:
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
     if isinstance(model_or_sd, dict):
         model.load_state_dict(model_or_sd)
     else:
         model.load_state_dict(model_or_sd.state_dict())
+    model.config.dtype = torch.float32
     model.save_pretrained(str(path), safe_serialization=True)
     return str(path)
 

@@ -157,3 +157,13 @@ def test_unaligned_method_without_planner_refuses_to_run():
     with pytest.raises(RuntimeError, match="without mergekit-symalign's planner"):
         merge_tensors([torch.ones(2), torch.zeros(2)], registry.get(PREFIX + "ties"),
                       base_index=0, parameters={"weight": [1.0]})
+
+
+def test_tensor_mergekit_would_drop_is_refused(tmp_path):
+    """Qwen3 with q/k/v biases: mergekit's qwen3 definition has no biases; refuse, do not drop."""
+    config = make_config("qwen3", attention_bias=True)
+    paths = [save(make_model("qwen3", seed=s, attention_bias=True), config, tmp_path / f"m{s}")
+             for s in range(2)]
+    rec = {"merge_method": PREFIX + "task_arithmetic", "base_model": paths[0], "dtype": "float32",
+           "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
+    refused(rec, tmp_path / "out", match="would silently lose it")

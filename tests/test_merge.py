@@ -11,7 +11,19 @@ from safetensors.torch import load_file
 
 from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
 
-from .conftest import logits, run_recipe, scale_of, write_recipe
+from mergekit_symalign.statedict import scramble_state_dict
+
+from .conftest import (
+    ARCH_CONFIGS,
+    logits,
+    make_config,
+    make_model,
+    perturbed,
+    run_recipe,
+    save,
+    scale_of,
+    write_recipe,
+)
 
 
 def transfer(method, base, reference, skills, **params):
@@ -228,3 +240,20 @@ def test_interpreter_start_stays_light():
             "print(r.get('symmetry_aligned_ties').spec.name, mergekit.merge.MergePlanner.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["symmetry_aligned_ties", "SymAlignPlanner"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_aligned_merge_onto_scrambled_model_per_architecture(arch, tmp_path):
+    """Every supported architecture, through mergekit: onto a scrambled reference, the
+    aligned transfer is the skill model itself; on a scrambled sibling, the unscrambled one."""
+    config = make_config(arch)
+    ref = make_model(arch, seed=1)
+    paths = {
+        "ref": save(ref, config, tmp_path / "ref"),
+        "skill": save(perturbed(ref, seed=2, scale=0.05), config, tmp_path / "skill"),
+        "ref_scr": save(scramble_state_dict(ref.state_dict(), config, seed=3)[0], config,
+                        tmp_path / "ref_scr"),
+    }
+    out = run_recipe(transfer(PREFIX + "task_arithmetic", paths["ref_scr"], paths["ref"],
+                              [(paths["skill"], {})]), tmp_path / "out")
+    assert close(logits(out), logits(paths["skill"]))
