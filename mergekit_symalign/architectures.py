@@ -103,6 +103,7 @@ class Geometry:
     intermediate_size: int
     rotary_dim: int
     num_layers: int
+    rope_theta: Optional[float] = None  # None: per-layer-type settings (e.g. Gemma 3)
 
     @property
     def group_size(self) -> int:
@@ -111,7 +112,8 @@ class Geometry:
     def describe(self) -> str:
         return (
             f"hidden={self.hidden_size}, heads={self.num_heads}/{self.num_kv_heads}, "
-            f"head_dim={self.head_dim}, mlp={self.intermediate_size}, rotary_dim={self.rotary_dim}"
+            f"head_dim={self.head_dim}, mlp={self.intermediate_size}, rotary_dim={self.rotary_dim}, "
+            f"rope_theta={self.rope_theta}"
         )
 
 
@@ -122,7 +124,9 @@ def _rope_parameters(cfg: Any) -> Dict[str, Any]:
         factors = {v.get("partial_rotary_factor", 1.0) for v in params.values()}
         if len(factors) != 1:
             raise UnsupportedArchitecture(f"per-layer partial rotary factors {factors}")
-        return {"partial_rotary_factor": factors.pop()}
+        thetas = {v.get("rope_theta") for v in params.values()}
+        theta = thetas.pop() if len(thetas) == 1 else None
+        return {"partial_rotary_factor": factors.pop(), "rope_theta": theta}
     return params if isinstance(params, dict) else {}
 
 
@@ -153,6 +157,7 @@ def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
             intermediate_size=int(cfg.intermediate_size),
             rotary_dim=rotary_dim,
             num_layers=int(cfg.num_hidden_layers),
+            rope_theta=_rope_parameters(cfg).get("rope_theta", getattr(cfg, "rope_theta", None)),
         )
     except (AttributeError, TypeError) as err:
         raise UnsupportedArchitecture(f"{model}: cannot read layer geometry from config: {err}")
@@ -338,7 +343,7 @@ def check_same_geometry(geometries: Dict[str, Geometry]) -> None:
     name0, g0 = items[0]
     for name, g in items[1:]:
         for field in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "rotary_dim"):
+                      "intermediate_size", "rotary_dim", "rope_theta"):
             if getattr(g, field) != getattr(g0, field):
                 raise ValueError(
                     f"models {name0} and {name} differ in {field} ({getattr(g0, field)} vs "

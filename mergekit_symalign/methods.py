@@ -2,9 +2,12 @@
 
 Each aligned method wraps one of mergekit's generalized-task-arithmetic methods: its
 parameters are the wrapped method's (``weight`` becomes optional, since the reference model
-carries none) plus the plugin's own. The method object is a spec for the planner hook
-(:mod:`mergekit_symalign.planner`), which builds the aligned task graph and runs the wrapped
-method's kernel on aligned inputs; the object's own kernel is never meant to run.
+carries none) plus the plugin's own. Through ``mergekit-yaml`` / ``run_merge`` the planner
+hook (:mod:`mergekit_symalign.planner`) aligns the inputs layer by layer and runs the wrapped
+kernel on them. A tensor-at-a-time caller (``merge_tensors`` / ``merge_state_dicts``) cannot
+be aligned by a kernel that sees one tensor: there the kernel takes its inputs as already
+aligned (e.g. by :func:`mergekit_symalign.statedict.align_state_dict`), says so once, and
+computes ``base + combine(skill_i - reference)``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from mergekit.merge_methods import registry
+import warnings
+
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -22,6 +29,8 @@ from mergekit.merge_methods.base import (
     MergeMethodSpec,
     ParameterScope,
     ParameterSpec,
+    PerInputValues,
+    TensorEntry,
     TensorGroup,
 )
 
@@ -100,11 +109,51 @@ class SymmetryAlignedMerge(GroupMergeMethod):
         return tuple(p.name for p in self.inner.spec.parameters)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any):
-        raise RuntimeError(
-            f"{self.spec.name} was executed without mergekit-symalign's planner: its inputs "
-            f"would not be aligned. Run it through mergekit-yaml / mergekit.merge.run_merge "
-            f"with mergekit-symalign installed (it hooks the planner on import)."
+        if self.spec.name not in _WARNED:
+            _WARNED.add(self.spec.name)
+            warnings.warn(
+                f"{self.spec.name} called tensor by tensor (outside mergekit's planner): a "
+                f"kernel that sees one tensor cannot align models, so the inputs are taken as "
+                f"already aligned. Align state dicts first with "
+                f"mergekit_symalign.statedict.align_state_dict, or merge with mergekit-yaml.",
+                stacklevel=2,
+            )
+        roles = parameters["role"]
+        base = group.base
+        references = [e for e in group.entries if roles[e.id] == "reference" and not e.is_base]
+        if len(references) > 1:
+            raise SymAlignConfigError(
+                f"{self.spec.name}: more than one input has role: reference "
+                f"({', '.join(str(e.id) for e in references)})"
+            )
+        reference = references[0] if references else base
+        skills = [e for e in group.entries if e is not base and e is not reference]
+        for entry in skills:
+            if parameters["weight"][entry.id] is None:
+                raise SymAlignConfigError(
+                    f"{self.spec.name}: skill input {entry.id} has no weight "
+                    f"(tensor {group.metadata.name})"
+                )
+        inner_group = TensorGroup(
+            entries=(TensorEntry(reference.id, reference.tensor, is_base=True),
+                     *(TensorEntry(e.id, e.tensor) for e in skills)),
+            metadata=group.metadata,
         )
+        inner_parameters = {}
+        for p in self.inner.spec.parameters:
+            value = parameters[p.name]
+            if p.scope != ParameterScope.SHARED:
+                entries = inner_group.non_base if p.scope == ParameterScope.NON_BASE else inner_group.entries
+                value = PerInputValues([(e.id, value[e.id]) for e in entries])
+            inner_parameters[p.name] = value
+        merged = self.inner.merge_group(inner_group, **inner_parameters)
+        if reference is base:
+            return merged
+        work = torch.promote_types(base.tensor.dtype, torch.float32)
+        return (base.tensor.to(work) + merged.to(work) - reference.tensor.to(work)).to(base.tensor.dtype)
+
+
+_WARNED: set = set()
 
 
 def check_parameter_names(method: SymmetryAlignedMerge, where: str, names) -> None:

@@ -19,8 +19,13 @@ from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor
 
-from .architectures import Geometry, layer_spec
+import logging
+
+from .architectures import ARCHITECTURES, Geometry, layer_spec
+from .rope import attention_logit_change
 from .spec import LayerTransform, Switches, align_layer
+
+LOG = logging.getLogger(__name__)
 
 NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
 
@@ -80,11 +85,23 @@ class LayerAlignmentTask(Task[LayerTransform]):
         spec = layer_spec(self.architecture, self.geometry, self.qk_rotation)
         switches = Switches(self.permutation, self.rotation, self.scaling)
         try:
-            return align_layer(spec, anchor, target, switches, model=str(self.model))
+            transform = align_layer(spec, anchor, target, switches, model=str(self.model))
         except ValueError as err:
             raise ValueError(
                 f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"
             ) from None
+        if self.qk_rotation == "full" and self.rotation:
+            change = attention_logit_change(
+                target, transform.apply(target), ARCHITECTURES[self.architecture],
+                self.geometry, self.geometry.rope_theta or 10000.0,
+            )
+            LOG.warning(
+                "qk_rotation: full altered %s %s*: relative change of attention logits on "
+                "random probes at relative positions %s",
+                self.model, self.layer_prefix,
+                ", ".join(f"{pos}: {value:.1%}" for pos, value in change.items()),
+            )
+        return transform
 
 
 class AlignTensorTask(Task[Optional[torch.Tensor]]):

@@ -150,20 +150,20 @@ def test_tensor_filters_that_split_a_layer_are_refused(family, tmp_path):
     refused(rec, tmp_path / "out", match="every tensor of a layer moves together")
 
 
-def test_unaligned_method_without_planner_refuses_to_run():
+def test_tensor_at_a_time_api_takes_inputs_as_aligned_and_says_so():
+    """merge_tensors cannot align (one tensor): it warns and computes B + combine(S - R)."""
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.api import merge_tensors
 
-    with pytest.raises(RuntimeError, match="without mergekit-symalign's planner"):
-        merge_tensors([torch.ones(2), torch.zeros(2)], registry.get(PREFIX + "ties"),
-                      base_index=0, parameters={"weight": [1.0]})
-
-
-def test_tensor_mergekit_would_drop_is_refused(tmp_path):
-    """Qwen3 with q/k/v biases: mergekit's qwen3 definition has no biases; refuse, do not drop."""
-    config = make_config("qwen3", attention_bias=True)
-    paths = [save(make_model("qwen3", seed=s, attention_bias=True), config, tmp_path / f"m{s}")
-             for s in range(2)]
-    rec = {"merge_method": PREFIX + "task_arithmetic", "base_model": paths[0], "dtype": "float32",
-           "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
-    refused(rec, tmp_path / "out", match="would silently lose it")
+    base, ref, skill = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    method = registry.get(PREFIX + "task_arithmetic")
+    with pytest.warns(UserWarning, match="taken as already aligned"):
+        out = merge_tensors([base, ref, skill], method, base_index=0,
+                            parameters={"role": ["skill", "reference", "skill"],
+                                        "weight": [None, 0.5]})
+    assert torch.allclose(out, base + 0.5 * (skill - ref), atol=1e-6)
+    plain = merge_tensors([base, skill], registry.get("ties"), base_index=0,
+                          parameters={"weight": [1.0], "density": [0.5]})
+    ours = merge_tensors([base, skill], registry.get(PREFIX + "ties"), base_index=0,
+                         parameters={"weight": [1.0], "density": [0.5]})
+    assert torch.equal(plain, ours)  # no reference: exactly the wrapped method

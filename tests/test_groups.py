@@ -124,3 +124,24 @@ def test_permutation_matching_ignores_neuron_scales():
     moved = groups.apply(mlp.scale, scale, groups.apply(mlp.main, perm, layer))
     found = groups.solve_permutation(mlp.main, layer, moved, scale=mlp.scale)
     assert torch.equal(found, torch.argsort(perm))
+
+
+def test_attention_logit_change_measures_full_rotation_only():
+    from mergekit_symalign.architectures import ARCHITECTURES
+    from mergekit_symalign.rope import attention_logit_change
+
+    model = make_model("llama", seed=12)
+    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
+    geometry = spec_for_config(model.config)  # noqa: F841 (spec built = config accepted)
+    from mergekit_symalign.architectures import geometry_from_config
+
+    g = geometry_from_config(model.config)
+    arch = ARCHITECTURES["llama"]
+    gen = torch.Generator().manual_seed(0)
+    exact = random_transform(spec_for_config(model.config), gen).apply(layer)
+    full = random_transform(spec_for_config(model.config, qk_rotation="full"), gen).apply(layer)
+    exact_change = attention_logit_change(layer, exact, arch, g)
+    full_change = attention_logit_change(layer, full, arch, g)
+    assert max(exact_change.values()) < 1e-6
+    assert full_change[0] < 1e-6  # no relative rotation: the full rotation is exact
+    assert min(v for pos, v in full_change.items() if pos > 0) > 0.05
