@@ -99,10 +99,20 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+def _covers_axis(tensor: torch.Tensor, site: Site) -> bool:
+    """Does the site list every position of its axis in order (no copy needed)?"""
+    flat = site.index.reshape(-1)
+    n = tensor.shape[site.axis]
+    return flat.numel() == n and bool((flat == torch.arange(n)).all())
+
+
 def gather(tensor: torch.Tensor, site: Site) -> torch.Tensor:
     """Values of ``tensor`` at ``site`` as ``[n, c, k, rest]`` (rest = all other axes)."""
     n, c, k = site.index.shape
-    picked = tensor.index_select(site.axis, site.index.reshape(-1).to(tensor.device))
+    if _covers_axis(tensor, site):
+        picked = tensor
+    else:
+        picked = tensor.index_select(site.axis, site.index.reshape(-1).to(tensor.device))
     return picked.movedim(site.axis, 0).reshape(n, c, k, -1)
 
 
@@ -111,6 +121,8 @@ def scatter(tensor: torch.Tensor, site: Site, values: torch.Tensor) -> torch.Ten
     moved_shape = list(tensor.movedim(site.axis, 0).shape)
     moved_shape[0] = site.index.numel()
     values = values.reshape(moved_shape).movedim(0, site.axis).to(tensor.dtype)
+    if _covers_axis(tensor, site):
+        return values.contiguous()
     return tensor.index_copy(site.axis, site.index.reshape(-1).to(tensor.device), values)
 
 
@@ -358,8 +370,9 @@ def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> t
     n = symmetry.slots
     stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "ya", "yy")}
     for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
-        self_sq = (t.double() ** 2).reshape(n, -1).sum(-1)
-        cross = (t.double() * a.double()).reshape(n, -1).sum(-1)
+        t, a = t.reshape(n, -1), a.reshape(n, -1)
+        self_sq = (t * t).sum(-1).double()
+        cross = (t * a).sum(-1).double()
         if site.contragredient:
             stats["yy"] += self_sq.cpu()
             stats["ya"] += cross.cpu()
