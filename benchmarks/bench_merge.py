@@ -1,0 +1,175 @@
+"""Wall time and peak RSS: mergekit's plain task_arithmetic vs the aligned method, same run.
+
+    .venv/bin/python benchmarks/bench_merge.py [--workdir bench-output] [--repeats 2]
+    .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
+
+Models: the real SmolLM2-135M-Instruct (reference), a perturbed copy (skill) and the reference
+under a random exact symmetry (target). Each merge runs `mergekit-yaml` in its own process
+(peak RSS = that process's ru_maxrss); runs alternate plain/aligned to share machine noise.
+`--layer-only` times the alignment of one layer at Llama-3.1-8B's shapes (hidden 4096,
+32/8 heads, MLP 14336, random weights), per symmetry, on CPU (and CUDA when available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+CHILD = """
+import resource, sys, time
+sys.argv = ["mergekit-yaml"] + sys.argv[1:]
+t = time.perf_counter()
+from mergekit.scripts.run_yaml import main
+try:
+    main(standalone_mode=False)
+finally:
+    print("BENCH", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+          file=sys.stderr)
+"""
+
+
+def build_models(workdir: Path):
+    from mergekit_symalign import smollm
+    from mergekit_symalign.statedict import scramble_state_dict
+
+    paths = {n: workdir / n for n in ("reference", "skill", "target")}
+    if all(smollm.is_saved(p) for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    model, tokenizer = smollm.load_smollm2(torch.float32)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    skill = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    target, _ = scramble_state_dict(sd, model.config, seed=1)
+    for name, weights in (("reference", sd), ("skill", skill), ("target", target)):
+        model.load_state_dict(weights)
+        smollm.save_pretrained(model, tokenizer, paths[name])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def recipes(paths, dtype):
+    plain = {  # target + (skill - reference) with mergekit's own task_arithmetic
+        "merge_method": "task_arithmetic", "base_model": paths["reference"], "dtype": dtype,
+        "models": [{"model": paths["skill"], "parameters": {"weight": 1.0}},
+                   {"model": paths["target"], "parameters": {"weight": 1.0}}],
+    }
+    aligned = {
+        "merge_method": "symmetry_aligned_task_arithmetic", "base_model": paths["target"],
+        "dtype": dtype,
+        "models": [{"model": paths["reference"], "parameters": {"role": "reference"}},
+                   {"model": paths["skill"], "parameters": {"weight": 1.0, "align": False}}],
+    }
+    return {"task_arithmetic (plain)": plain, "symmetry_aligned_task_arithmetic": aligned}
+
+
+def run_one(recipe, workdir: Path, extra):
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        cfg = Path(tmp) / "recipe.yml"
+        cfg.write_text(yaml.safe_dump(recipe))
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(cfg), str(Path(tmp) / "out"), "--quiet",
+             "--no-copy-tokenizer", *extra],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-4000:])
+        line = [l for l in proc.stderr.splitlines() if l.startswith("BENCH ")][-1]
+        _, seconds, maxrss_kb = line.split()
+        return float(seconds), int(maxrss_kb) / 1024
+
+
+def layer_bytes(paths):
+    from safetensors import safe_open
+
+    with safe_open(f"{paths['reference']}/model.safetensors", "pt") as f:
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".layers.0." in k)
+    return total * 4 / 2**20
+
+
+def merge_benchmark(args):
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = build_models(workdir)
+    extra = ["--cuda"] if args.cuda else []
+    results = {name: [] for name in recipes(paths, args.dtype)}
+    for _ in range(args.repeats):
+        for name, recipe in recipes(paths, args.dtype).items():
+            results[name].append(run_one(recipe, workdir, extra))
+    rows = []
+    for name, runs in results.items():
+        rows.append((name, min(r[0] for r in runs), max(r[1] for r in runs)))
+    (_, t0, m0), (_, t1, m1) = rows
+    print(f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {'cuda' if args.cuda else 'cpu'}; best of {args.repeats}")
+    print("| method | wall time (s) | peak RSS (MiB) |")
+    print("|---|---|---|")
+    for name, t, m in rows:
+        print(f"| {name} | {t:.1f} | {m:.0f} |")
+    lb = layer_bytes(paths)
+    print(f"| ratio aligned / plain | {t1 / t0:.2f}x | {m1 / m0:.2f}x (+{m1 - m0:.0f} MiB; "
+          f"one layer = {lb:.1f} MiB fp32) |")
+    out = {"rows": rows, "time_ratio": t1 / t0, "rss_ratio": m1 / m0, "layer_mib": lb}
+    (workdir / "bench.json").write_text(json.dumps(out, indent=1))
+
+
+def layer_benchmark(args):
+    from mergekit_symalign.architectures import Geometry, layer_spec
+    from mergekit_symalign.groups import apply, solve
+    from mergekit_symalign.spec import random_transform
+
+    g = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 32, 500000.0)
+    spec = layer_spec("llama", g)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
+              "self_attn.v_proj.weight": (1024, 4096), "self_attn.o_proj.weight": (4096, 4096),
+              "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
+              "mlp.down_proj.weight": (4096, 14336)}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        anchor = {k: (0.02 * torch.randn(s, generator=gen)).to(device) for k, s in shapes.items()}
+        target = random_transform(spec, gen).apply(anchor)
+        print(f"Llama-3.1-8B-shaped layer on {device} ({torch.get_num_threads()} threads):")
+        total = 0.0
+        current = dict(target)
+        for block in spec.blocks:
+            for sym in block.symmetries():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                kw = {"scale": block.scale} if sym is block.main else {}
+                element = solve(sym, anchor, current, **kw)
+                current = apply(sym, element, current)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t
+                total += dt
+                print(f"  {sym.name:28s} {dt:7.2f} s")
+        err = max(float((current[k] - anchor[k]).abs().max()) for k in anchor)
+        print(f"  {'total':28s} {total:7.2f} s   (max |aligned - anchor| = {err:.1e})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="bench-output")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--layer-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.layer_only:
+        layer_benchmark(args)
+    else:
+        merge_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
