@@ -167,3 +167,43 @@ def test_tensor_at_a_time_api_takes_inputs_as_aligned_and_says_so():
     ours = merge_tensors([base, skill], registry.get(PREFIX + "ties"), base_index=0,
                          parameters={"weight": [1.0], "density": [0.5]})
     assert torch.equal(plain, ours)  # no reference: exactly the wrapped method
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(num_key_value_heads=3), "num_kv_heads"),
+    (dict(head_dim=8), "head_dim"),
+    (dict(rope_theta=500000.0), "rope_theta"),
+])
+def test_mismatched_attention_geometry(family, tmp_path, change, field):
+    config = make_config("llama", **change)
+    other = save(make_model("llama", seed=3, **change), config, tmp_path / "other")
+    rec = recipe(family)
+    rec["models"][1]["model"] = other
+    msg = refused(rec, tmp_path / "out", match=field)
+    assert other in msg
+
+
+def test_odd_rotary_dimension_is_refused(tmp_path):
+    from mergekit_symalign.architectures import UnsupportedArchitecture, geometry_from_config
+
+    config = make_config("stablelm", partial_rotary_factor=0.375)  # head_dim 8 -> 3 rotary dims
+    with pytest.raises(UnsupportedArchitecture, match="odd"):
+        geometry_from_config(config, "my-model")
+
+
+def test_full_qk_rotation_refused_for_qk_norm(tmp_path):
+    config = make_config("qwen3")
+    paths = [save(make_model("qwen3", seed=s), config, tmp_path / f"m{s}") for s in range(2)]
+    rec = {"merge_method": PREFIX + "task_arithmetic", "base_model": paths[0], "dtype": "float32",
+           "models": [{"model": paths[1], "parameters": {"weight": 1.0}}],
+           "parameters": {"qk_rotation": "full"}}
+    with pytest.raises(Exception, match="QK-norm"):
+        run_recipe(rec, tmp_path / "out")
+
+
+def test_full_qk_rotation_warns_and_measures(family, tmp_path, caplog):
+    rec = recipe(family, qk_rotation="full")
+    with pytest.warns(UserWarning, match="NOT a symmetry"):
+        with caplog.at_level("WARNING"):
+            run_recipe(rec, tmp_path / "out")
+    assert "relative change of attention logits" in caplog.text
