@@ -379,6 +379,19 @@ def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> t
         else:
             stats["xx"] += self_sq.cpu()
             stats["xa"] += cross.cpu()
+    if not any(site.contragredient for site in symmetry.sites):
+        # Free scale: only one side is observed (e.g. an MLP neuron's activation h, whose
+        # 1/s side sits in down_proj's weights, not in any activation), so the optimum
+        # argmin_s ||s X - X_a||^2 is <X, X_a> / ||X||^2. Fall back to 1 for a (near-)zero
+        # slot, a (near-)zero or non-finite ratio, and a non-positive one when the scale
+        # must be positive.
+        xx, xa = stats["xx"], stats["xa"]
+        tiny = max(1e-30, 1e-20 * float(xx.max())) if n else 1e-30
+        ratio = xa / torch.where(xx > tiny, xx, torch.ones_like(xx))
+        ok = (xx > tiny) & torch.isfinite(ratio) & (ratio.abs() > 1e-6) & (ratio.abs() < 1e6)
+        if not symmetry.signed:
+            ok &= ratio > 0
+        return torch.where(ok, ratio, torch.ones_like(ratio))
     return quartic_scale(signed=symmetry.signed, **stats)
 
 

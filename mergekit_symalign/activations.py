@@ -1,0 +1,620 @@
+"""Activation-based alignment (the paper's ``act.align``): same groups, same solvers,
+statistics taken from what the models compute on calibration tokens.
+
+Pure torch + transformers (no mergekit import). Three parts:
+
+* :class:`LayerStreamer` runs one model's decoder *layer by layer* on the calibration
+  tokens, fetching weights lazily by name through a ``get_tensor(name)`` callable and
+  keeping only one decoder layer's weights resident (like GPTQ). The model skeleton is built
+  on the ``meta`` device; only the embedding-side modules and one decoder layer at a time
+  are materialized. The keyword arguments that the HF model passes to each decoder layer
+  (causal or sliding-window masks per ``config.layer_types``, rotary position embeddings,
+  per-layer-type rotary tables of Gemma 3, ...) are not rebuilt by hand: one pass of the
+  model's own forward with *catcher* modules in place of the layers records them, so every
+  layer sees exactly what it would see inside the full model.
+
+* An *activation spec* mirrors the weight spec of :func:`architectures.layer_spec`
+  symmetry by symmetry (same names, kinds and slot layouts). Each weight site becomes a site
+  on an activation tensor ``[features, tokens]``:
+
+  - output rows of a projection -> rows of that projection's output (``"<module>:out"``,
+    biases included; for QK-norm architectures the q/k output *after* its norm,
+    ``"<module>:normed"``), with the same covariant / contragredient flag;
+  - input columns of a projection -> rows of its input (``"<module>:in"``), always
+    covariant: if ``W -> W M^-1`` then ``x -> M x`` (permutations, rotations and scales
+    alike). So the MLP permutation sees gate/up outputs and ``h = act(gate x) * (up x)``,
+    the V/O rotation sees the values (one copy per KV head) and the attention output
+    entering ``o_proj`` (one copy per query head of the group), the Q/K rotations see the
+    pre-RoPE queries (copies = the group's query heads) and keys.
+
+  Fused Phi-3 projections need no splitting: the fused output rows carry the same row
+  offsets as the fused weight rows. The MLP and V/O scales end up with covariant sites only
+  (their ``1/s`` side sits in the next projection's weights, not in any activation): that
+  is the "free scale" case of :func:`groups.solve_scale`,
+  ``s = <X, X_a> / ||X||^2``. The Q/K scale keeps its ``s`` (queries) / ``1/s`` (keys)
+  pair and uses the same quartic solver as the weight path.
+
+* :func:`align_by_activations` streams the reference and every model in lockstep, solves
+  each model's layer against the reference's with the :mod:`groups` solvers, and maps each
+  solved element onto the weight spec's symmetry of the same name: the result is a
+  weight-space :class:`spec.LayerTransform` per model and layer, applied exactly like the
+  weight path's. The symmetries leave every layer's function unchanged, so each model keeps
+  running on its own original weights.
+
+Handled: every architecture of :mod:`architectures` (Llama, Mistral, Qwen2 with biases,
+Gemma / Gemma 2 (GeGLU, sliding windows, soft-capping) / Gemma 3, Qwen3 and OLMo 2 (QK-norm),
+Phi-3 (fused), StableLM (partial rotary)). Refused: architectures without a spec (their
+symmetries are not proven), a fused QKV projection together with QK-norm (no such model
+yet), models whose decoder is not a ``layers`` list of the base model, calibration token
+ids outside the vocabulary, and fewer calibration tokens than a full-rank statistic needs.
+Names passed to ``get_tensor`` are those of the text-only HF causal LM
+(``model.embed_tokens.weight``, ``model.layers.3.mlp.up_proj.weight``, ...); a caller
+whose checkpoint nests them (e.g. a multimodal Gemma 3) maps the names.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .architectures import (
+    Architecture,
+    Geometry,
+    UnsupportedArchitecture,
+    _projection,
+    architecture_for,
+    full_qk_warning,
+    geometry_from_config,
+    layer_spec,
+)
+from .calibration import check_enough_tokens
+from .groups import Kind, Site, Symmetry, apply, gather, slot_index, solve
+from .spec import Block, LayerSpec, LayerTransform, Switches
+
+GetTensor = Callable[[str], torch.Tensor]
+Activations = Dict[str, torch.Tensor]  # key -> [features, tokens]
+
+__all__ = [
+    "ActivationPlan",
+    "LayerStreamer",
+    "activation_plan",
+    "align_by_activations",
+    "full_forward_statistics",
+    "solve_layer",
+    "stream_statistics",
+]
+
+
+# --------------------------------------------------------------------------- activation spec
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationPlan:
+    """What to record in each layer and how the records map onto the weight spec."""
+
+    arch: Architecture
+    geometry: Geometry
+    weight_spec: LayerSpec
+    spec: LayerSpec  # the activation mirror: same block / symmetry names, kinds and slots
+    keys: Tuple[str, ...]  # activation tensors to record: "<module>:out" / ":in" / ":normed"
+    gate: Site  # gate pre-activations [F] (for the MLP matching)
+    hidden: Site  # h = act(gate) * up, the input of down_proj [F]
+
+    def weight_symmetry(self, name: str) -> Symmetry:
+        for symmetry in self.weight_spec.symmetries():
+            if symmetry.name == name:
+                return symmetry
+        raise KeyError(name)
+
+
+def _activation_site(arch: Architecture, site: Site) -> Optional[Site]:
+    module, param = site.tensor.rsplit(".", 1)
+    if param != "weight":
+        return None  # a bias moves with its rows, which the output activation already includes
+    if site.axis == 0:
+        if arch.qk_norm != "none" and module in (arch.q, arch.k):
+            return Site(f"{module}:normed", 0, site.index, site.contragredient)
+        return Site(f"{module}:out", 0, site.index, site.contragredient)
+    if site.axis == 1:
+        return Site(f"{module}:in", 0, site.index, False)
+    raise UnsupportedArchitecture(f"{site.tensor}: no activation for a site on axis {site.axis}")
+
+
+def activation_plan(config: Any, qk_rotation: str = "rope", model: str = "model") -> ActivationPlan:
+    """The weight spec of ``config`` and its activation mirror."""
+    geometry = geometry_from_config(config, model)
+    arch = architecture_for(geometry.model_type, model)
+    if arch.qk_norm != "none" and arch.fused_qkv:
+        raise UnsupportedArchitecture(
+            f"{model}: activation alignment of a fused QKV projection with QK-norm is not "
+            f"implemented; use weight alignment (alignment: weights)."
+        )
+    weight_spec = layer_spec(arch.name, geometry, qk_rotation)
+    blocks = []
+    for block in weight_spec.blocks:
+        mirrored = []
+        for symmetry in (block.main, block.scale):
+            if symmetry is None:
+                mirrored.append(None)
+                continue
+            sites = tuple(s for s in (_activation_site(arch, x) for x in symmetry.sites) if s)
+            mirrored.append(Symmetry(symmetry.name, symmetry.kind, sites, signed=symmetry.signed))
+        blocks.append(Block(block.name, *mirrored))
+    spec = LayerSpec(weight_spec.architecture, tuple(blocks), weight_spec.notes)
+    neurons = slot_index(geometry.intermediate_size, 1, 1)
+    gate_name, gate_offset = _projection(arch, "gate", geometry)
+    gate = Site(f"{gate_name}:out", 0, neurons + gate_offset)
+    hidden = Site(f"{arch.down}:in", 0, neurons)
+    keys = tuple(dict.fromkeys(
+        [site.tensor for s in spec.symmetries() for site in s.sites] + [gate.tensor, hidden.tensor]
+    ))
+    return ActivationPlan(arch, geometry, weight_spec, spec, keys, gate, hidden)
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class _Recorder:
+    """Forward hooks on one decoder layer that record the plan's activation tensors."""
+
+    def __init__(self, layer: nn.Module, plan: ActivationPlan, keys: Optional[Sequence[str]] = None):
+        self.plan = plan
+        self.chunks: Dict[str, List[torch.Tensor]] = {k: [] for k in (keys or plan.keys)}
+        self.handles = []
+        wanted: Dict[str, set] = {}
+        for key in self.chunks:
+            module, what = key.rsplit(":", 1)
+            wanted.setdefault(module, set()).add(what)
+        for module, whats in wanted.items():
+            try:
+                sub = layer.get_submodule(module)
+            except AttributeError:
+                raise UnsupportedArchitecture(
+                    f"{plan.arch.name}: decoder layer has no module {module!r} "
+                    f"({type(layer).__name__}); its modeling code differs from the spec"
+                ) from None
+            if "in" in whats:
+                self.handles.append(sub.register_forward_pre_hook(self._pre_hook(module)))
+            if whats & {"out", "normed"}:
+                norm = None
+                if "normed" in whats:
+                    norm_name = module.rsplit(".", 1)[0] + (".q_norm" if module == plan.arch.q else ".k_norm")
+                    try:
+                        norm = layer.get_submodule(norm_name)
+                    except AttributeError:
+                        raise UnsupportedArchitecture(
+                            f"{plan.arch.name}: decoder layer has no QK-norm module {norm_name!r}"
+                        ) from None
+                self.handles.append(sub.register_forward_hook(self._hook(module, whats, norm)))
+
+    def _store(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.chunks[key].append(
+            x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
+        )
+
+    def _pre_hook(self, module: str):
+        def hook(_mod, args, kwargs=None):
+            self._store(f"{module}:in", args[0])
+        return hook
+
+    def _hook(self, module: str, whats, norm: Optional[nn.Module]):
+        head_dim, per_head = self.plan.geometry.head_dim, self.plan.arch.qk_norm == "per_head"
+
+        def hook(_mod, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if "out" in whats:
+                self._store(f"{module}:out", out)
+            if "normed" in whats:
+                # The layer's own norm module, applied to the projection's output: the same
+                # computation the attention performs before RoPE, independent of whether the
+                # modeling code normalizes before or after moving the head axis.
+                if per_head:
+                    normed = norm(out.reshape(*out.shape[:-1], -1, head_dim)).reshape(out.shape)
+                else:
+                    normed = norm(out)
+                self._store(f"{module}:normed", normed)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def result(self) -> Activations:
+        out = {}
+        for key in list(self.chunks):
+            parts = self.chunks.pop(key)
+            if not parts:
+                raise RuntimeError(f"activation {key!r} was never computed by the layer")
+            # [features, tokens], filled chunk by chunk (one copy, no cat + transpose)
+            total = sum(part.shape[0] for part in parts)
+            value = parts[0].new_empty(parts[0].shape[1], total)
+            column = 0
+            while parts:
+                part = parts.pop(0)
+                value[:, column:column + part.shape[0]].copy_(part.T)
+                column += part.shape[0]
+            out[key] = value
+        return out
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer ``index``; records what the model passes to it."""
+
+    def __init__(self, index: int, real: nn.Module, calls: List, last: bool):
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+        for attr in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):
+            if hasattr(real, attr):
+                setattr(self, attr, getattr(real, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _check_token_ids(token_ids: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    token_ids = torch.as_tensor(token_ids)
+    if token_ids.dim() == 1:
+        token_ids = token_ids[None]
+    if token_ids.dim() != 2 or token_ids.numel() == 0:
+        raise ValueError(f"calibration token ids must be a non-empty [rows, tokens] tensor, got "
+                         f"shape {tuple(token_ids.shape)}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise ValueError(f"calibration token ids must be integers, got {token_ids.dtype}")
+    token_ids = token_ids.long()
+    low, high = int(token_ids.min()), int(token_ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise ValueError(
+            f"calibration token ids span [{low}, {high}] but the model's vocabulary has "
+            f"{vocab_size} entries: tokenize the calibration text with the models' own tokenizer"
+        )
+    return token_ids
+
+
+class LayerStreamer:
+    """One model's forward on calibration tokens, one decoder layer resident at a time.
+
+    ``get_tensor(name)`` returns a weight by its HF causal-LM name. Call :meth:`step` once
+    per layer, in order: it materializes layer ``l``, runs it on every chunk of hidden
+    states (recording activations through hooks), replaces the hidden states by the layer's
+    output and frees the layer again.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        get_tensor: GetTensor,
+        token_ids: torch.Tensor,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 8,
+        name: str = "model",
+    ):
+        import transformers
+
+        self.name, self.get_tensor = name, get_tensor
+        self.device, self.dtype = torch.device(device), dtype
+        cfg = copy.deepcopy(_text_config(config))
+        cfg.use_cache = False
+        with torch.device("meta"):
+            self.model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        self.base = self.model.base_model
+        layers = getattr(self.base, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise UnsupportedArchitecture(
+                f"{name}: {type(self.base).__name__} keeps no `layers` list of decoder layers; "
+                f"layer-by-layer streaming does not know this model"
+            )
+        self.layers = layers
+        self.num_layers = len(layers)
+        self._names = {module: qual for qual, module in self.model.named_modules()}
+        token_ids = _check_token_ids(token_ids, getattr(cfg, "vocab_size", None))
+        self.tokens = token_ids.shape[0] * token_ids.shape[1]
+        self.next_layer = 0
+        self.hidden: List[torch.Tensor] = []
+        self._layer_kwargs: Dict[int, List[Tuple[tuple, dict]]] = {}
+        top = [m for n, m in self.base.named_children() if m is not self.layers]
+        with torch.no_grad():
+            for module in top:
+                self._materialize(module)
+            try:
+                for start in range(0, token_ids.shape[0], max(1, int(batch_size))):
+                    self._capture(token_ids[start:start + max(1, int(batch_size))].to(self.device))
+            finally:
+                for module in top:  # only the hidden states are needed from here on
+                    module.to_empty(device="meta")
+
+    # -- weights -------------------------------------------------------------------------
+
+    def _fetch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        try:
+            tensor = self.get_tensor(name)
+        except KeyError:
+            raise ValueError(f"{self.name}: tensor {name!r} is missing from the checkpoint") from None
+        if tensor is None:
+            raise ValueError(f"{self.name}: tensor {name!r} is missing from the checkpoint")
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise ValueError(
+                f"{self.name}: tensor {name!r} has shape {tuple(tensor.shape)} but the config "
+                f"expects {tuple(like.shape)}"
+            )
+        return tensor
+
+    def _materialize(self, module: nn.Module) -> None:
+        """Allocate ``module`` on the device and fill it from the checkpoint."""
+        module.to_empty(device=self.device)
+        prefix = self._names[module]
+        prefix = prefix + "." if prefix else ""
+        params = dict(module.named_parameters())
+        # Non-persistent buffers (rotary inv_freq, Gemma's embedding scale) are not in the
+        # checkpoint: let the model's own initializer compute them, parameters untouched.
+        buffers = dict(module.named_buffers())
+        for buffer in buffers.values():  # NaN until computed or loaded: checked below
+            if buffer.is_floating_point():
+                buffer.fill_(float("nan"))
+        for sub in module.modules():
+            if next(sub.buffers(recurse=False), None) is not None:
+                for p in sub.parameters(recurse=False):
+                    p._is_hf_initialized = True
+                self.model._init_weights(sub)
+        for rel, param in params.items():
+            param.data.copy_(self._fetch(prefix + rel, param))
+        persistent = set(module.state_dict(keep_vars=True)) - set(params)
+        for rel in persistent:
+            if rel in buffers:
+                buffers[rel].data.copy_(self._fetch(prefix + rel, buffers[rel]))
+        for rel, buffer in buffers.items():
+            if buffer.is_floating_point() and torch.isnan(buffer).any():
+                raise UnsupportedArchitecture(
+                    f"{self.name}: buffer {prefix + rel!r} is neither in the checkpoint nor "
+                    f"computed by the model's initializer; layer-by-layer streaming cannot "
+                    f"rebuild it"
+                )
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _capture(self, ids: torch.Tensor) -> None:
+        """Embed ``ids`` and record every layer's call arguments with the model's forward."""
+        calls: List = []
+        catchers = nn.ModuleList(
+            _Catcher(i, layer, calls, i == self.num_layers - 1) for i, layer in enumerate(self.layers)
+        )
+        self.base.layers = catchers
+        try:
+            self.base(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.base.layers = self.layers
+        if len(calls) != self.num_layers:
+            raise UnsupportedArchitecture(
+                f"{self.name}: the model called {len(calls)} of its {self.num_layers} decoder "
+                f"layers; layer-by-layer streaming does not know this model"
+            )
+        self.hidden.append(calls[0][0])
+        rows = ids.shape[0]
+        if rows not in self._layer_kwargs:  # masks / positions depend only on the shape
+            self._layer_kwargs[rows] = [(args, kwargs) for _h, args, kwargs in calls]
+
+    @torch.no_grad()
+    def step(self, plan: Optional[ActivationPlan] = None, keys: Optional[Sequence[str]] = None) -> Activations:
+        """Run the next layer on all hidden states; return its recorded activations."""
+        index = self.next_layer
+        if index >= self.num_layers:
+            raise RuntimeError(f"{self.name}: all {self.num_layers} layers were already streamed")
+        layer = self.layers[index]
+        self._materialize(layer)
+        recorder = _Recorder(layer, plan, keys) if plan is not None else None
+        try:
+            for c, hidden in enumerate(self.hidden):
+                args, kwargs = self._layer_kwargs[hidden.shape[0]][index]
+                out = layer(hidden, *args, **kwargs)
+                self.hidden[c] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if recorder is not None:
+                recorder.remove()
+            layer.to_empty(device="meta")
+        self.next_layer += 1
+        if self.next_layer == self.num_layers:
+            self.hidden = []
+        return recorder.result() if recorder is not None else {}
+
+
+def stream_statistics(
+    config: Any,
+    get_tensor: GetTensor,
+    token_ids: torch.Tensor,
+    qk_rotation: str = "rope",
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+):
+    """Yield ``(layer index, activations)`` of one model, streamed layer by layer."""
+    plan = activation_plan(config, qk_rotation)
+    streamer = LayerStreamer(config, get_tensor, token_ids, device, dtype, batch_size)
+    for index in range(streamer.num_layers):
+        yield index, streamer.step(plan)
+
+
+@torch.no_grad()
+def full_forward_statistics(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    qk_rotation: str = "rope",
+    batch_size: int = 8,
+) -> Dict[int, Activations]:
+    """The same activations, recorded by hooks on a full in-memory HF model (for tests)."""
+    plan = activation_plan(model.config, qk_rotation)
+    base = model.base_model
+    token_ids = _check_token_ids(token_ids, getattr(_text_config(model.config), "vocab_size", None))
+    device = next(model.parameters()).device
+    recorders = [_Recorder(layer, plan) for layer in base.layers]
+    try:
+        for start in range(0, token_ids.shape[0], batch_size):
+            base(input_ids=token_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for recorder in recorders:
+            recorder.remove()
+    return {i: recorder.result() for i, recorder in enumerate(recorders)}
+
+
+# --------------------------------------------------------------------------- solving
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(x.shape[0], -1).float()
+    norm = x.norm(dim=1, keepdim=True)
+    return x / norm.clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+
+
+def _solve_mlp_permutation(plan: ActivationPlan, anchor: Activations, target: Activations) -> torch.Tensor:
+    """Match the target's MLP neurons to the anchor's, robust to per-neuron signed scales.
+
+    The similarity of anchor neuron ``i`` and target neuron ``j`` is
+    ``cos(gate_a[i], gate_t[j]) + |cos(h_a[i], h_t[j])|`` over the calibration tokens:
+
+    * the gate pre-activation is untouched by the neuron's scale symmetry (only the linear up
+      branch carries it), so its plain cosine is a direct, signed match;
+    * ``h = act(gate) * up`` carries the neuron's scale ``s`` (any sign, any size), which a
+      raw inner product would turn into a similarity ``s * <h, h>``: a neuron scaled by -3
+      would repel its own twin. ``|cos|`` is invariant under ``h -> s h`` for every
+      ``s != 0``, so it compares the neurons' *shape* over the tokens (the scale itself is
+      solved afterwards, in closed form);
+    * cosines (not raw inner products) put both terms in ``[-1, 1]``, so neither dominates
+      just because its activations are larger.
+
+    For an exact copy of the anchor (scrambled by the group) the true match scores the
+    maximum, 2, in every row. Dead neurons (all-zero rows) score 0 against everything.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    sim = _unit_rows(gather(anchor[plan.gate.tensor], plan.gate)) @ \
+        _unit_rows(gather(target[plan.gate.tensor], plan.gate)).T
+    h_sim = _unit_rows(gather(anchor[plan.hidden.tensor], plan.hidden)) @ \
+        _unit_rows(gather(target[plan.hidden.tensor], plan.hidden)).T
+    cost = (sim + h_sim.abs()).double().cpu()
+    if not torch.isfinite(cost).all():
+        raise FloatingPointError("mlp.neurons: non-finite activation similarity")
+    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    perm = torch.empty(cost.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return perm
+
+
+def solve_layer(
+    plan: ActivationPlan,
+    anchor: Activations,
+    target: Activations,
+    switches: Switches = Switches(),
+    model: str = "target",
+) -> LayerTransform:
+    """The weight-space element that maps ``target``'s layer onto ``anchor``'s.
+
+    Solved on activations with the same solvers and in the same order as
+    :func:`spec.align_layer` (each block's main symmetry, then its scale, each solved on the
+    target's activations moved by the steps before), then re-attached to the weight spec's
+    symmetries of the same names.
+    """
+    current = dict(target)
+    steps = []
+    for block in plan.spec.blocks:
+        scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
+        for symmetry in block.symmetries():
+            if not switches.enabled(symmetry):
+                continue
+            try:
+                if symmetry.kind == Kind.permutation and block.name == "mlp":
+                    element = _solve_mlp_permutation(plan, anchor, current)
+                else:
+                    kw = {"scale": scale} if symmetry is block.main else {}
+                    element = solve(symmetry, anchor, current, model=model, **kw)
+            except (KeyError, ValueError, FloatingPointError) as err:
+                raise ValueError(
+                    f"{plan.spec.architecture} {symmetry.name} (activations of {model}): {err}"
+                ) from None
+            current = apply(symmetry, element, current)
+            steps.append((plan.weight_symmetry(symmetry.name), element.detach().cpu()))
+    return LayerTransform(tuple(steps))
+
+
+def required_tokens(plan: ActivationPlan, switches: Switches = Switches()) -> List[Tuple[int, str]]:
+    """``(tokens needed, what)`` for each full-rank statistic the enabled symmetries use."""
+    g = plan.geometry
+    needs = []
+    if switches.permutation or switches.scaling:
+        needs.append((g.intermediate_size,
+                      f"the MLP neuron correlation ({g.intermediate_size} neurons per layer)"))
+    if switches.rotation:
+        needs.append((g.head_dim, f"the attention head statistics (head_dim {g.head_dim})"))
+    return needs
+
+
+def align_by_activations(
+    reference: GetTensor,
+    models: Mapping[str, GetTensor],
+    config: Any,
+    token_ids: torch.Tensor,
+    switches: Switches = Switches(),
+    qk_rotation: str = "rope",
+    device: Any = "cpu",
+    progress: bool = True,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, Dict[int, LayerTransform]]:
+    """Align every model to ``reference`` on activations: ``{model: {layer: transform}}``.
+
+    ``reference`` and ``models[key]`` return weights by HF name. All models share
+    ``config``'s architecture and run on the same ``token_ids`` ``[rows, tokens]``. The
+    models are streamed in lockstep: for each layer, the reference's layer runs on its own
+    hidden states, then each model's, each solved against the reference's activations and
+    discarded. Resident at any time: one decoder layer's weights, every model's hidden
+    states, and two models' activations of one layer.
+    """
+    from tqdm.auto import tqdm
+
+    plan = activation_plan(config, qk_rotation, "reference")
+    token_ids = _check_token_ids(token_ids, getattr(_text_config(config), "vocab_size", None))
+    for needed, what in required_tokens(plan, switches):
+        check_enough_tokens(token_ids.numel(), needed, what)
+    if qk_rotation == "full" and switches.rotation:
+        for key in models:
+            full_qk_warning(key)
+    results: Dict[str, Dict[int, LayerTransform]] = {key: {} for key in models}
+    if not models:
+        return results
+    kw = dict(device=device, dtype=dtype, batch_size=batch_size)
+    ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
+    streamers = {key: LayerStreamer(config, get_tensor, token_ids, name=str(key), **kw)
+                 for key, get_tensor in models.items()}
+    bar = tqdm(range(ref.num_layers), desc="activation alignment", unit="layer",
+               disable=not progress)
+    for index in bar:
+        anchor = ref.step(plan)
+        for key, streamer in streamers.items():
+            acts = streamer.step(plan)
+            try:
+                results[key][index] = solve_layer(plan, anchor, acts, switches, model=key)
+            except ValueError as err:
+                raise ValueError(f"layer {index}: {err}") from None
+            del acts
+        del anchor
+    return results

@@ -1,0 +1,297 @@
+"""Activation-based alignment: layer streaming, exact recovery of a scramble, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from mergekit_symalign import groups
+from mergekit_symalign.activations import (
+    LayerStreamer,
+    activation_plan,
+    align_by_activations,
+    full_forward_statistics,
+    stream_statistics,
+)
+from mergekit_symalign.calibration import (
+    DEFAULT_CALIBRATION,
+    check_enough_tokens,
+    load_calibration,
+    tokenize_calibration,
+)
+from mergekit_symalign.groups import Kind, Site, Symmetry, slot_index
+from mergekit_symalign.spec import Switches
+from mergekit_symalign.statedict import scramble_state_dict, transform_state_dict
+
+from .conftest import VOCAB, make_model, perturbed, scale_of
+
+# 4 x 64 = 256 random calibration tokens >= intermediate_size (80) of the tiny models
+IDS = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_rel_diff(a, b):
+    return max(float((a[k].double() - b[k].double()).abs().max()) / (scale_of(b[k]) + 1e-12) for k in b)
+
+
+# --------------------------------------------------------------------------- exact recovery
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "stablelm", "gemma2"])
+def test_activation_alignment_undoes_a_scramble(arch):
+    model = make_model(arch, seed=5)
+    sd = _state(model)
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=21)
+    assert _max_rel_diff(scrambled, sd) > 0.1
+    result = align_by_activations(sd.__getitem__, {"scrambled": scrambled.__getitem__},
+                                  model.config, IDS, progress=False)
+    assert sorted(result["scrambled"]) == list(range(model.config.num_hidden_layers))
+    aligned = transform_state_dict(scrambled, model.config, result["scrambled"])
+    assert _max_rel_diff(aligned, sd) < 1e-4
+
+
+def test_each_switch_alone_is_solved_on_activations():
+    model = make_model("qwen2", seed=6)
+    sd = _state(model)
+    for kind in ("permutation", "rotation", "scaling"):
+        only = Switches(**{k: k == kind for k in ("permutation", "rotation", "scaling")})
+        scrambled, _ = scramble_state_dict(sd, model.config, seed=4, switches=only)
+        result = align_by_activations(sd.__getitem__, {"m": scrambled.__getitem__},
+                                      model.config, IDS, switches=only, progress=False)
+        steps = result["m"][0].steps
+        assert steps and all(only.enabled(sym) for sym, _ in steps)
+        aligned = transform_state_dict(scrambled, model.config, result["m"])
+        assert _max_rel_diff(aligned, sd) < 1e-4, kind
+
+
+def test_neuron_matching_survives_finetuning_and_negative_scales():
+    """A fine-tuned relative, scrambled with signed neuron scales: neurons still matched."""
+    model = make_model("llama", seed=7)
+    reference = _state(model)
+    relative = perturbed(model, seed=1, scale=0.02)
+    scrambled, truth = scramble_state_dict(relative, model.config, seed=3)
+    result = align_by_activations(reference.__getitem__, {"m": scrambled.__getitem__},
+                                  model.config, IDS, progress=False)
+    for layer, transform in result["m"].items():
+        scale = dict((s.name, e) for s, e in truth[layer].steps)["mlp.neuron_scale"]
+        assert (scale < 0).any()
+        true_perm = dict((s.name, e) for s, e in truth[layer].steps)["mlp.neurons"]
+        found = dict((s.name, e) for s, e in transform.steps)["mlp.neurons"]
+        assert torch.equal(true_perm[found], torch.arange(len(found)))
+    aligned = transform_state_dict(scrambled, model.config, result["m"])
+    # back to the relative up to the fine-tuning noise (the scramble moved it by ~2.5)
+    assert _max_rel_diff(aligned, relative) < 0.1
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_streaming_statistics_equal_full_forward(arch):
+    model = make_model(arch, seed=3)
+    sd = _state(model)
+    full = full_forward_statistics(model, IDS, batch_size=3)  # uneven chunks on purpose
+    streamed = dict(stream_statistics(model.config, sd.__getitem__, IDS, batch_size=2))
+    assert sorted(full) == sorted(streamed) == list(range(model.config.num_hidden_layers))
+    for layer in full:
+        assert full[layer].keys() == streamed[layer].keys()
+        for key, value in full[layer].items():
+            assert value.shape[1] == IDS.numel()
+            assert torch.allclose(value, streamed[layer][key], rtol=1e-5, atol=1e-5), (layer, key)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_qk_norm_statistics_are_what_the_attention_sees(arch):
+    """Recorded q/k of QK-norm models = the output of the model's own q_norm / k_norm."""
+    model = make_model(arch, seed=2)
+    seen = {}
+
+    def keep(name):
+        def hook(_module, _args, out):
+            # Qwen3 normalizes [B, T, H, d], Gemma 3 [B, H, T, d] (after the transpose)
+            out = out if out.shape[1] == IDS.shape[1] else out.transpose(1, 2)
+            seen[name] = out.reshape(-1, out.shape[-2] * out.shape[-1]).T
+        return hook
+
+    attn = model.model.layers[1].self_attn
+    handles = [attn.q_norm.register_forward_hook(keep("q")),
+               attn.k_norm.register_forward_hook(keep("k"))]
+    stats = full_forward_statistics(model, IDS, batch_size=len(IDS))[1]
+    for handle in handles:
+        handle.remove()
+    assert torch.allclose(stats["self_attn.q_proj:normed"], seen["q"], atol=1e-6)
+    assert torch.allclose(stats["self_attn.k_proj:normed"], seen["k"], atol=1e-6)
+
+
+def test_full_qk_rotation_warns():
+    model = make_model("llama", seed=2)
+    sd = _state(model)
+    with pytest.warns(UserWarning, match="NOT a symmetry"):
+        align_by_activations(sd.__getitem__, {"m": sd.__getitem__}, model.config, IDS,
+                             qk_rotation="full", progress=False)
+
+
+def test_streamer_keeps_one_layer_resident_and_fetches_lazily():
+    model = make_model("llama", seed=4)
+    sd = _state(model)
+    fetched = []
+
+    def get_tensor(name):
+        fetched.append(name)
+        return sd[name]
+
+    plan = activation_plan(model.config)
+    streamer = LayerStreamer(model.config, get_tensor, IDS)
+    assert not any(".layers." in name for name in fetched)  # embeddings only so far
+    assert "lm_head.weight" not in fetched
+    for index in range(streamer.num_layers):
+        before = len(fetched)
+        streamer.step(plan)
+        names = fetched[before:]
+        assert names and all(n.startswith(f"model.layers.{index}.") for n in names)
+        resident = [n for n, p in streamer.model.named_parameters() if not p.is_meta]
+        assert resident == [], resident  # the layer was freed again
+    with pytest.raises(RuntimeError):
+        streamer.step(plan)
+
+
+# --------------------------------------------------------------------------- free scale
+
+
+def test_free_scale_is_least_squares_and_guarded():
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    s = torch.tensor([2.0, -0.5, 3.0, 1.0, -4.0, 0.25], dtype=torch.float64)
+    target = anchor / s[:, None]
+    target[3] = 0.0  # a dead slot: falls back to 1
+    site = Site("x", 0, slot_index(6, 1, 1))
+    signed = Symmetry("free", Kind.scale, (site,), signed=True)
+    found = groups.solve_scale(signed, {"x": anchor}, {"x": target})
+    expected = s.clone()
+    expected[3] = 1.0
+    assert torch.allclose(found, expected, rtol=1e-10)
+    positive = Symmetry("free+", Kind.scale, (site,), signed=False)
+    found = groups.solve_scale(positive, {"x": anchor}, {"x": target})
+    assert torch.equal(found[s < 0], torch.ones(int((s < 0).sum()), dtype=torch.float64))
+    assert torch.allclose(found[s > 0], s[s > 0])
+    nan = target.clone()
+    nan[0, 0] = float("nan")
+    assert float(groups.solve_scale(signed, {"x": anchor}, {"x": nan})[0]) == 1.0
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_default_calibration_set():
+    texts = load_calibration(samples=10_000)
+    assert len(texts) >= 300
+    assert len(set(texts)) == len(texts)
+    assert all(t.strip() == t and t for t in texts)
+    assert load_calibration(samples=5) == texts[:5]
+    assert DEFAULT_CALIBRATION.name == "calibration.txt"
+
+
+def test_user_calibration_files(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("first prompt\n\n  second prompt  \n", encoding="utf-8")
+    assert load_calibration(txt) == ["first prompt", "second prompt"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
+    assert load_calibration(str(jsonl), samples=1) == ["a b"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "blank", "undecodable", "extension",
+                                  "bad_json", "no_field"])
+def test_bad_calibration_files(tmp_path, case):
+    path = tmp_path / ("data.jsonl" if case in ("bad_json", "no_field") else "data.txt")
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "blank":
+        path.write_text("\n   \n\n")
+    elif case == "undecodable":
+        path.write_bytes(b"caf\xe9 au lait\n\xff\xfe broken\n")
+    elif case == "extension":
+        path = tmp_path / "data.csv"
+        path.write_text("a,b\n")
+    elif case == "bad_json":
+        path.write_text('{"text": "ok"}\n{not json}\n')
+    elif case == "no_field":
+        path.write_text('{"content": "x"}\n')
+    with pytest.raises(ValueError) as info:
+        load_calibration(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert ".jsonl" in message  # the remedy names the accepted formats
+    expected = {"missing": "does not exist", "empty": "no prompts", "blank": "no prompts",
+                "undecodable": "UTF-8", "extension": "extension", "bad_json": "line 2",
+                "no_field": '"text"'}[case]
+    assert expected in message
+    with pytest.raises(ValueError, match="positive integer"):
+        load_calibration(samples=0)
+
+
+def _tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+WORDS = "the cat sat on a mat and dog ran to park".split()
+
+
+def test_tokenize_calibration_packs_rows():
+    toks = {"a": _tokenizer(WORDS), "b": _tokenizer(WORDS)}
+    texts = ["the cat sat on the mat", "a dog ran to the park"] * 5
+    ids = tokenize_calibration(toks, texts, max_tokens=8)
+    assert ids.dtype == torch.long and ids.shape[1] == 8
+    assert ids.shape[0] == (10 * 6 + 10) // 8  # 6 words + EOS per prompt, tail dropped
+    assert int(ids.max()) < len(toks["a"].get_vocab())
+    short = tokenize_calibration(toks, ["the cat"], max_tokens=64)
+    assert short.shape == (1, 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        tokenize_calibration(toks, texts, max_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_calibration(toks, [], max_tokens=8)
+
+
+def test_tokenizers_with_different_vocabularies_are_refused():
+    toks = {"reference": _tokenizer(WORDS), "skill": _tokenizer(WORDS[::-1])}
+    with pytest.raises(ValueError, match="'reference' and 'skill'.*different tokenizer vocab"):
+        tokenize_calibration(toks, ["the cat sat"], max_tokens=8)
+    toks["skill"] = _tokenizer(WORDS + ["extra"])
+    with pytest.raises(ValueError, match="'reference' and 'skill'"):
+        tokenize_calibration(toks, ["the cat sat"], max_tokens=8)
+
+
+def test_too_few_tokens_and_bad_token_ids_are_refused():
+    with pytest.raises(ValueError, match="needs at least 80 calibration tokens.*calibration_samples"):
+        check_enough_tokens(10, 80, "the MLP neuron correlation")
+    check_enough_tokens(80, 80, "fine")
+    model = make_model("llama", seed=1)
+    sd = _state(model)
+    few = IDS[:1, :40]  # 40 tokens < 80 MLP neurons
+    with pytest.raises(ValueError, match="needs at least 80 calibration tokens.*only 40"):
+        align_by_activations(sd.__getitem__, {"m": sd.__getitem__}, model.config, few,
+                             progress=False)
+    # without the MLP symmetries only head_dim (12) tokens are needed
+    rot = Switches(permutation=False, scaling=False)
+    out = align_by_activations(sd.__getitem__, {"m": sd.__getitem__}, model.config, few,
+                               switches=rot, progress=False)
+    assert set(out["m"]) == {0, 1}
+    with pytest.raises(ValueError, match="vocabulary"):
+        align_by_activations(sd.__getitem__, {"m": sd.__getitem__}, model.config,
+                             IDS + VOCAB, progress=False)
+    missing = {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k}
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight.*missing"):
+        align_by_activations(sd.__getitem__, {"broken": missing.__getitem__}, model.config, IDS,
+                             progress=False)
