@@ -61,6 +61,11 @@ PLUGIN_PARAMETERS: Dict[str, Tuple[Any, ParameterScope, Any, str]] = {
                     "rope: exact per-plane Q/K rotations; full: the papers' d x d rotation (inexact under RoPE)"),
     "output_frame": (str, ParameterScope.SHARED, "base",
                      "base: result in the base model's coordinates; reference: in the reference's"),
+    "calibration": (str, ParameterScope.SHARED, "",
+                    "activations only: calibration prompts (.txt, one per line, or .jsonl); empty = shipped set"),
+    "calibration_samples": (int, ParameterScope.SHARED, 256, "activations only: number of prompts used"),
+    "calibration_max_tokens": (int, ParameterScope.SHARED, 128,
+                               "activations only: tokens per packed calibration row"),
     "role": (str, ParameterScope.INPUT, "skill", "skill (default) or reference"),
     "align": (bool, ParameterScope.INPUT, True, "align this model to the reference first"),
 }

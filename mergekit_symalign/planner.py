@@ -38,11 +38,18 @@ from .architectures import (
     split_layer_name,
 )
 from .methods import SymAlignConfigError, SymmetryAlignedMerge, check_choice
-from .recipe import check_recipe
-from .tasks import AlignTensorTask, LayerAlignmentTask, TransferTask
+from .recipe import check_recipe, parameter_scopes
+from .tasks import (
+    ActivationAlignmentTask,
+    AlignTensorTask,
+    LayerAlignmentTask,
+    PickLayerTransform,
+    TransferTask,
+)
 
 LOG = logging.getLogger(__name__)
-LAYER_SETTINGS = ("alignment", "permutation", "rotation", "scaling", "qk_rotation", "output_frame")
+LAYER_SETTINGS = ("alignment", "permutation", "rotation", "scaling", "qk_rotation", "output_frame",
+                  "calibration", "calibration_samples", "calibration_max_tokens")
 
 
 class SymAlignPlanner(MergePlanner):
@@ -95,6 +102,15 @@ class SymAlignPlanner(MergePlanner):
             raise SymAlignConfigError(f"{name}: {err}") from None
         self._geometry = next(iter(geometries.values()))
         self._arch = architecture_for(self._geometry.model_type)
+        params = cfg.parameters or {}
+        if params.get("alignment") == "activations":
+            from .calibration import load_calibration
+
+            try:  # a bad calibration file is refused before anything is loaded or written
+                load_calibration(params.get("calibration") or None,
+                                 params.get("calibration_samples", 256))
+            except ValueError as err:
+                raise SymAlignConfigError(str(err)) from None
 
     # ------------------------------------------------------------------ planning
 
@@ -149,7 +165,48 @@ class SymAlignPlanner(MergePlanner):
                 loads.append((rel, self._load(model, info)))
         return tuple(loads)
 
-    def _alignment(self, model, reference, prefixes, indices, settings) -> LayerAlignmentTask:
+    def _activation_models(self, reference: ModelReference):
+        """Models that may need aligning: all but the reference, except those whose `align`
+        is a plain false everywhere in the recipe (no forward pass is spent on them)."""
+        seen = {}
+        for _where, params, model in parameter_scopes(self.config):
+            if model is not None and params and "align" in params:
+                seen.setdefault(model, set()).add(params["align"] is False)
+        never = {m for m, flags in seen.items() if flags == {True}}
+        return tuple(m for m in self.config.referenced_models() if m != reference and m not in never)
+
+    def _activation_alignment(self, model, reference, prefixes, indices, settings):
+        if indices[model] != indices[reference]:
+            raise SymAlignConfigError(
+                f"alignment: activations pairs layers by index while streaming, but output layer "
+                f"{prefixes[reference]}* takes layer {indices[model]} of {model} and layer "
+                f"{indices[reference]} of the reference {reference}. Use equal layer ranges, or "
+                f"alignment: weights."
+            )
+        key = (reference, tuple(settings[k] for k in LAYER_SETTINGS if k != "output_frame"))
+        if key not in self._alignments:
+            models = self._activation_models(reference)
+            self._alignments[key] = ActivationAlignmentTask(
+                reference=reference,
+                models=tuple(sorted(models, key=str)),
+                qk_rotation=settings["qk_rotation"],
+                permutation=settings["permutation"],
+                rotation=settings["rotation"],
+                scaling=settings["scaling"],
+                calibration=settings["calibration"],
+                calibration_samples=settings["calibration_samples"],
+                calibration_max_tokens=settings["calibration_max_tokens"],
+                device=self.options.device if self.options.device != "cpu" else None,
+                trust_remote_code=self.options.trust_remote_code,
+            )
+        source = self._alignments[key]
+        if model not in source.models:
+            raise SymAlignConfigError(f"model {model} was planned without alignment")
+        return PickLayerTransform(source=source, model=model, layer=indices[model])
+
+    def _alignment(self, model, reference, prefixes, indices, settings):
+        if settings["alignment"] == "activations":
+            return self._activation_alignment(model, reference, prefixes, indices, settings)
         key = (model, prefixes[model], reference, prefixes[reference],
                tuple(settings[k] for k in LAYER_SETTINGS))
         if key in self._alignments:

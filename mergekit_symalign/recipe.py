@@ -12,7 +12,7 @@ from mergekit.config import MergeConfiguration
 
 from .methods import SymAlignConfigError, SymmetryAlignedMerge, check_choice, check_parameter_names
 
-SINGLE_STRINGS = ("role", "alignment", "qk_rotation", "output_frame")
+SINGLE_STRINGS = ("role", "alignment", "qk_rotation", "output_frame", "calibration")
 
 
 def parameter_scopes(cfg: MergeConfiguration) -> Iterator[Tuple[str, Optional[dict], object]]:
@@ -51,16 +51,20 @@ def check_recipe(cfg: MergeConfiguration, method: SymmetryAlignedMerge) -> None:
                         f"vary by layer or tensor), got {value!r}."
                     )
                 check_choice(key, value, where)
+            if key == "alignment" and model is not None:
+                raise SymAlignConfigError(f"alignment is global; move it out of {where}.")
             if key == "role" and model is None:
                 raise SymAlignConfigError(
                     f"role is a per-model parameter; set it under the model, not in {where}."
                 )
             if key == "role" and value == "reference":
                 references.add(model)
-            if key == "alignment" and value == "activations":
+            if key in ("calibration", "calibration_samples", "calibration_max_tokens") and (
+                model is not None or isinstance(value, (list, dict))
+            ):
                 raise SymAlignConfigError(
-                    f"alignment: activations (in {where}) is not implemented yet; use "
-                    f"alignment: weights (the default)."
+                    f"{key} (in {where}) must be one global value: every model runs on the "
+                    f"same calibration tokens."
                 )
     bases = {cfg.base_model} | {s.base_model for s in cfg.slices or () if s.base_model}
     references -= bases  # role: reference on the base = plain fusion (the default)

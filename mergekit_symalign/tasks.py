@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -104,9 +104,88 @@ class LayerAlignmentTask(Task[LayerTransform]):
         return transform
 
 
+class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
+    """``alignment: activations``: stream every model and the reference layer by layer over
+    the calibration tokens (one layer of weights resident at a time, via mergekit's lazy
+    loaders) and solve each layer's group on activations. Runs once per merge; its result
+    (one small transform per layer and model) lives until the last layer has used it."""
+
+    reference: ModelReference
+    models: Tuple[ModelReference, ...]
+    qk_rotation: str = "rope"
+    permutation: bool = True
+    rotation: bool = True
+    scaling: bool = True
+    calibration: str = ""
+    calibration_samples: int = 256
+    calibration_max_tokens: int = 128
+    device: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def arguments(self) -> Dict[str, Task]:
+        return {}
+
+    def priority(self) -> int:
+        return 100
+
+    def execute(self) -> Dict[str, Dict[int, LayerTransform]]:
+        import transformers
+        from mergekit.io.tasks import LoaderCache
+
+        from .activations import align_by_activations
+        from .calibration import load_calibration, tokenize_calibration
+
+        everyone = (self.reference, *self.models)
+        tokenizers = {}
+        for model in everyone:
+            try:
+                tokenizers[str(model)] = transformers.AutoTokenizer.from_pretrained(
+                    model.model.path, revision=model.model.revision,
+                    trust_remote_code=self.trust_remote_code,
+                )
+            except Exception as err:
+                raise ValueError(
+                    f"model {model}: cannot load its tokenizer ({err}); alignment: activations "
+                    f"needs each model's tokenizer to run it on the calibration text. Add the "
+                    f"tokenizer files, or use alignment: weights."
+                ) from None
+        texts = load_calibration(self.calibration or None, self.calibration_samples)
+        token_ids = tokenize_calibration(tokenizers, texts, self.calibration_max_tokens)
+
+        def source(model):
+            loader = LoaderCache().get(model)
+            return lambda name: loader.get_tensor(name, device="cpu")
+
+        config = self.reference.config(trust_remote_code=self.trust_remote_code)
+        result = align_by_activations(
+            source(self.reference),
+            {str(m): source(m) for m in self.models},
+            config,
+            token_ids,
+            switches=Switches(self.permutation, self.rotation, self.scaling),
+            qk_rotation=self.qk_rotation,
+            device=self.device or "cpu",
+        )
+        return result
+
+
+class PickLayerTransform(Task[LayerTransform]):
+    """One (model, layer) transform out of an :class:`ActivationAlignmentTask`."""
+
+    source: ActivationAlignmentTask
+    model: ModelReference
+    layer: int
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"transforms": self.source}
+
+    def execute(self, transforms) -> LayerTransform:
+        return transforms[str(self.model)][self.layer]
+
+
 class AlignTensorTask(Task[Optional[torch.Tensor]]):
     tensor: LoadTensor
-    alignment: LayerAlignmentTask
+    alignment: Union[LayerAlignmentTask, PickLayerTransform]
     name: str  # layer-relative name the spec knows
 
     def arguments(self) -> Dict[str, Task]:
@@ -138,7 +217,7 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     sources: Task
     base_model: ModelReference
     reference_model: ModelReference
-    base_alignment: Optional[LayerAlignmentTask] = None
+    base_alignment: Optional[Union[LayerAlignmentTask, PickLayerTransform]] = None
     name: Optional[str] = None
     output_frame: str = "base"
 

@@ -136,3 +136,25 @@ def family(tmp_path_factory):
     paths["sibling_scrambled"] = save(sib_iso, config, root / "sibling_scrambled")
     paths["root"] = root
     return paths
+
+
+def save_word_tokenizer(path, vocab_size: int = VOCAB):
+    """A WordLevel tokenizer over words w0..wN whose ids cover the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                               bos_token="[BOS]", eos_token="[EOS]")
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def word_calibration(path, lines: int = 64, words: int = 24, seed: int = 0, vocab_size: int = VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size - 3, (lines, words), generator=g)
+    path.write_text("\n".join(" ".join(f"w{int(i)}" for i in row) for row in ids) + "\n")
+    return str(path)

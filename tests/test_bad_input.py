@@ -72,8 +72,15 @@ def test_misspelt_plugin_parameter(family, tmp_path, where):
     assert "Did you mean" in msg
 
 
-def test_activation_alignment_not_yet(family, tmp_path):
-    refused(recipe(family, alignment="activations"), tmp_path / "out", match="not implemented yet")
+def test_activation_alignment_needs_tokenizers(family, tmp_path):
+    with pytest.raises(ValueError, match="cannot load its tokenizer"):
+        run_recipe(recipe(family, alignment="activations"), tmp_path / "out")
+
+
+def test_calibration_settings_are_global(family, tmp_path):
+    rec = recipe(family, alignment="activations")
+    rec["models"][1]["parameters"]["calibration_samples"] = 10
+    refused(rec, tmp_path / "out", match="one global value")
 
 
 def test_bad_choice_values(family, tmp_path):

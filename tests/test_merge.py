@@ -257,3 +257,52 @@ def test_aligned_merge_onto_scrambled_model_per_architecture(arch, tmp_path):
     out = run_recipe(transfer(PREFIX + "task_arithmetic", paths["ref_scr"], paths["ref"],
                               [(paths["skill"], {})]), tmp_path / "out")
     assert close(logits(out), logits(paths["skill"]))
+
+
+@pytest.fixture(scope="module")
+def family_with_tokenizers(family, tmp_path_factory):
+    import shutil
+
+    from .conftest import save_word_tokenizer
+
+    root = tmp_path_factory.mktemp("tok_family")
+    out = dict(family)
+    for name in ("reference", "skill", "sibling", "reference_scrambled", "skill_scrambled",
+                 "sibling_scrambled"):
+        shutil.copytree(family[name], root / name)
+        save_word_tokenizer(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.mark.parametrize("frame", ["base", "reference"])
+def test_activation_alignment_through_mergekit(family_with_tokenizers, expected, tmp_path, frame):
+    from .conftest import word_calibration
+
+    fam = family_with_tokenizers
+    calib = word_calibration(tmp_path / "calib.txt")
+    out = run_recipe(
+        transfer(PREFIX + "ties", fam["reference_scrambled"], fam["reference"],
+                 [(fam["skill_scrambled"], {})], alignment="activations", calibration=calib,
+                 calibration_samples=64, calibration_max_tokens=32, output_frame=frame),
+        tmp_path / "out",
+    )
+    plain = run_recipe(
+        transfer(PREFIX + "ties", fam["reference"], fam["reference"], [(fam["skill"], {})]),
+        tmp_path / "plain",
+    )
+    assert close(logits(out), logits(plain))
+
+
+def test_activation_alignment_refuses_bad_calibration(family_with_tokenizers, tmp_path):
+    from mergekit_symalign.methods import SymAlignConfigError
+
+    fam = family_with_tokenizers
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for calib, match in ((str(tmp_path / "missing.txt"), "missing|not found|does not exist"),
+                         (str(tmp_path / "empty.txt"), "empty|no prompts")):
+        with pytest.raises(SymAlignConfigError, match=match):
+            run_recipe(transfer(PREFIX + "task_arithmetic", fam["sibling"], fam["reference"],
+                                [(fam["skill"], {})], alignment="activations", calibration=calib),
+                       tmp_path / "out")
+        assert not (tmp_path / "out").exists()
