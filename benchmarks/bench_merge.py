@@ -68,7 +68,9 @@ def recipes(paths, dtype):
         "models": [{"model": paths["reference"], "parameters": {"role": "reference"}},
                    {"model": paths["skill"], "parameters": {"weight": 1.0, "align": False}}],
     }
-    return {"task_arithmetic (plain)": plain, "symmetry_aligned_task_arithmetic": aligned}
+    activations = {**aligned, "parameters": {"alignment": "activations"}}
+    return {"task_arithmetic (plain)": plain, "symmetry_aligned (weights)": aligned,
+            "symmetry_aligned (activations)": activations}
 
 
 def run_one(recipe, workdir: Path, extra):
@@ -107,17 +109,17 @@ def merge_benchmark(args):
     rows = []
     for name, runs in results.items():
         rows.append((name, min(r[0] for r in runs), max(r[1] for r in runs)))
-    (_, t0, m0), (_, t1, m1) = rows
-    print(f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, {'cuda' if args.cuda else 'cpu'}; best of {args.repeats}")
-    print("| method | wall time (s) | peak RSS (MiB) |")
-    print("|---|---|---|")
-    for name, t, m in rows:
-        print(f"| {name} | {t:.1f} | {m:.0f} |")
+    _, t0, m0 = rows[0]
     lb = layer_bytes(paths)
-    print(f"| ratio aligned / plain | {t1 / t0:.2f}x | {m1 / m0:.2f}x (+{m1 - m0:.0f} MiB; "
-          f"one layer = {lb:.1f} MiB fp32) |")
-    out = {"rows": rows, "time_ratio": t1 / t0, "rss_ratio": m1 / m0, "layer_mib": lb}
+    print(f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {'cuda' if args.cuda else 'cpu'}; best of {args.repeats}; "
+          f"one layer = {lb:.1f} MiB fp32")
+    print("| method | wall time (s) | peak RSS (MiB) | time vs plain | RSS vs plain |")
+    print("|---|---|---|---|---|")
+    for name, t, m in rows:
+        print(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x "
+              f"({m - m0:+.0f} MiB = {(m - m0) / lb:+.1f} layers) |")
+    out = {"rows": rows, "layer_mib": lb}
     (workdir / "bench.json").write_text(json.dumps(out, indent=1))
 
 

@@ -92,3 +92,22 @@ def test_real_model_aligned_transfer_through_mergekit(real, tmp_path):
     expected = _logits(model, skill, ids)
     assert float((got - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
     model.load_state_dict(sd)
+
+
+def test_real_model_activation_alignment_recovers_scramble(real):
+    """Layer-streamed activation alignment on the shipped calibration prompts."""
+    from mergekit_symalign.activations import align_by_activations
+    from mergekit_symalign.calibration import load_calibration, tokenize_calibration
+    from mergekit_symalign.statedict import transform_state_dict
+
+    model, tokenizer, _ids = real
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=8)
+    texts = load_calibration(samples=160)
+    token_ids = tokenize_calibration({"reference": tokenizer, "target": tokenizer}, texts, 128)
+    assert token_ids.numel() >= model.config.intermediate_size
+    transforms = align_by_activations(sd.__getitem__, {"target": scrambled.__getitem__},
+                                      model.config, token_ids, progress=False)
+    aligned = transform_state_dict(scrambled, model.config, transforms["target"])
+    worst = max(float((aligned[k] - sd[k]).abs().max()) / (float(sd[k].abs().max()) + 1e-12) for k in sd)
+    assert worst < 1e-3
