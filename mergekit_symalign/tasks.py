@@ -74,14 +74,15 @@ class LayerAlignmentTask(Task[LayerTransform]):
     def execute(self, **kwargs) -> LayerTransform:
         target: Dict[str, torch.Tensor] = {}
         anchor: Dict[str, torch.Tensor] = {}
+        sides = {"model": (self.model, dict(self.model_tensors), target),
+                 "reference": (self.reference, dict(self.reference_tensors), anchor)}
         for key, value in kwargs.items():
             side, rel = key.split(":", 1)
             if value is None:
                 continue
-            model = self.model if side == "model" else self.reference
-            full = dict(self.model_tensors if side == "model" else self.reference_tensors)[rel]
-            check_finite(value, model, full.tensor)
-            (target if side == "model" else anchor)[rel] = value
+            model, loads, tensors = sides[side]
+            check_finite(value, model, loads[rel].tensor)
+            tensors[rel] = value
         spec = layer_spec(self.architecture, self.geometry, self.qk_rotation)
         switches = Switches(self.permutation, self.rotation, self.scaling)
         try:

@@ -132,7 +132,6 @@ def test_attention_logit_change_measures_full_rotation_only():
 
     model = make_model("llama", seed=12)
     layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
-    geometry = spec_for_config(model.config)  # noqa: F841 (spec built = config accepted)
     from mergekit_symalign.architectures import geometry_from_config
 
     g = geometry_from_config(model.config)
