@@ -14,6 +14,7 @@ GQA with 9 query / 3 KV heads, tied embeddings). De-quantizing takes ~15 s, so t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -82,26 +83,34 @@ def _strip_quantization(model) -> None:
             pass
 
 
-def load_smollm2_gguf(dtype: torch.dtype = torch.float32):
-    """De-quantize the GGUF directly (slow: ~15 s); returns ``(model, tokenizer)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No info logs or progress bars from transformers (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
-    _offline()
-    path = gguf_path()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if progress:
             hf_logging.enable_progress_bar()
+
+
+def load_smollm2_gguf(dtype: torch.dtype = torch.float32):
+    """De-quantize the GGUF directly (slow: ~15 s); returns ``(model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    path = gguf_path()
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     _strip_quantization(model)
     model.eval()
     return model, tokenizer
@@ -116,9 +125,13 @@ def save_pretrained(model, tokenizer, path: PathLike, note: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with _quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(note or "complete\n")
         if is_saved(path):  # another process finished first
             return path
@@ -161,8 +174,9 @@ def load_pretrained(path: PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.eval()
     return model, tokenizer
 

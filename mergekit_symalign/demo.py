@@ -1,0 +1,646 @@
+"""Demo: plain vs symmetry-aligned task arithmetic on a family built from SmolLM2-135M-Instruct.
+
+Run with ``python -m mergekit_symalign.demo`` (or ``scripts/demo.sh``). Everything is offline
+and CPU-only. The demo builds, once (cached under ``--workdir``):
+
+* **reference**: SmolLM2-135M-Instruct as is (float32 safetensors + tokenizer);
+* **skill**: the reference after a short fine-tune on 2-3 digit addition
+  (``What is 347+582? Answer: 929``; loss on the answer tokens only);
+* **sibling**: the reference after a light fine-tune on unrelated English sentences (a
+  diverged relative of the reference, the realistic transfer target);
+* **reference-scrambled** / **sibling-scrambled**: those two models moved by a random element
+  of their exact symmetry group (:func:`mergekit_symalign.statedict.scramble_state_dict`):
+  same function, different weights.
+
+The skill vector (skill - reference) is then transferred onto each target with an unmodified
+``mergekit-yaml``, once with plain ``task_arithmetic`` and once with
+``symmetry_aligned_task_arithmetic``, and every merged model is scored on held-out addition
+problems (greedy decoding, exact match) and by KL(skill || merged) of the next-token
+distributions at the answer positions. Plain task arithmetic works on the targets that share
+the reference's coordinates and collapses on the scrambled ones; the aligned method does not
+care.
+
+Fine-tunes freeze the (tied) token embeddings: that keeps them cheap on a CPU, and it keeps the
+skill vector in the decoder layers, where the symmetries act.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from . import smollm  # noqa: E402
+
+BUILD_VERSION = 1  # bump to invalidate cached models when the recipes below change
+
+PROMPT = "What is {a}+{b}? Answer:"
+SKILL_LR = 3e-4
+SIBLING_LR = 2e-4
+BATCH = 16
+EVAL_POOL = 1000  # held-out problems: --eval-problems scores the first N of these
+SCRAMBLE_SEEDS = {"reference": 101, "sibling": 202}  # offset by --seed
+
+TARGETS = ("reference", "sibling", "reference-scrambled", "sibling-scrambled")
+METHODS = ("task_arithmetic", "symmetry_aligned_task_arithmetic")
+
+
+# --------------------------------------------------------------------------- data
+
+
+Problem = Tuple[int, int]
+
+
+def random_problem(rng: random.Random) -> Problem:
+    return rng.randint(10, 999), rng.randint(10, 999)
+
+
+def eval_problems(n: int, seed: int) -> List[Problem]:
+    """The first ``n`` held-out problems (distinct; a prefix of one fixed sequence per seed)."""
+    rng = random.Random(10_000 + seed)
+    seen, out = set(), []
+    while len(out) < n:
+        p = random_problem(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def prompt_text(p: Problem) -> str:
+    return PROMPT.format(a=p[0], b=p[1])
+
+
+def answer_text(p: Problem, eos: str) -> str:
+    return f" {p[0] + p[1]}{eos}"
+
+
+_SUBJECTS = ["The old farmer", "A young girl", "My neighbour", "The small dog", "Our teacher",
+             "The tired pilot", "A quiet student", "The baker", "His sister", "The gardener",
+             "A curious cat", "The captain", "Her grandfather", "The painter", "A tall man"]
+_VERBS = ["carried", "painted", "found", "lost", "cleaned", "opened", "watched", "repaired",
+          "borrowed", "hid", "wrapped", "noticed", "dropped", "collected", "described"]
+_OBJECTS = ["a red umbrella", "the wooden box", "an old letter", "the silver key", "a basket of apples",
+            "the broken clock", "a warm blanket", "the map of the island", "a bright lantern",
+            "the green bicycle", "a stack of books", "the kitchen window", "a paper kite"]
+_PLACES = ["in the garden", "near the river", "at the market", "before breakfast", "after the storm",
+           "behind the barn", "on a cold morning", "in the library", "under the bridge",
+           "during the festival", "by the old mill", "at the station"]
+_ENDINGS = [".", " and smiled.", " without a word.", " and went home.", " once again.",
+            " for the first time.", " and told everyone about it."]
+
+
+def sibling_sentence(rng: random.Random) -> str:
+    return (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
+            f"{rng.choice(_PLACES)}{rng.choice(_ENDINGS)}")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _pack(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
+    """Right-padded ``(input_ids, attention_mask, labels)``; labels only on the second part."""
+    length = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(c)
+    return ids, mask, labels
+
+
+def skill_batch(tok, rng: random.Random, exclude: set, size: int = BATCH):
+    rows = []
+    while len(rows) < size:
+        p = random_problem(rng)
+        if p in exclude:
+            continue
+        rows.append((tok(prompt_text(p))["input_ids"], tok(answer_text(p, tok.eos_token))["input_ids"]))
+    return _pack(rows, tok.pad_token_id)
+
+
+def sibling_batch(tok, rng: random.Random, size: int = BATCH):
+    rows = []
+    for _ in range(size):
+        ids = tok(sibling_sentence(rng) + tok.eos_token)["input_ids"]
+        rows.append((ids[:1], ids[1:]))  # loss on every token but the first
+    return _pack(rows, tok.pad_token_id)
+
+
+def _label_logits(model, ids, mask, labels):
+    """Logits only where a label is set (the lm_head over 49k tokens is costly)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    where = targets != -100
+    return model.lm_head(hidden[:, :-1][where]), targets[where]
+
+
+# --------------------------------------------------------------------------- fine-tune
+
+
+def finetune(model, make_batch: Callable[[], Tuple], steps: int, lr: float, desc: str,
+             seed: int) -> List[float]:
+    """AdamW with a short warm-up and linear decay; token embeddings (tied) frozen."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model.train()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, min(10, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps)
+    )
+    losses = []
+    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+    for _ in bar:
+        ids, mask, labels = make_batch()
+        logits, targets = _label_logits(model, ids, mask, labels)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def skill_accuracy(model, tok, problems: Sequence[Problem], batch: int = 50,
+                   max_new_tokens: int = 6) -> Tuple[float, List[str]]:
+    """Greedy-decode a few tokens after each prompt; exact match of the first number."""
+    side = tok.padding_side
+    tok.padding_side = "left"
+    texts: List[str] = []
+    try:
+        for i in range(0, len(problems), batch):
+            chunk = problems[i : i + batch]
+            enc = tok([prompt_text(p) for p in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    hits = 0
+    for p, text in zip(problems, texts):
+        m = re.search(r"\d+", text)
+        hits += bool(m and int(m.group()) == p[0] + p[1])
+    return hits / len(problems), texts
+
+
+@torch.no_grad()
+def answer_logprobs(model, tok, problems: Sequence[Problem], batch: int = 50) -> torch.Tensor:
+    """Next-token log-probabilities at every answer position (teacher-forced): ``[N, vocab]``."""
+    out = []
+    for i in range(0, len(problems), batch):
+        rows = [(tok(prompt_text(p))["input_ids"], tok(answer_text(p, tok.eos_token))["input_ids"])
+                for p in problems[i : i + batch]]
+        logits, _ = _label_logits(model, *_pack(rows, tok.pad_token_id))
+        out.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.cat(out)
+
+
+def mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q), both given as log-probabilities."""
+    return max(0.0, float((p_log.exp() * (p_log - q_log)).sum(-1).mean()))  # no -0.0000
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, tok, texts: Sequence[str]) -> float:
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    la, lb = a(**enc).logits, b(**enc).logits
+    keep = enc["attention_mask"].bool()
+    return float((la - lb)[keep].abs().max())
+
+
+# --------------------------------------------------------------------------- the family
+
+
+@dataclass
+class Options:
+    workdir: Path
+    steps: int
+    sibling_steps: int
+    eval_problems: int
+    seed: int
+    fresh: bool
+    keep_merges: bool
+    threads: int
+    verbose: bool
+
+
+def _note(kind: str, opts: Options, **extra) -> Dict[str, Any]:
+    note = {"model": kind, "version": BUILD_VERSION, "seed": opts.seed}
+    note.update(extra)
+    return note
+
+
+def _cached(path: Path, note: Dict[str, Any]) -> bool:
+    marker = path / smollm.MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == note
+    except ValueError:
+        return False
+
+
+def _save(model, tok, path: Path, note: Dict[str, Any]) -> None:
+    smollm.save_pretrained(model, tok, path, note=json.dumps(note, sort_keys=True))
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_family(opts: Options) -> Dict[str, Any]:
+    """Build (or reuse) the five models; returns their paths and build facts."""
+    from .statedict import scramble_state_dict
+
+    models_dir = opts.workdir / "models"
+    paths = {name: models_dir / name for name in ("reference", "skill", "sibling",
+                                                  "reference-scrambled", "sibling-scrambled")}
+    notes = {
+        "reference": _note("reference", opts, source=smollm.GGUF_FILE),
+        "skill": _note("skill", opts, steps=opts.steps, lr=SKILL_LR, batch=BATCH,
+                       held_out=EVAL_POOL),
+        "sibling": _note("sibling", opts, steps=opts.sibling_steps, lr=SIBLING_LR, batch=BATCH),
+    }
+    for base in ("reference", "sibling"):
+        notes[f"{base}-scrambled"] = _note(
+            f"{base}-scrambled", opts, scramble_seed=SCRAMBLE_SEEDS[base] + opts.seed,
+            of=notes[base],
+        )
+    facts: Dict[str, Any] = {"paths": {k: str(v) for k, v in paths.items()}, "build_s": {}}
+
+    tok = None
+
+    def get_tokenizer():
+        nonlocal tok
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(paths["reference"]))
+        return tok
+
+    # 1. reference
+    if not _cached(paths["reference"], notes["reference"]):
+        t = time.perf_counter()
+        _log("building reference: SmolLM2-135M-Instruct (float32 safetensors + tokenizer)")
+        model, tokenizer = smollm.load_smollm2(torch.float32)
+        _save(model, tokenizer, paths["reference"], notes["reference"])
+        facts["build_s"]["reference"] = time.perf_counter() - t
+
+    # 2. skill and 3. sibling
+    exclude = set(eval_problems(EVAL_POOL, opts.seed))  # never trained on, whatever is scored
+    for name, steps, lr in (("skill", opts.steps, SKILL_LR), ("sibling", opts.sibling_steps, SIBLING_LR)):
+        if _cached(paths[name], notes[name]):
+            continue
+        t = time.perf_counter()
+        tok = get_tokenizer()
+        model, _ = smollm.load_pretrained(paths["reference"])
+        if name == "skill":
+            rng = random.Random(opts.seed)
+            make = lambda: skill_batch(tok, rng, exclude)  # noqa: E731
+            desc = "fine-tune skill (addition)"
+        else:
+            rng = random.Random(opts.seed + 1)
+            make = lambda: sibling_batch(tok, rng)  # noqa: E731
+            desc = "fine-tune sibling (English)"
+        losses = finetune(model, make, steps, lr, desc, seed=opts.seed)
+        _save(model, tok, paths[name], notes[name])
+        facts["build_s"][name] = time.perf_counter() - t
+        facts[f"{name}_loss"] = {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])}
+        del model
+
+    # 4. scrambled targets
+    checks = ["What is 347+582? Answer: 929", "The old farmer carried a red umbrella near the river.",
+              "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
+    facts["scramble_max_logit_diff"] = {}
+    for base in ("reference", "sibling"):
+        name = f"{base}-scrambled"
+        cached = _cached(paths[name], notes[name])
+        tok = get_tokenizer()
+        original, _ = smollm.load_pretrained(paths[base])
+        if not cached:
+            t = time.perf_counter()
+            state, _transforms = scramble_state_dict(
+                original.state_dict(), original.config, seed=SCRAMBLE_SEEDS[base] + opts.seed
+            )
+            scrambled, _ = smollm.load_pretrained(paths[base])
+            scrambled.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+            _save(scrambled, tok, paths[name], notes[name])
+            facts["build_s"][name] = time.perf_counter() - t
+        else:
+            scrambled, _ = smollm.load_pretrained(paths[name])
+        diff = max_logit_diff(original, scrambled, tok, checks)
+        weight_change = max(
+            float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
+            for (n, a), (_, b) in zip(original.state_dict().items(), scrambled.state_dict().items())
+            if ".layers." in n
+        )
+        facts["scramble_max_logit_diff"][base] = diff
+        _log(f"{name}: same function as {base}: max |delta logits| = {diff:.2e} "
+             f"(weights moved: max |delta w| / max |w| = {weight_change:.2f})")
+        del original, scrambled
+    return facts
+
+
+# --------------------------------------------------------------------------- merges
+
+
+def recipe(method: str, target: Path, reference: Path, skill: Path) -> Dict[str, Any]:
+    if method == "task_arithmetic":
+        # reference + (skill - reference) + (target - reference) = target + skill - reference
+        models = [{"model": str(skill), "parameters": {"weight": 1.0}}]
+        if target != reference:
+            models.append({"model": str(target), "parameters": {"weight": 1.0}})
+        return {"merge_method": "task_arithmetic", "base_model": str(reference),
+                "models": models, "dtype": "float32"}
+    return {
+        "merge_method": method,
+        "base_model": str(target),
+        "models": [
+            {"model": str(reference), "parameters": {"role": "reference"}},
+            {"model": str(skill), "parameters": {"weight": 1.0}},
+        ],
+        "dtype": "float32",
+    }
+
+
+def mergekit_command() -> List[str]:
+    script = Path(sys.executable).with_name("mergekit-yaml")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "mergekit.scripts.run_yaml"]
+
+
+def run_merge(config: Dict[str, Any], recipe_path: Path, out: Path, verbose: bool) -> float:
+    import yaml
+
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = mergekit_command() + [str(recipe_path), str(out)]
+    if not verbose:
+        cmd.append("--quiet")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=not verbose, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = "" if verbose else (proc.stdout or "")[-2000:] + (proc.stderr or "")[-4000:]
+        raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}) on {recipe_path}:\n{tail}")
+    return wall
+
+
+def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def check_plain_ta(merged: Path, target: Path, reference: Path, skill: Path) -> float:
+    """max |merged - (target + skill - reference)| over every tensor the merge wrote."""
+    m, t, r, s = (_load_tensors(p) for p in (merged, target, reference, skill))
+    if not m or set(m) - set(t):
+        raise RuntimeError(f"{merged}: unexpected tensors {sorted(set(m) - set(t))[:5]}")
+    worst = 0.0
+    for name, value in m.items():
+        expected = t[name].double() + s[name].double() - r[name].double()
+        worst = max(worst, float((value.double() - expected).abs().max()))
+    return worst
+
+
+def equivariance_error(merged_scrambled: Path, merged: Path, config, seed: int) -> float:
+    """max over tensors of max |A - T(B)| / max |T(B)|, T = the scramble with ``seed``."""
+    from .statedict import scramble_state_dict
+
+    a = _load_tensors(merged_scrambled)
+    tb, _ = scramble_state_dict(_load_tensors(merged), config, seed=seed)
+    worst = 0.0
+    for name, value in a.items():
+        expected = tb[name].to(value.dtype)
+        scale = max(float(expected.abs().max()), 1e-12)
+        worst = max(worst, float((value - expected).abs().max()) / scale)
+    return worst
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
+    ap = argparse.ArgumentParser(
+        prog="python -m mergekit_symalign.demo",
+        description="Plain vs symmetry-aligned task arithmetic (through mergekit-yaml) on a "
+                    "model family built from SmolLM2-135M-Instruct, on CPU, offline.",
+    )
+    ap.add_argument("--workdir", default="demo-output",
+                    help="where models, merges and results go (default: ./demo-output)")
+    ap.add_argument("--steps", type=int, default=120,
+                    help="skill fine-tune steps (batch %d; default 120)" % BATCH)
+    ap.add_argument("--sibling-steps", type=int, default=40,
+                    help="sibling fine-tune steps (default 40)")
+    ap.add_argument("--eval-problems", type=int, default=100,
+                    help="held-out addition problems to score (default 100, at most %d)" % EVAL_POOL)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="rebuild every model from scratch")
+    ap.add_argument("--keep-merges", action="store_true",
+                    help="keep the merged models' weights (default: keep only their recipes)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--verbose", action="store_true", help="show mergekit's output")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.sibling_steps < 1 or a.threads < 1:
+        ap.error("--steps, --sibling-steps and --threads must be positive")
+    if not 1 <= a.eval_problems <= EVAL_POOL:
+        ap.error(f"--eval-problems must be between 1 and {EVAL_POOL}")
+    return Options(Path(a.workdir).resolve(), a.steps, a.sibling_steps, a.eval_problems, a.seed,
+                   a.fresh, a.keep_merges, a.threads, a.verbose)
+
+
+def _fmt_time(seconds: Optional[float]) -> str:
+    return "" if seconds is None else f"{seconds:.1f}"
+
+
+def results_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| target | method | skill accuracy | KL to skill | merge time (s) |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['method']} | {r['accuracy']:.3f} | "
+                     f"{r['kl_to_skill']:.4f} | {_fmt_time(r.get('merge_s'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    start = time.perf_counter()
+    if opts.fresh and opts.workdir.exists():
+        for sub in ("models", "merges"):
+            shutil.rmtree(opts.workdir / sub, ignore_errors=True)
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        smollm.gguf_path()
+    except smollm.SmolLM2Missing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    problems = eval_problems(opts.eval_problems, opts.seed)
+    facts = build_family(opts)
+    paths = {k: Path(v) for k, v in facts["paths"].items()}
+    build_s = time.perf_counter() - start
+    _log(f"model family ready in {build_s:.0f} s ({opts.workdir / 'models'})")
+
+    _, tok = smollm.load_pretrained(paths["reference"])
+
+    def evaluate(path: Path) -> Tuple[float, torch.Tensor, List[str]]:
+        model, _ = smollm.load_pretrained(path)
+        acc, texts = skill_accuracy(model, tok, problems)
+        logp = answer_logprobs(model, tok, problems)
+        return acc, logp, texts
+
+    rows: List[Dict[str, Any]] = []
+    skill_acc, skill_logp, _ = evaluate(paths["skill"])
+    for name in ("reference", "skill", "sibling"):
+        acc, logp, _ = (skill_acc, skill_logp, None) if name == "skill" else evaluate(paths[name])
+        rows.append({"target": name, "method": "(no merge)", "accuracy": acc,
+                     "kl_to_skill": mean_kl(skill_logp, logp), "merge_s": None})
+        _log(f"{name:>20} alone: accuracy {acc:.3f}, KL to skill {rows[-1]['kl_to_skill']:.4f}")
+
+    merges_dir = opts.workdir / "merges"
+    config = None
+    equivariance: Dict[str, float] = {}
+    keep_for_check: List[Path] = []
+    for target in TARGETS:
+        for method in METHODS:
+            short = "plain" if method == "task_arithmetic" else "aligned"
+            out = merges_dir / f"{target}--{short}"
+            spec = recipe(method, paths[target], paths["reference"], paths["skill"])
+            _log(f"merging: {method} of the skill vector onto {target} ...")
+            wall = run_merge(spec, merges_dir / f"{target}--{short}.yaml", out, opts.verbose)
+            row = {"target": target, "method": method, "merge_s": wall,
+                   "recipe": str(merges_dir / f"{target}--{short}.yaml")}
+            if method == "task_arithmetic":
+                row["max_abs_err_vs_target_plus_skill_minus_reference"] = check_plain_ta(
+                    out, paths[target], paths["reference"], paths["skill"])
+            acc, logp, texts = evaluate(out)
+            row.update(accuracy=acc, kl_to_skill=mean_kl(skill_logp, logp), samples=texts[:5])
+            rows.append(row)
+            _log(f"{target:>20} {short:>7}: accuracy {acc:.3f}, KL to skill "
+                 f"{row['kl_to_skill']:.4f}, merge {wall:.1f} s")
+            base = target[: -len("-scrambled")] if target.endswith("-scrambled") else None
+            if short == "aligned" and base is not None:
+                # The aligned merge must be equivariant: merging onto T(target) gives
+                # T(merge onto target), T the scramble (same seed, hence same transforms).
+                if config is None:
+                    from transformers import AutoConfig
+
+                    config = AutoConfig.from_pretrained(str(paths["reference"]))
+                err = equivariance_error(out, merges_dir / f"{base}--aligned", config,
+                                         SCRAMBLE_SEEDS[base] + opts.seed)
+                equivariance[target] = err
+                row["max_rel_err_vs_scrambled_unscrambled_merge"] = err
+                _log(f"{'':>20} aligned merge onto {target} = scramble(aligned merge onto "
+                     f"{base}) up to max |delta w| / max |w| = {err:.1e}")
+            if short == "aligned" and base is None:
+                keep_for_check.append(out)
+            elif not opts.keep_merges:
+                shutil.rmtree(out, ignore_errors=True)
+    if not opts.keep_merges:
+        for out in keep_for_check:
+            shutil.rmtree(out, ignore_errors=True)
+
+    table = results_table(rows)
+    total = time.perf_counter() - start
+    header = (
+        f"Skill: 2-3 digit addition, {len(problems)} held-out problems (greedy, exact match). "
+        f"KL: mean KL(skill || model) of the next-token distribution at the answer positions. "
+        f"Merges: mergekit-yaml wall time (includes process start-up).\n"
+    )
+    notes = summary_lines(rows, facts, equivariance)
+    print()
+    print(header)
+    print(table)
+    print()
+    for line in notes:
+        print(line)
+    print(f"total {total:.0f} s (model family {build_s:.0f} s); results in {opts.workdir}")
+    (opts.workdir / "results.md").write_text(
+        "# Plain vs symmetry-aligned task arithmetic (SmolLM2-135M-Instruct)\n\n"
+        + header + "\n" + table + "\n\n" + "\n".join(f"* {line}" for line in notes) + "\n"
+    )
+    payload = {
+        "rows": rows,
+        "eval_problems": len(problems),
+        "options": {"steps": opts.steps, "sibling_steps": opts.sibling_steps, "seed": opts.seed,
+                    "threads": opts.threads},
+        "build": facts,
+        "equivariance_max_rel_err": equivariance,
+        "total_s": total,
+    }
+    (opts.workdir / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+def summary_lines(rows, facts, equivariance) -> List[str]:
+    acc = {(r["target"], r["method"]): r["accuracy"] for r in rows}
+
+    def accs(method):
+        return ", ".join(f"{t} {acc[(t, method)]:.2f}" for t in TARGETS)
+
+    diffs = facts["scramble_max_logit_diff"]
+    lines = [
+        f"alone: reference {acc[('reference', '(no merge)')]:.2f}, skill "
+        f"{acc[('skill', '(no merge)')]:.2f}, sibling {acc[('sibling', '(no merge)')]:.2f}",
+        f"plain task_arithmetic: {accs('task_arithmetic')}",
+        f"symmetry_aligned_task_arithmetic: {accs('symmetry_aligned_task_arithmetic')}",
+        "scrambles are exact: max |delta logits| scrambled vs original: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()),
+    ]
+    if equivariance:
+        lines.append(
+            "aligned merge onto a scrambled target = the scramble of the aligned merge onto the "
+            "original, up to max |delta w| / max |w| of "
+            + ", ".join(f"{k} {v:.1e}" for k, v in equivariance.items())
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
