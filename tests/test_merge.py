@@ -306,3 +306,14 @@ def test_activation_alignment_refuses_bad_calibration(family_with_tokenizers, tm
                                 [(fam["skill"], {})], alignment="activations", calibration=calib),
                        tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_device_and_memory_options_give_the_same_merge(family, tmp_path):
+    """--read-to-gpu / --low-cpu-memory / --device route tensors differently, not the result
+    (on CPU here; the GPU path is the same graph with another math device)."""
+    rec = transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
+                   [(family["skill"], {})])
+    a = load_file(f"{run_recipe(rec, tmp_path / 'a')}/model.safetensors")
+    b = load_file(f"{run_recipe(rec, tmp_path / 'b', device='cpu', read_to_gpu=True, low_cpu_memory=True)}"
+                  f"/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
