@@ -165,6 +165,22 @@ class SymAlignPlanner(MergePlanner):
                 loads.append((rel, self._load(model, info)))
         return tuple(loads)
 
+    def _pair_loads(self, model, reference, prefixes, indices, qk_rotation):
+        """Both models' loads of one layer's spec tensors, checked: every required tensor
+        present, none that mergekit would drop, and the same optional tensors (biases)."""
+        spec = layer_spec(self._arch.name, self._geometry, qk_rotation)
+        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
+        model_loads = self._layer_loads(model, prefixes[model], indices[model], spec, optional)
+        ref_loads = self._layer_loads(reference, prefixes[reference], indices[reference], spec, optional)
+        if {r for r, _ in model_loads} != {r for r, _ in ref_loads}:
+            diff = {r for r, _ in model_loads} ^ {r for r, _ in ref_loads}
+            raise SymAlignConfigError(
+                f"models {model} and {reference} differ in which optional tensors they carry "
+                f"in {prefixes[model]}* ({', '.join(sorted(diff))}): they are not the same "
+                f"architecture variant and cannot be aligned."
+            )
+        return model_loads, ref_loads
+
     def _activation_models(self, reference: ModelReference):
         """Models that may need aligning: all but the reference, except those whose `align`
         is a plain false everywhere in the recipe (no forward pass is spent on them)."""
@@ -183,6 +199,8 @@ class SymAlignPlanner(MergePlanner):
                 f"{indices[reference]} of the reference {reference}. Use equal layer ranges, or "
                 f"alignment: weights."
             )
+        # The same checks as the weight path; the streamer does its own loading.
+        self._pair_loads(model, reference, prefixes, indices, settings["qk_rotation"])
         key = (reference, tuple(settings[k] for k in LAYER_SETTINGS if k != "output_frame"))
         if key not in self._alignments:
             models = self._activation_models(reference)
@@ -211,17 +229,8 @@ class SymAlignPlanner(MergePlanner):
                tuple(settings[k] for k in LAYER_SETTINGS))
         if key in self._alignments:
             return self._alignments[key]
-        spec = layer_spec(self._arch.name, self._geometry, settings["qk_rotation"])
-        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
-        model_loads = self._layer_loads(model, prefixes[model], indices[model], spec, optional)
-        ref_loads = self._layer_loads(reference, prefixes[reference], indices[reference], spec, optional)
-        if {r for r, _ in model_loads} != {r for r, _ in ref_loads}:
-            diff = {r for r, _ in model_loads} ^ {r for r, _ in ref_loads}
-            raise SymAlignConfigError(
-                f"models {model} and {reference} differ in which optional tensors they carry "
-                f"in {prefixes[model]}* ({', '.join(sorted(diff))}): they are not the same "
-                f"architecture variant and cannot be aligned."
-            )
+        model_loads, ref_loads = self._pair_loads(
+            model, reference, prefixes, indices, settings["qk_rotation"])
         if settings["qk_rotation"] == "full" and not getattr(self, "_warned_full", False):
             full_qk_warning(str(model))
             self._warned_full = True
