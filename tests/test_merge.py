@@ -317,3 +317,41 @@ def test_device_and_memory_options_give_the_same_merge(family, tmp_path):
     b = load_file(f"{run_recipe(rec, tmp_path / 'b', device='cpu', read_to_gpu=True, low_cpu_memory=True)}"
                   f"/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_section_uses_mergekits_vocabulary_path(family_with_tokenizers, tmp_path):
+    """`tokenizer: {source: base}` (as in the Tulu recipe) routes embeddings through
+    mergekit's PermutedVocabulary; with equal vocabularies the result is unchanged."""
+    fam = family_with_tokenizers
+    rec = transfer(PREFIX + "task_arithmetic", fam["sibling_scrambled"], fam["reference"],
+                   [(fam["skill"], {})])
+    a = load_file(f"{run_recipe(rec, tmp_path / 'a')}/model.safetensors")
+    b = load_file(f"{run_recipe({**rec, 'tokenizer': {'source': 'base'}}, tmp_path / 'b')}"
+                  f"/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_skill_model_with_a_larger_vocabulary(family_with_tokenizers, tmp_path):
+    """A skill model with one extra token (as fine-tunes often add): mergekit's tokenizer
+    machinery maps its embeddings onto the base's vocabulary; layers are aligned as usual."""
+    import shutil
+
+    from .conftest import VOCAB, make_config, save, save_word_tokenizer
+
+    fam = family_with_tokenizers
+    sd = load_file(f"{fam['skill']}/model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[name] = torch.cat([sd[name], 0.02 * torch.randn(1, sd[name].shape[1], generator=g)])
+    bigger = save(sd, make_config("llama", vocab_size=VOCAB + 1), tmp_path / "bigger")
+    save_word_tokenizer(tmp_path / "bigger", vocab_size=VOCAB + 1)
+    rec = transfer(PREFIX + "task_arithmetic", fam["sibling_scrambled"], fam["reference"],
+                   [(bigger, {})])
+    with pytest.raises(ValueError, match="size mismatch"):
+        run_recipe(rec, tmp_path / "no_tokenizer_section")
+    shutil.rmtree(tmp_path / "no_tokenizer_section", ignore_errors=True)
+    out = run_recipe({**rec, "tokenizer": {"source": "base"}}, tmp_path / "out")
+    same_vocab = run_recipe(transfer(PREFIX + "task_arithmetic", fam["sibling_scrambled"],
+                                     fam["reference"], [(fam["skill"], {})]), tmp_path / "ref")
+    assert close(logits(out), logits(same_vocab))
