@@ -337,8 +337,9 @@ class LayerStreamer:
             for module in top:
                 self._materialize(module)
             try:
-                for start in range(0, token_ids.shape[0], max(1, int(batch_size))):
-                    self._capture(token_ids[start:start + max(1, int(batch_size))].to(self.device))
+                step = max(1, int(batch_size))
+                for start in range(0, token_ids.shape[0], step):
+                    self._capture(token_ids[start:start + step].to(self.device))
             finally:
                 for module in top:  # only the hidden states are needed from here on
                     module.to_empty(device="meta")

@@ -28,9 +28,9 @@ minimises ``sum over sites ||g . target - anchor||^2`` within its group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -164,15 +164,6 @@ def inverse(kind: Kind, element: torch.Tensor) -> torch.Tensor:
     if kind == Kind.sign:
         return element
     return element.transpose(-1, -2)
-
-
-def identity(symmetry: Symmetry) -> torch.Tensor:
-    n, k = symmetry.slots, symmetry.coords
-    if symmetry.kind == Kind.permutation:
-        return torch.arange(n)
-    if symmetry.kind in (Kind.scale, Kind.sign):
-        return torch.ones(n, dtype=torch.float64)
-    return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
 
 
 def random_element(
@@ -422,17 +413,6 @@ def distance(anchor: Tensors, target: Tensors, names: Iterable[str]) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def slot_index(slots: int, copies: int, coords: int, start: int = 0,
-               slot_stride: Optional[int] = None, copy_stride: Optional[int] = None,
-               coord_offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Build an ``index[n, c, k]`` for an affine layout along one axis.
-
-    ``position = start + n * slot_stride + c * copy_stride + coord_offsets[k]``; defaults
-    describe contiguous blocks (``slot_stride = copies * coords``, ``copy_stride = coords``).
-    """
-    copy_stride = coords if copy_stride is None else copy_stride
-    slot_stride = copies * copy_stride if slot_stride is None else slot_stride
-    offsets = torch.arange(coords) if coord_offsets is None else torch.as_tensor(coord_offsets)
-    n = torch.arange(slots)[:, None, None] * slot_stride
-    c = torch.arange(copies)[None, :, None] * copy_stride
-    return (start + n + c + offsets[None, None, :]).long()
+def slot_index(slots: int, copies: int, coords: int) -> torch.Tensor:
+    """``index[n, c, k]`` of contiguous blocks along one axis: ``n * copies * coords + c * coords + k``."""
+    return torch.arange(slots * copies * coords).reshape(slots, copies, coords)

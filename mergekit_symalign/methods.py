@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Dict, Optional, Tuple
 
-import torch
-
-from mergekit.merge_methods import registry
 import warnings
 
+import torch
+from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -108,10 +107,6 @@ class SymmetryAlignedMerge(GroupMergeMethod):
             contract=InputContract(base=BasePolicy.REQUIRED),
             optional_tensor_policy=inner.optional_tensor_policy,
         )
-
-    @property
-    def inner_parameter_names(self) -> Tuple[str, ...]:
-        return tuple(p.name for p in self.inner.spec.parameters)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any):
         if self.spec.name not in _WARNED:

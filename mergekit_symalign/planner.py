@@ -16,6 +16,7 @@ For an aligned method and one output tensor the graph is::
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import Any, Dict, List, Tuple
 
 from mergekit.architecture import WeightInfo
@@ -37,7 +38,7 @@ from .architectures import (
     layer_spec,
     split_layer_name,
 )
-from .methods import SymAlignConfigError, SymmetryAlignedMerge, check_choice
+from .methods import SymAlignConfigError, SymmetryAlignedMerge
 from .recipe import check_recipe, parameter_scopes
 from .tasks import (
     ActivationAlignmentTask,
@@ -61,6 +62,7 @@ class SymAlignPlanner(MergePlanner):
         self._roles: Dict[ModelReference, str] = {}
         self._geometry = None
         self._arch = None
+        self._warned_full = False
 
     # ------------------------------------------------------------------ recipe checks
 
@@ -114,36 +116,38 @@ class SymAlignPlanner(MergePlanner):
 
     # ------------------------------------------------------------------ planning
 
-    def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
-        # Built by mergekit's own GatherTensors, so equal loads are shared with it.
-        gather = GatherTensors(
-            weight_info=ImmutableMap(data={model: info}),
+    def _gather(self, weight_info: Dict[ModelReference, WeightInfo]) -> GatherTensors:
+        """mergekit's own GatherTensors, built as its planner builds it (so loads are shared)."""
+        return GatherTensors(
+            weight_info=ImmutableMap(data=weight_info),
             dtype=self.config.dtype,
             device=self.options.device if self.options.read_to_gpu else None,
         )
-        (load,) = gather.arguments().values()
+
+    def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
+        (load,) = self._gather({model: info}).arguments().values()
         return load
 
-    def _weight_info(self, model: ModelReference, name: str, index: int):
-        """mergekit's WeightInfo for a layer tensor, or None if its architecture omits it."""
+    @lru_cache(maxsize=None)
+    def _layer_weight_infos(self, model: ModelReference, index: int) -> Dict[str, WeightInfo]:
+        """mergekit's WeightInfos of one layer of a model, by tensor name."""
+        infos = {}
         for module_name in self.arch_info.modules:
             try:
                 weights = self._model_arch(model).get_module(module_name).layer_weights(index=index)
             except Exception:  # not every module has this layer index
                 continue
-            for info in weights or ():
-                if info.name == name:
-                    return info
-        return None
+            infos.update((info.name, info) for info in weights or ())
+        return infos
 
     def _present(self, model: ModelReference, info: WeightInfo) -> bool:
         index = LoaderCache().get(model).index
         return any(n in index.tensor_paths for n in [info.name, *(info.aliases or ())])
 
-    def _layer_loads(self, model, prefix, index, spec, optional_names, reference_side=None):
+    def _layer_loads(self, model, prefix, index, spec, optional_names):
         loads = []
         for rel in spec.tensors():
-            info = self._weight_info(model, prefix + rel, index)
+            info = self._layer_weight_infos(model, index).get(prefix + rel)
             known = info is not None
             info = info or WeightInfo(name=prefix + rel, optional=True)
             present = self._present(model, info)
@@ -231,7 +235,7 @@ class SymAlignPlanner(MergePlanner):
             return self._alignments[key]
         model_loads, ref_loads = self._pair_loads(
             model, reference, prefixes, indices, settings["qk_rotation"])
-        if settings["qk_rotation"] == "full" and not getattr(self, "_warned_full", False):
+        if settings["qk_rotation"] == "full" and not self._warned_full:
             full_qk_warning(str(model))
             self._warned_full = True
         task = LayerAlignmentTask(
@@ -278,9 +282,7 @@ class SymAlignPlanner(MergePlanner):
         )
         w_by_model = dict(zip(models, weights_in))
         for m in models:
-            role = per_input[m]["role"]
-            check_choice("role", role, f"model {m}")
-            self._consistent(("role", m), role, f"role of model {m}")
+            self._consistent(("role", m), per_input[m]["role"], f"role of model {m}")
         refs = [m for m in models if per_input[m]["role"] == "reference" and m != base]
         reference = refs[0] if refs else base
         skills = [m for m in models if m not in (base, reference)]
@@ -307,8 +309,6 @@ class SymAlignPlanner(MergePlanner):
         prefixes = {m: s[0] for m, s in splits.items() if s is not None}
         indices = {m: s[1] for m, s in splits.items() if s is not None}
         settings = {k: shared[k] for k in LAYER_SETTINGS}
-        for k in ("alignment", "qk_rotation", "output_frame"):
-            check_choice(k, settings[k], weight.name)
         if touched:
             for m in models:
                 self._consistent(("layer", m, prefixes[m]), settings, f"{m} {prefixes[m]}* settings")
@@ -338,11 +338,7 @@ class SymAlignPlanner(MergePlanner):
             # (no layer symmetry acts on them, so nothing is aligned here).
             tokenizer = cfg_reader.config.tokenizer
             inputs = sources = PermutedVocabulary(
-                gather_tensors=GatherTensors(
-                    weight_info=ImmutableMap(data=dict(w_by_model)),
-                    dtype=self.config.dtype,
-                    device=self.options.device if self.options.read_to_gpu else None,
-                ),
+                gather_tensors=self._gather(dict(w_by_model)),
                 tokenizer_task=self._tokenizer_task,
                 tokens=(tokenizer.tokens if tokenizer else None) or {},
                 pad_to_multiple_of=tokenizer.pad_to_multiple_of if tokenizer else None,

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .groups import Kind, Symmetry, apply, distance, identity, inverse, random_element, solve
+from .groups import Kind, Symmetry, apply, distance, inverse, random_element, solve
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,12 +56,6 @@ class LayerSpec:
         """Every layer-relative tensor name that some symmetry moves."""
         return tuple(dict.fromkeys(t for s in self.symmetries() for t in s.tensors))
 
-    def required_tensors(self) -> Tuple[str, ...]:
-        names = {
-            site.tensor for s in self.symmetries() for site in s.sites if not site.optional
-        }
-        return tuple(t for t in self.tensors() if t in names)
-
 
 Step = Tuple[Symmetry, torch.Tensor]
 
@@ -86,9 +80,6 @@ class LayerTransform:
 
     def touches(self, name: str) -> bool:
         return any(name in s.tensors for s, _ in self.steps)
-
-    def to(self, device) -> "LayerTransform":
-        return LayerTransform(tuple((s, e.to(device)) for s, e in self.steps))
 
 
 def align_layer(
@@ -123,10 +114,6 @@ def random_transform(
     return LayerTransform(
         tuple((s, random_element(s, generator)) for s in spec.symmetries() if switches.enabled(s))
     )
-
-
-def identity_transform(spec: LayerSpec) -> LayerTransform:
-    return LayerTransform(tuple((s, identity(s)) for s in spec.symmetries()))
 
 
 def layer_distance(spec: LayerSpec, anchor, target) -> float:

@@ -6,8 +6,7 @@ exact group, then require the alignment to undo it) and in the demo.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 

@@ -158,7 +158,7 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             return lambda name: loader.get_tensor(name, device="cpu")
 
         config = self.reference.config(trust_remote_code=self.trust_remote_code)
-        result = align_by_activations(
+        return align_by_activations(
             source(self.reference),
             {str(m): source(m) for m in self.models},
             config,
@@ -167,7 +167,6 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             qk_rotation=self.qk_rotation,
             device=self.device or "cpu",
         )
-        return result
 
 
 class PickLayerTransform(Task[LayerTransform]):
