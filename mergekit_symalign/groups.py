@@ -359,7 +359,7 @@ def quartic_scale(
 
 def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
     n = symmetry.slots
-    stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "ya", "yy")}
+    stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "ya", "yy", "aa")}
     for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
         t, a = t.reshape(n, -1), a.reshape(n, -1)
         self_sq = (t * t).sum(-1).double()
@@ -370,19 +370,27 @@ def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> t
         else:
             stats["xx"] += self_sq.cpu()
             stats["xa"] += cross.cpu()
+            stats["aa"] += (a * a).sum(-1).double().cpu()
     if not any(site.contragredient for site in symmetry.sites):
         # Free scale: only one side is observed (e.g. an MLP neuron's activation h, whose
-        # 1/s side sits in down_proj's weights, not in any activation), so the optimum
-        # argmin_s ||s X - X_a||^2 is <X, X_a> / ||X||^2. Fall back to 1 for a (near-)zero
-        # slot, a (near-)zero or non-finite ratio, and a non-positive one when the scale
-        # must be positive.
-        xx, xa = stats["xx"], stats["xa"]
+        # 1/s side sits in down_proj's weights, not in any activation). The least-squares
+        # optimum <X, X_a> / ||X||^2 is biased towards 0 whenever X and X_a are not exactly
+        # proportional (regression dilution: it is |cos| * ||X_a|| / ||X||), and a scale that
+        # is too small wrecks a skill vector measured in the aligned frame. We take the
+        # symmetric estimate sign(<X, X_a>) * ||X_a|| / ||X|| instead: exact for an exactly
+        # scaled copy, 1 for two equally sized neurons, and the inverse of the swapped
+        # problem's answer. Fall back to 1 for a (near-)zero slot, a (near-)zero or
+        # non-finite ratio, and a non-positive one when the scale must be positive.
+        xx, xa, aa = stats["xx"], stats["xa"], stats["aa"]
         tiny = max(1e-30, 1e-20 * float(xx.max())) if n else 1e-30
-        ratio = xa / torch.where(xx > tiny, xx, torch.ones_like(xx))
-        ok = (xx > tiny) & torch.isfinite(ratio) & (ratio.abs() > 1e-6) & (ratio.abs() < 1e6)
+        safe_xx = torch.where(xx > tiny, xx, torch.ones_like(xx))
+        ratio = torch.sign(xa) * (aa / safe_xx).sqrt()
+        ok = (xx > tiny) & (aa > tiny) & torch.isfinite(ratio) & (ratio.abs() > 1e-6) & \
+            (ratio.abs() < 1e6)
         if not symmetry.signed:
             ok &= ratio > 0
         return torch.where(ok, ratio, torch.ones_like(ratio))
+    stats.pop("aa")
     return quartic_scale(signed=symmetry.signed, **stats)
 
 

@@ -112,6 +112,28 @@ def test_quartic_recovers_signed_scales_and_guards_degenerate_rows():
     assert torch.allclose(positive[s > 0], s[s > 0], rtol=1e-6)
 
 
+def test_free_scale_is_exact_symmetric_and_not_shrunk_by_noise():
+    """One-sided (activation) scales: exact on a scaled copy; on a noisy copy of equal size the
+    estimate stays near 1 (least squares would shrink it to ~|cos|); swapping anchor and target
+    inverts it."""
+    n = 40
+    site = groups.Site("h", 0, torch.arange(n).view(n, 1, 1))
+    sym = groups.Symmetry("neuron_scale", Kind.scale, (site,))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, 500, generator=g).double()
+    s = torch.tensor([0.3, -2.0, 5.0, -0.7] * 10).double()
+    exact = groups.solve(sym, {"h": a}, {"h": a / s[:, None]})
+    assert torch.allclose(exact, s, rtol=1e-9)
+    noise = torch.randn(n, 500, generator=g).double()
+    noisy = (a + noise) / 2**0.5  # cos(a, noisy) ~ 0.71, same norm as a on average
+    found = groups.solve(sym, {"h": a}, {"h": noisy})
+    assert (found - 1).abs().max() < 0.15  # least squares gives ~0.71 here
+    back = groups.solve(sym, {"h": noisy}, {"h": a})
+    assert torch.allclose(found * back, torch.ones(n, dtype=torch.float64), rtol=1e-9)
+    positive = groups.Symmetry("neuron_scale", Kind.scale, (site,), signed=False)
+    assert torch.equal(groups.solve(positive, {"h": a}, {"h": -a}), torch.ones(n, dtype=torch.float64))
+
+
 def test_permutation_matching_ignores_neuron_scales():
     """A neuron rescaled by a large or negative factor is still matched to itself."""
     model = make_model("llama", seed=10)
