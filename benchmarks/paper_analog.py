@@ -11,7 +11,9 @@ For each seed it trains (see ``toyworld.py``; cached under ``--workdir``):
 * **target**: base instruction-tuned independently, longer and on other data — ``copy``,
   ``next``, plus its own tasks ``rev`` and ``sort`` (the "Tulu 3");
 * **target, other init**: the same recipe as target, but from a base pre-trained from a
-  different random initialisation (no shared ancestor with the reference).
+  different random initialisation (no shared ancestor with the reference);
+* **target, scrambled**: the target moved by a random element of its exact symmetry group
+  (same function, other coordinates).
 
 Onto both targets it transfers τ = skill − reference with mergekit's plain
 ``task_arithmetic`` (target + τ) and with ``symmetry_aligned_task_arithmetic`` (weights,
@@ -62,6 +64,8 @@ VARIANTS = {  # name -> (folder, None for plain task arithmetic or the aligned m
     "scaling only": ("scaling-only", {"permutation": False, "rotation": False}),
     "qk_rotation: full": ("qk-full", {"qk_rotation": "full"}),
 }
+SETTINGS = {"same base": "target", "same base, scrambled": "target-scrambled",
+            "other init": "target-other-init"}
 ABLATIONS = ("permutation only", "rotation only", "scaling only", "qk_rotation: full")
 
 
@@ -80,7 +84,7 @@ def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: 
 
     plan = schedules(scale)
     paths = {n: root / n for n in ("base", "reference", "skill", "target", "base-other-init",
-                                   "target-other-init")}
+                                   "target-other-init", "target-scrambled")}
     note = {"version": BUILD_VERSION, "seed": seed, "scale": scale}
 
     def cached(name):
@@ -91,7 +95,8 @@ def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: 
         model.save_pretrained(str(paths[name]), safe_serialization=True)
         tw.save_tokenizer(paths[name])
         (paths[name] / "build.json").write_text(json.dumps({**note, "model": name}))
-        print(f"  seed {seed} {name}: final loss {statistics.mean(losses[-20:]):.3f}", flush=True)
+        done = f"final loss {statistics.mean(losses[-20:]):.3f}" if losses else "built"
+        print(f"  seed {seed} {name}: {done}", flush=True)
 
     def load(name):
         return LlamaForCausalLM.from_pretrained(str(paths[name]), dtype=torch.float32).eval()
@@ -116,6 +121,15 @@ def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: 
             model = load(parent)
         losses = tw.train(model, sample, schedule, train_seed, exclude, desc=f"seed {seed} {name}")
         save(model, name, losses)
+    if not cached("target-scrambled"):
+        # The target moved by a random element of its exact symmetry group: the same
+        # function in other coordinates (what an independent training run may well produce).
+        from mergekit_symalign.statedict import scramble_state_dict
+
+        model = load("target")
+        state, _ = scramble_state_dict(model.state_dict(), model.config, seed=seed + 900)
+        model.load_state_dict(state)
+        save(model, "target-scrambled", [])
     return paths
 
 
@@ -201,7 +215,7 @@ def run_seed(workdir: Path, seed: int, scale: float, world, problems, exclude) -
     for name in ("reference", "skill"):
         rows.append({"seed": seed, "setting": "models", "variant": name,
                      **score(paths[name], problems, skill_logp, None)})
-    for setting, target in (("same base", "target"), ("other init", "target-other-init")):
+    for setting, target in SETTINGS.items():
         target_logp = logp(target, OWN_TASKS)
         rows.append({"seed": seed, "setting": setting, "variant": "target",
                      **score(paths[target], problems, skill_logp, target_logp)})
@@ -252,9 +266,12 @@ def table(rows: List[Dict], setting: str) -> str:
 def plot(rows: List[Dict], seeds: int) -> str:
     plt = report.pyplot()
     variants = ["target", *VARIANTS]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    titles = {"same base": "target from the reference's base (the paper's setting)",
+              "same base, scrambled": "that target under a random exact symmetry",
+              "other init": "target from a different random init"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     width = 0.38
-    for ax, setting in zip(axes, ("same base", "other init")):
+    for ax, setting in zip(axes, SETTINGS):
         for k, (key, label, colour) in enumerate((("skill", "skill (add)", "tab:blue"),
                                                   ("own", "target's own (rev, sort)", "tab:orange"))):
             means, errs = [], []
@@ -267,7 +284,10 @@ def plot(rows: List[Dict], seeds: int) -> str:
         ax.set_xticks(range(len(variants)))
         ax.set_xticklabels([v.replace(" + τ", "+τ").replace(" (plain task arithmetic)", "\n(plain TA)")
                             for v in variants], rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"target from the {'same base as the reference' if setting == 'same base' else 'a different random init'}")
+        ax.set_title(titles[setting], fontsize=10)
+        skill_alone = [r["skill"] for r in rows if r["variant"] == "skill"]
+        ax.axhline(statistics.mean(skill_alone), color="tab:blue", ls="--", lw=1,
+                   label="skill model alone (add)")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"exact-match accuracy (mean ± SE, {seeds} seeds)")
@@ -314,10 +334,13 @@ def main(argv=None) -> int:
         f"{tw.model_config().intermediate_size}; training steps (batch 32): "
         + ", ".join(f"{k} {v.steps}" for k, v in plan.items())
         + f". Regenerate: `.venv/bin/python benchmarks/paper_analog.py --seeds {args.seeds}` "
-        f"({wall / 60:.0f} min on 2 CPU cores, including training)."
+        f"(this run: {wall / 60:.0f} min on 2 CPU cores; models already trained in the workdir "
+        f"are reused, a seed from scratch trains for about 9 min)."
     )
     text = [header, "", "**Target from the same base as the reference** (the paper's setting):", "",
             table(rows, "same base"), "",
+            "**The same target under a random exact symmetry** (same function as the target "
+            "above, other coordinates):", "", table(rows, "same base, scrambled"), "",
             "**Target from a different random initialisation** (no common ancestor):", "",
             table(rows, "other init")]
     print("\n".join(text))

@@ -68,7 +68,8 @@ def test_paper_analog_pipeline_smoke(tmp_path):
     paper_analog.main(["--seeds", "1", "--scale", "0.01", "--problems", "5", "--threads", "1",
                        "--workdir", str(work), "--no-docs"])
     rows = json.loads((work / "results.json").read_text())["rows"]
-    for setting in ("same base", "other init"):
+    assert {r["setting"] for r in rows} == {"models", *paper_analog.SETTINGS}
+    for setting in paper_analog.SETTINGS:
         got = {r["variant"] for r in rows if r["setting"] == setting}
         assert got == {"target", *paper_analog.VARIANTS}
     for r in rows:
@@ -82,5 +83,9 @@ def test_paper_analog_pipeline_smoke(tmp_path):
     assert set(merged) == set(t)
     for name, value in merged.items():
         torch.testing.assert_close(value, t[name] + s[name] - r[name], atol=1e-6, rtol=0)
+    # the scrambled target computes what the target computes, in other coordinates
+    by = {(r["setting"], r["variant"]): r for r in rows}
+    assert by[("same base, scrambled", "target")]["kl_skill"] == pytest.approx(
+        by[("same base", "target")]["kl_skill"], abs=1e-4)
     # paper_analog's report reads the saved results back without retraining
     paper_analog.main(["--workdir", str(work), "--from-results", "--no-docs", "--problems", "5"])
