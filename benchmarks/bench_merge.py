@@ -8,6 +8,10 @@ under a random exact symmetry (target). Each merge runs `mergekit-yaml` in its o
 (peak RSS = that process's ru_maxrss); runs alternate plain/aligned to share machine noise.
 `--layer-only` times the alignment of one layer at Llama-3.1-8B's shapes (hidden 4096,
 32/8 heads, MLP 14336, random weights), per symmetry, on CPU (and CUDA when available).
+
+Results go to docs/performance.md unless --no-docs: the whole-merge table and a bar chart to
+region `merge_cost` (`merge_cost_cuda` with --cuda), the per-symmetry layer tables to regions
+`layer_8b_cpu` and `layer_8b_cuda`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from pathlib import Path
 
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+PAGE = "performance.md"
 
 CHILD = """
 import resource, sys, time
@@ -98,7 +107,7 @@ def layer_bytes(paths):
 
 
 def merge_benchmark(args):
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()  # absolute: mergekit asks the Hub about "a/b" paths
     workdir.mkdir(parents=True, exist_ok=True)
     paths = build_models(workdir)
     extra = ["--cuda"] if args.cuda else []
@@ -111,16 +120,51 @@ def merge_benchmark(args):
         rows.append((name, min(r[0] for r in runs), max(r[1] for r in runs)))
     _, t0, m0 = rows[0]
     lb = layer_bytes(paths)
-    print(f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, {'cuda' if args.cuda else 'cpu'}; best of {args.repeats}; "
-          f"one layer = {lb:.1f} MiB fp32")
-    print("| method | wall time (s) | peak RSS (MiB) | time vs plain | RSS vs plain |")
-    print("|---|---|---|---|---|")
+    device = "cuda" if args.cuda else "cpu"
+    header = (f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
+              f"{torch.__version__}, {device}; best of {args.repeats}; one layer = {lb:.1f} MiB fp32")
+    lines = ["| method | wall time (s) | peak RSS (MiB) | time vs plain | RSS vs plain |",
+             "|---|---:|---:|---:|---|"]
     for name, t, m in rows:
-        print(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x "
-              f"({m - m0:+.0f} MiB = {(m - m0) / lb:+.1f} layers) |")
+        lines.append(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x "
+                     f"({m - m0:+.0f} MiB = {(m - m0) / lb:+.1f} layers) |")
+    table = "\n".join(lines)
+    print(header)
+    print(table)
     out = {"rows": rows, "layer_mib": lb}
     (workdir / "bench.json").write_text(json.dumps(out, indent=1))
+    if args.no_docs:
+        return
+    suffix = "_cuda" if args.cuda else ""
+    title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
+             f"(SmolLM2-135M-Instruct, {args.dtype}, {device}, best of {args.repeats})")
+    image = cost_plot(rows, title, f"merge_cost{suffix}.png")
+    path = report.update_page(PAGE, f"merge_cost{suffix}",
+                              f"{header}:\n\n{table}\n\n![Merge cost relative to plain task_arithmetic]({image})\n")
+    print(f"\nwrote {path} and docs/{image}")
+
+
+def cost_plot(rows, title, name) -> str:
+    """Two panels: wall time and peak RSS of each method relative to plain task_arithmetic."""
+    plt = report.pyplot()
+    _, t0, m0 = rows[0]
+    methods = [r[0] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    panels = (("wall time vs plain (x)", [t / t0 for _, t, _ in rows], [f"{t:.1f} s" for _, t, _ in rows]),
+              ("peak RSS vs plain (x)", [m / m0 for _, _, m in rows], [f"{m:.0f} MiB" for _, _, m in rows]))
+    ys = list(range(len(methods)))
+    for ax, (label, ratios, absolute) in zip(axes, panels):
+        ax.barh(ys, ratios, color=[plt.get_cmap("tab10")(i) for i in ys])
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        for y, r, a in zip(ys, ratios, absolute):
+            ax.text(r, y, f" {r:.2f}x ({a})", va="center", fontsize=8)
+        ax.set_xlim(0, max(ratios) * 1.45)
+        ax.set_xlabel(label)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(methods)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    return report.save_figure(fig, name)
 
 
 def layer_benchmark(args):
@@ -139,8 +183,11 @@ def layer_benchmark(args):
     for device in devices:
         anchor = {k: (0.02 * torch.randn(s, generator=gen)).to(device) for k, s in shapes.items()}
         target = random_transform(spec, gen).apply(anchor)
-        print(f"Llama-3.1-8B-shaped layer on {device} ({torch.get_num_threads()} threads):")
+        where = (f"{device} ({torch.get_num_threads()} threads)" if device == "cpu"
+                 else f"{device} ({torch.cuda.get_device_name()})")
+        print(f"Llama-3.1-8B-shaped layer on {where}:")
         total = 0.0
+        timings = []
         current = dict(target)
         for block in spec.blocks:
             for sym in block.symmetries():
@@ -154,9 +201,24 @@ def layer_benchmark(args):
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t
                 total += dt
+                timings.append((sym.name, dt))
                 print(f"  {sym.name:28s} {dt:7.2f} s")
         err = max(float((current[k] - anchor[k]).abs().max()) for k in anchor)
         print(f"  {'total':28s} {total:7.2f} s   (max |aligned - anchor| = {err:.1e})")
+        if not args.no_docs:
+            path = report.update_page(PAGE, f"layer_8b_{device}", layer_table(where, timings, total, err))
+            print(f"wrote region layer_8b_{device} of {path}")
+
+
+def layer_table(where: str, timings, total: float, err: float) -> str:
+    """Markdown for one device's per-symmetry alignment times of the 8B-shaped layer."""
+    unit = "CPU" if where.startswith("cpu") else "CUDA"
+    lines = [f"On {where}, torch {torch.__version__}; max |aligned − anchor| over the layer's "
+             f"tensors after all symmetries: {err:.1e}.", "",
+             f"| symmetry | {unit} time (s) |", "|---|---:|"]
+    lines += [f"| {name} | {dt:.2f} |" for name, dt in timings]
+    lines.append(f"| **total** | **{total:.2f}** |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -166,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--layer-only", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
     if args.layer_only:
         layer_benchmark(args)

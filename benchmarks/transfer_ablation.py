@@ -1,25 +1,33 @@
 """Ablations of the aligned transfer on the demo's real-model family (SmolLM2-135M).
 
     .venv/bin/python benchmarks/transfer_ablation.py [--workdir demo-output] [--target sibling-scrambled]
+        [--threads 2] [--no-docs]
 
 Reuses (or builds) the demo family: reference, arithmetic skill fine-tune, a sibling
-fine-tuned on other text, and exact scrambles. Onto one target it merges the skill vector
-with plain task arithmetic and with the aligned method under the paper's switches
-(permutation / rotation / scaling only, `qk_rotation: full`, activation alignment) and reports
-skill accuracy, KL to the skill model, and retention of the target's own behaviour
-(mean KL(target || merged) of next-token distributions on held-out sibling-style text).
+fine-tuned on other text, and exact scrambles. Onto every target (or the one given with
+--target) it merges the skill vector with plain task arithmetic and with the aligned method
+under the paper's switches (permutation / rotation / scaling only, `qk_rotation: full`,
+activation alignment) and reports skill accuracy, KL to the skill model, and retention of the
+target's own behaviour (mean KL(target || merged) of next-token distributions on held-out
+sibling-style text). The reference, skill and sibling models alone are scored for context.
+The table and a bar chart go to docs/transfer.md (region `transfer_table`) unless --no-docs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from mergekit_symalign import demo, smollm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 VARIANTS = {
     "plain task_arithmetic": None,
@@ -30,6 +38,8 @@ VARIANTS = {
     "qk_rotation: full": {"qk_rotation": "full"},
     "aligned, activations": {"alignment": "activations"},
 }
+CONTEXT = ("reference", "skill", "sibling")  # scored alone, no merge
+RETENTION_TEXTS = 64
 
 
 def retention_kl(target, merged, tok, texts) -> float:
@@ -38,50 +48,144 @@ def retention_kl(target, merged, tok, texts) -> float:
     with torch.no_grad():
         lt = torch.log_softmax(target(**enc).logits[keep], -1)
         lm = torch.log_softmax(merged(**enc).logits[keep], -1)
-    return float((lt.exp() * (lt - lm)).sum(-1).mean())
+    return max(0.0, float((lt.exp() * (lt - lm)).sum(-1).mean()))
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace(":", "").replace(",", "").replace("(", "").replace(")", "")
+
+
+def markdown_table(rows) -> str:
+    lines = ["| target | variant | skill accuracy | KL to skill | KL(target ‖ merged) on sibling-style text |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        keep = "—" if r["retention_kl"] is None else f"{r['retention_kl']:.4f}"
+        lines.append(f"| {r['target']} | {r['variant']} | {r['accuracy']:.3f} | "
+                     f"{r['kl_to_skill']:.4f} | {keep} |")
+    return "\n".join(lines)
+
+
+def accuracy_plot(rows, targets, skill_acc) -> str:
+    plt = report.pyplot()
+    variants = list(VARIANTS)
+    acc = {(r["target"], r["variant"]): r["accuracy"] for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(variants)
+    cmap = plt.get_cmap("tab10")
+    for i, variant in enumerate(variants):
+        xs = [t + (i - (len(variants) - 1) / 2) * width for t in range(len(targets))]
+        values = [acc[(t, variant)] for t in targets]
+        ax.bar(xs, values, width, label=variant, color=cmap(i))
+        for x, v in zip(xs, values):  # a zero bar is otherwise invisible
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", va="bottom", rotation=90, fontsize=7)
+    ax.axhline(skill_acc, color="gray", linestyle="--", linewidth=1, zorder=0,
+               label=f"skill model alone ({skill_acc:.2f})")
+    ax.set_xticks(range(len(targets)))
+    ax.set_xticklabels(targets)
+    ax.set_xlabel("target the skill vector is transferred onto")
+    ax.set_ylabel("skill accuracy (exact match, fraction)")
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Skill (2-3 digit addition) transferred onto each target, by merge variant")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return report.save_figure(fig, "transfer_accuracy.png")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo-output")
-    parser.add_argument("--target", default="sibling-scrambled", choices=demo.TARGETS)
+    parser.add_argument("--target", choices=demo.TARGETS,
+                        help="only this target (default: all of %s)" % ", ".join(demo.TARGETS))
     parser.add_argument("--eval-problems", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--keep-merges", action="store_true",
+                        help="keep the merged weights (default: keep only their recipes)")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
-    opts = demo.parse_args(["--workdir", args.workdir, "--eval-problems", str(args.eval_problems)])
+    opts = demo.parse_args(["--workdir", args.workdir, "--eval-problems", str(args.eval_problems),
+                            "--threads", str(args.threads)])
     torch.set_num_threads(opts.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    targets = [args.target] if args.target else list(demo.TARGETS)
     paths = {k: Path(v) for k, v in demo.build_family(opts)["paths"].items()}
     problems = demo.eval_problems(opts.eval_problems, opts.seed)
     rng = random.Random(1234)
-    texts = [demo.sibling_sentence(rng) for _ in range(64)]
+    texts = [demo.sibling_sentence(rng) for _ in range(RETENTION_TEXTS)]
     skill_model, tok = smollm.load_pretrained(paths["skill"])
     skill_logp = demo.answer_logprobs(skill_model, tok, problems)
-    target_model, _ = smollm.load_pretrained(paths[args.target])
-    out_dir = Path(args.workdir) / "ablation"
+    del skill_model
+
     rows = []
-    for name, params in VARIANTS.items():
-        method = "task_arithmetic" if params is None else "symmetry_aligned_task_arithmetic"
-        recipe = demo.recipe(method, paths[args.target], paths["reference"], paths["skill"])
-        if params:
-            recipe["parameters"] = params
-        slug = name.replace(" ", "_").replace(":", "").replace(",", "").replace("(", "").replace(")", "")
-        wall = demo.run_merge(recipe, out_dir / f"{slug}.yaml", out_dir / slug, verbose=False)
-        merged, _ = smollm.load_pretrained(out_dir / slug)
-        acc, _ = demo.skill_accuracy(merged, tok, problems)
-        kl = demo.mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
-        keep = retention_kl(target_model, merged, tok, texts)
-        rows.append((name, acc, kl, keep, wall))
-        print(f"{name}: accuracy {acc:.3f}, KL to skill {kl:.4f}, KL(target||merged) {keep:.4f}, "
-              f"{wall:.1f} s", file=sys.stderr)
-        del merged
-    print(f"\nTarget: {args.target}; skill: arithmetic fine-tune of SmolLM2-135M-Instruct; "
-          f"{len(problems)} held-out problems\n")
-    print("| variant | skill accuracy | KL to skill | KL(target ‖ merged) on target-style text | merge time (s) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, acc, kl, keep, wall in rows:
-        print(f"| {name} | {acc:.3f} | {kl:.4f} | {keep:.4f} | {wall:.1f} |")
+    for name in CONTEXT:
+        model, _ = smollm.load_pretrained(paths[name])
+        acc, _ = demo.skill_accuracy(model, tok, problems)
+        kl = demo.mean_kl(skill_logp, demo.answer_logprobs(model, tok, problems))
+        rows.append({"target": name, "variant": "(no merge)", "accuracy": acc, "kl_to_skill": kl,
+                     "retention_kl": None})
+        print(f"{name} alone: accuracy {acc:.3f}, KL to skill {kl:.4f}", file=sys.stderr, flush=True)
+        del model
+    # For scale (caption): how far the sibling's own fine-tune moved it on this text.
+    sibling, _ = smollm.load_pretrained(paths["sibling"])
+    reference, _ = smollm.load_pretrained(paths["reference"])
+    sibling_vs_reference = retention_kl(sibling, reference, tok, texts)
+    del sibling, reference
+
+    out_dir = Path(args.workdir) / "ablation"
+    for target in targets:
+        target_model, _ = smollm.load_pretrained(paths[target])
+        for name, params in VARIANTS.items():
+            method = "task_arithmetic" if params is None else "symmetry_aligned_task_arithmetic"
+            recipe = demo.recipe(method, paths[target], paths["reference"], paths["skill"])
+            if params:
+                recipe["parameters"] = params
+            out = out_dir / target / slug(name)
+            wall = demo.run_merge(recipe, out_dir / target / f"{slug(name)}.yaml", out, verbose=False)
+            merged, _ = smollm.load_pretrained(out)
+            acc, _ = demo.skill_accuracy(merged, tok, problems)
+            kl = demo.mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
+            keep = retention_kl(target_model, merged, tok, texts)
+            rows.append({"target": target, "variant": name, "accuracy": acc, "kl_to_skill": kl,
+                         "retention_kl": keep})
+            print(f"{target} / {name}: accuracy {acc:.3f}, KL to skill {kl:.4f}, "
+                  f"KL(target||merged) {keep:.4f} (merge wall time {wall:.1f} s, not a benchmark)",
+                  file=sys.stderr, flush=True)
+            del merged
+            if not args.keep_merges:
+                shutil.rmtree(out, ignore_errors=True)
+        del target_model
+
+    skill_acc = next(r["accuracy"] for r in rows if r["target"] == "skill")
+    caption = (
+        f"Skill: 2-3 digit addition fine-tune of SmolLM2-135M-Instruct, {len(problems)} held-out "
+        f"problems (greedy decoding, exact match). KL to skill: mean KL(skill ‖ model) of the "
+        f"next-token distributions at the answer positions. KL(target ‖ merged): mean over all "
+        f"token positions of {RETENTION_TEXTS} held-out sibling-style English sentences — the "
+        f"sibling's fine-tuning text style, used for every target, the reference ones included "
+        f"(lower = more of the target's own behaviour kept; for scale, the sibling's own "
+        f"fine-tune gives KL(sibling ‖ reference) = {sibling_vs_reference:.4f} on these "
+        f"sentences). \"(no merge)\" rows score each model alone. Every merge runs through "
+        f"`mergekit-yaml`; torch {torch.__version__}, CPU."
+    )
+    table = markdown_table(rows)
+    print()
+    print(caption)
+    print()
+    print(table)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"rows": rows, "eval_problems": len(problems), "retention_texts": RETENTION_TEXTS,
+         "kl_sibling_vs_reference": sibling_vs_reference}, indent=1))
+    if args.no_docs:
+        return
+    if args.target:
+        print(f"\n(--target {args.target}: docs/transfer.md not updated, it shows all targets)")
+        return
+    image = accuracy_plot(rows, targets, skill_acc)
+    path = report.update_page(
+        "transfer.md", "transfer_table",
+        f"{caption}\n\n{table}\n\n![Skill accuracy per variant and target]({image})\n")
+    print(f"\nwrote {path} and docs/{image}")
 
 
 if __name__ == "__main__":

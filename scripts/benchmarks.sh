@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Regenerate every figure, table and plot in docs/ (issue 5's evidence), on CPU, offline.
+# About 1.5 h on 2 idle cores. Run on an otherwise idle machine: two of the steps time things.
+#   bash scripts/benchmarks.sh            # everything
+#   bash scripts/benchmarks.sh --quick    # a smoke run of each step (minutes; docs untouched)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,demo,bench]"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=.venv/bin/python
+if [ "${1:-}" = "--quick" ]; then
+  $PY benchmarks/paper_analog.py --seeds 1 --scale 0.02 --problems 20 --workdir bench-output/quick --no-docs
+  $PY benchmarks/bench_merge.py --repeats 1 --no-docs
+  exit 0
+fi
+# timings first, while nothing else runs
+$PY benchmarks/bench_merge.py                       # docs/performance.md: whole merge, plain vs aligned
+$PY benchmarks/bench_merge.py --layer-only          # docs/performance.md: one Llama-3.1-8B-shaped layer
+# then the quality results (the SmolLM2 family is the demo's, built once under demo-output/)
+$PY -m mergekit_symalign.demo                       # docs/demo-results.md's table (printed, and in demo-output/results.md)
+$PY benchmarks/layer_distances.py --sibling demo-output/models/sibling   # docs/layer-distances.md
+$PY benchmarks/transfer_ablation.py                 # docs/transfer.md
+$PY benchmarks/paper_analog.py --seeds 3            # docs/paper-analog.md
