@@ -41,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import toyworld as tw  # noqa: E402
+from mergekit_symalign.demo import mean_kl  # noqa: E402  (importing the package registers the plugin)
 
 BUILD_VERSION = 2  # bump when the recipes below change: invalidates cached models
 
@@ -151,7 +152,6 @@ def write_calibration(path: Path, world: tw.World, lines: int = 400) -> Path:
 
 
 def merge(recipe: Dict, out: Path) -> Path:
-    import mergekit_symalign  # noqa: F401  (registers the methods and the planner)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
@@ -191,10 +191,10 @@ def score(path: Path, problems: Dict[str, list], skill_logp, target_logp) -> Dic
         **{f"acc_{t}": a for t, a in acc.items()},
     }
     if skill_logp is not None:
-        row["kl_skill"] = tw.mean_kl(skill_logp, tw.completion_logprobs(model, problems["add"]))
+        row["kl_skill"] = mean_kl(skill_logp, tw.completion_logprobs(model, problems["add"]))
     if target_logp is not None:
         own = [ex for t in OWN_TASKS for ex in problems[t]]
-        row["kl_target"] = tw.mean_kl(target_logp, tw.completion_logprobs(model, own))
+        row["kl_target"] = mean_kl(target_logp, tw.completion_logprobs(model, own))
     return row
 
 

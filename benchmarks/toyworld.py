@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from mergekit_symalign.demo import pack_examples
+
 LETTERS = string.ascii_lowercase
 CHARS = LETTERS + string.digits + " >."
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -151,17 +153,9 @@ def held_out(task: str, n: int, seed: int = 99) -> List[Example]:
 
 
 def batch(examples: Sequence[Example]):
+    """Right-padded ``(input_ids, attention_mask, labels)``, labels on the completions only."""
     rows = [([BOS] + encode(p), encode(c) + [EOS]) for p, c in examples]
-    length = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(p) : len(seq)] = torch.tensor(c)
-    return ids, mask, labels
+    return pack_examples(rows, PAD)
 
 
 @dataclass
@@ -244,6 +238,3 @@ def completion_logprobs(model, examples: Sequence[Example]) -> torch.Tensor:
     keep = labels[:, 1:] != -100
     return torch.log_softmax(logits[keep].float(), dim=-1)
 
-
-def mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
-    return max(0.0, float((p_log.exp() * (p_log - q_log)).sum(-1).mean()))

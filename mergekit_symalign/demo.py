@@ -112,7 +112,7 @@ def sibling_sentence(rng: random.Random) -> str:
 # --------------------------------------------------------------------------- batches
 
 
-def _pack(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
+def pack_examples(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
     """Right-padded ``(input_ids, attention_mask, labels)``; labels only on the second part."""
     length = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -133,7 +133,7 @@ def skill_batch(tok, rng: random.Random, exclude: set, size: int = BATCH):
         if p in exclude:
             continue
         rows.append((tok(prompt_text(p))["input_ids"], tok(answer_text(p, tok.eos_token))["input_ids"]))
-    return _pack(rows, tok.pad_token_id)
+    return pack_examples(rows, tok.pad_token_id)
 
 
 def sibling_batch(tok, rng: random.Random, size: int = BATCH):
@@ -141,7 +141,7 @@ def sibling_batch(tok, rng: random.Random, size: int = BATCH):
     for _ in range(size):
         ids = tok(sibling_sentence(rng) + tok.eos_token)["input_ids"]
         rows.append((ids[:1], ids[1:]))  # loss on every token but the first
-    return _pack(rows, tok.pad_token_id)
+    return pack_examples(rows, tok.pad_token_id)
 
 
 def _label_logits(model, ids, mask, labels):
@@ -221,7 +221,7 @@ def answer_logprobs(model, tok, problems: Sequence[Problem], batch: int = 50) ->
     for i in range(0, len(problems), batch):
         rows = [(tok(prompt_text(p))["input_ids"], tok(answer_text(p, tok.eos_token))["input_ids"])
                 for p in problems[i : i + batch]]
-        logits, _ = _label_logits(model, *_pack(rows, tok.pad_token_id))
+        logits, _ = _label_logits(model, *pack_examples(rows, tok.pad_token_id))
         out.append(torch.log_softmax(logits.float(), dim=-1))
     return torch.cat(out)
 
