@@ -1,15 +1,15 @@
 """Imported from mergekit_symalign.pth at interpreter start; must stay tiny.
 
-Installs a meta-path hook that, right after ``mergekit.merge`` has been imported (as
-``mergekit-yaml`` and every other entry point do before planning), registers the
-``symmetry_aligned_*`` merge methods and the planner hook. Processes that never import
-mergekit pay for one small module and nothing else.
+Installs a meta-path hook that, right after ``mergekit.plan`` has been imported (every
+entry point that plans a merge imports it: ``mergekit-yaml``, ``run_merge``, the
+evolutionary merge), registers the ``symmetry_aligned_*`` merge methods and the planner
+hook. Processes that never import mergekit pay for one small module and nothing else.
 """
 
 import sys
 from importlib.abc import MetaPathFinder
 
-_TRIGGER = "mergekit.merge"
+_TRIGGER = "mergekit.plan"
 
 
 def _register(module_name):

@@ -1,8 +1,10 @@
 """mergekit-symalign: merge after aligning models along the exact symmetries of the transformer.
 
 Importing the package registers the ``symmetry_aligned_*`` methods with mergekit (when
-mergekit is installed). The pure mathematics lives in :mod:`.groups`, :mod:`.spec`,
-:mod:`.architectures` and :mod:`.statedict` and imports no mergekit module.
+mergekit is installed; a ``.pth`` hook also does it as soon as ``mergekit.plan`` is
+imported). The pure mathematics (:mod:`.groups`, :mod:`.spec`, :mod:`.architectures`,
+:mod:`.statedict`, :mod:`.activations`) imports no mergekit module; the mergekit glue is
+:mod:`.plugin`, :mod:`.planner`, :mod:`.tasks`, :mod:`.methods` and :mod:`.validation`.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +14,12 @@ try:
 except ImportError:  # the pure-math modules still work without mergekit
     pass
 else:
+    import warnings as _warnings
+
+    from .errors import IncompatibleMergekit as _Incompatible
     from .plugin import install as _install
 
-    _install()
+    try:
+        _install()
+    except _Incompatible as _err:  # plain mergekit and the pure math keep working
+        _warnings.warn(str(_err), stacklevel=2)

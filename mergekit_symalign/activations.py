@@ -72,8 +72,8 @@ from .architectures import (
     layer_spec,
 )
 from .calibration import check_enough_tokens
-from .groups import Kind, Site, Symmetry, apply, gather, slot_index, solve
-from .spec import Block, LayerSpec, LayerTransform, Switches
+from .groups import Site, Symmetry, gather, slot_index
+from .spec import Block, LayerSpec, LayerTransform, Switches, align_layer
 
 GetTensor = Callable[[str], torch.Tensor]
 Activations = Dict[str, torch.Tensor]  # key -> [features, tokens]
@@ -148,7 +148,7 @@ def activation_plan(config: Any, qk_rotation: str = "rope", model: str = "model"
             sites = tuple(s for s in (_activation_site(arch, x) for x in symmetry.sites) if s)
             mirrored.append(Symmetry(symmetry.name, symmetry.kind, sites, signed=symmetry.signed))
         blocks.append(Block(block.name, *mirrored))
-    spec = LayerSpec(weight_spec.architecture, tuple(blocks), weight_spec.notes)
+    spec = LayerSpec(weight_spec.architecture, tuple(blocks))
     neurons = slot_index(geometry.intermediate_size, 1, 1)
     gate_name, gate_offset = _projection(arch, "gate", geometry)
     gate = Site(f"{gate_name}:out", 0, neurons + gate_offset)
@@ -487,10 +487,10 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / norm.clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
 
 
-def _solve_mlp_permutation(plan: ActivationPlan, anchor: Activations, target: Activations) -> torch.Tensor:
-    """Match the target's MLP neurons to the anchor's, robust to per-neuron signed scales.
+def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: Activations) -> torch.Tensor:
+    """Match the model's MLP neurons to the reference's, robust to per-neuron signed scales.
 
-    The similarity of anchor neuron ``i`` and target neuron ``j`` is
+    The similarity of reference neuron ``i`` and model neuron ``j`` is
     ``cos(gate_a[i], gate_t[j]) + |cos(h_a[i], h_t[j])|`` over the calibration tokens:
 
     * the gate pre-activation is untouched by the neuron's scale symmetry (only the linear up
@@ -503,15 +503,15 @@ def _solve_mlp_permutation(plan: ActivationPlan, anchor: Activations, target: Ac
     * cosines (not raw inner products) put both terms in ``[-1, 1]``, so neither dominates
       just because its activations are larger.
 
-    For an exact copy of the anchor (scrambled by the group) the true match scores the
+    For an exact copy of the reference (scrambled by the group) the true match scores the
     maximum, 2, in every row. Dead neurons (all-zero rows) score 0 against everything.
     """
     from scipy.optimize import linear_sum_assignment
 
-    sim = _unit_rows(gather(anchor[plan.gate.tensor], plan.gate)) @ \
-        _unit_rows(gather(target[plan.gate.tensor], plan.gate)).T
-    h_sim = _unit_rows(gather(anchor[plan.hidden.tensor], plan.hidden)) @ \
-        _unit_rows(gather(target[plan.hidden.tensor], plan.hidden)).T
+    sim = _unit_rows(gather(reference[plan.gate.tensor], plan.gate)) @ \
+        _unit_rows(gather(model[plan.gate.tensor], plan.gate)).T
+    h_sim = _unit_rows(gather(reference[plan.hidden.tensor], plan.hidden)) @ \
+        _unit_rows(gather(model[plan.hidden.tensor], plan.hidden)).T
     cost = (sim + h_sim.abs()).double().cpu()
     if not torch.isfinite(cost).all():
         raise FloatingPointError("mlp.neurons: non-finite activation similarity")
@@ -523,38 +523,27 @@ def _solve_mlp_permutation(plan: ActivationPlan, anchor: Activations, target: Ac
 
 def solve_layer(
     plan: ActivationPlan,
-    anchor: Activations,
-    target: Activations,
+    reference: Activations,
+    model: Activations,
     switches: Switches = Switches(),
-    model: str = "target",
+    label: str = "model",
 ) -> LayerTransform:
-    """The weight-space element that maps ``target``'s layer onto ``anchor``'s.
+    """The weight-space element that maps ``model``'s layer onto ``reference``'s.
 
-    Solved on activations with the same solvers and in the same order as
-    :func:`spec.align_layer` (each block's main symmetry, then its scale, each solved on the
-    target's activations moved by the steps before), then re-attached to the weight spec's
-    symmetries of the same names.
+    :func:`spec.align_layer` on the activation mirror of the weight spec (same solvers and
+    order; the MLP neurons matched by :func:`_solve_mlp_permutation`), then each solved
+    element re-attached to the weight spec's symmetry of the same name.
     """
-    current = dict(target)
-    steps = []
-    for block in plan.spec.blocks:
-        scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
-        for symmetry in block.symmetries():
-            if not switches.enabled(symmetry):
-                continue
-            try:
-                if symmetry.kind == Kind.permutation and block.name == "mlp":
-                    element = _solve_mlp_permutation(plan, anchor, current)
-                else:
-                    kw = {"scale": scale} if symmetry is block.main else {}
-                    element = solve(symmetry, anchor, current, model=model, **kw)
-            except (KeyError, ValueError, FloatingPointError) as err:
-                raise ValueError(
-                    f"{plan.spec.architecture} {symmetry.name} (activations of {model}): {err}"
-                ) from None
-            current = apply(symmetry, element, current)
-            steps.append((plan.weight_symmetry(symmetry.name), element.detach().cpu()))
-    return LayerTransform(tuple(steps))
+    def mlp_neurons(_symmetry, reference, model):
+        return _solve_mlp_permutation(plan, reference, model)
+
+    try:
+        solved = align_layer(plan.spec, reference, model, switches, label=label,
+                             solvers={"mlp.neurons": mlp_neurons})
+    except ValueError as err:
+        raise ValueError(f"(activations of {label}) {err}") from None
+    return LayerTransform(tuple((plan.weight_symmetry(symmetry.name), element.detach().cpu())
+                                for symmetry, element in solved.steps))
 
 
 def required_tokens(plan: ActivationPlan, switches: Switches = Switches()) -> List[Tuple[int, str]]:
@@ -609,13 +598,13 @@ def align_by_activations(
     bar = tqdm(range(ref.num_layers), desc="activation alignment", unit="layer",
                disable=not progress)
     for index in bar:
-        anchor = ref.step(plan)
+        reference_acts = ref.step(plan)
         for key, streamer in streamers.items():
             acts = streamer.step(plan)
             try:
-                results[key][index] = solve_layer(plan, anchor, acts, switches, model=key)
+                results[key][index] = solve_layer(plan, reference_acts, acts, switches, label=key)
             except ValueError as err:
                 raise ValueError(f"layer {index}: {err}") from None
             del acts
-        del anchor
+        del reference_acts
     return results

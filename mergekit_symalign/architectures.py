@@ -17,14 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import UnsupportedArchitecture
 from .groups import Kind, Site, Symmetry, slot_index
 from .spec import Block, LayerSpec
 
 QK_ROTATIONS = ("rope", "full")
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,9 @@ class Architecture:
     fused_gate_up: Optional[str] = None
     # Config flags whose variant we have not proven exact -> reason to refuse.
     refuse_if: Tuple[Tuple[str, str], ...] = ()
-    layer_pattern: str = r"^(?P<prefix>(?:.+\.)?layers\.(?P<index>\d+)\.)(?P<name>.+)$"
+    # Decoder-layer tensors in a plain state dict (HF names, optionally nested as in a
+    # multimodal checkpoint's ``language_model.``); a vision tower's ``encoder.layers.N`` is not.
+    layer_pattern: str = r"^(?P<prefix>(?:.+\.)?model\.layers\.(?P<index>\d+)\.)(?P<name>.+)$"
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
@@ -102,7 +101,6 @@ class Geometry:
     head_dim: int
     intermediate_size: int
     rotary_dim: int
-    num_layers: int
     rope_theta: Optional[float] = None  # None: per-layer-type settings (e.g. Gemma 3)
 
     @property
@@ -156,7 +154,6 @@ def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
             head_dim=head_dim,
             intermediate_size=int(cfg.intermediate_size),
             rotary_dim=rotary_dim,
-            num_layers=int(cfg.num_hidden_layers),
             rope_theta=_rope_parameters(cfg).get("rope_theta", getattr(cfg, "rope_theta", None)),
         )
     except (AttributeError, TypeError) as err:
@@ -335,22 +332,6 @@ def layer_spec(arch_name: str, geometry: Geometry, qk_rotation: str = "rope") ->
             rest = torch.arange(r, d)[None, :]
             blocks.append(_qk_block("attn.qk_nonrotary", arch, geometry, rest, Kind.orthogonal))
     return LayerSpec(architecture=arch.name, blocks=tuple(blocks))
-
-
-def check_same_geometry(geometries: Dict[str, Geometry]) -> None:
-    """All models must share one layer geometry (the group acts on equal shapes)."""
-    items = list(geometries.items())
-    name0, g0 = items[0]
-    for name, g in items[1:]:
-        for field in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "rotary_dim", "rope_theta"):
-            if getattr(g, field) != getattr(g0, field):
-                raise ValueError(
-                    f"models {name0} and {name} differ in {field} ({getattr(g0, field)} vs "
-                    f"{getattr(g, field)}): symmetry alignment needs models of one "
-                    f"architecture and size ({g0.describe()} vs {g.describe()}). Merge models "
-                    f"of the same base family."
-                )
 
 
 def full_qk_warning(model: str) -> None:

@@ -21,8 +21,8 @@ An *element* of a symmetry is stored as
 * ``sign``: ``Tensor[n]`` of +-1 (what survives of a plane rotation under QK-norm);
 * ``scale``: ``Tensor[n]`` non-zero scalars.
 
-Every solver returns the element ``g`` that moves the *target* towards the *anchor*, i.e.
-minimises ``sum over sites ||g . target - anchor||^2`` within its group.
+Every solver returns the element ``g`` that moves the *model* towards the *reference*, i.e.
+minimises ``sum over sites ||g . model - reference||^2`` within its group.
 """
 
 from __future__ import annotations
@@ -199,32 +199,32 @@ def rotation_2d(angle: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- statistics
 
 
-def _site_pairs(symmetry: Symmetry, anchor: Tensors, target: Tensors, model: str = "target"):
-    """Yield ``(site, anchor_values, target_values)`` for each site present in both models."""
+def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
+    """Yield ``(site, reference_values, model_values)`` for each site present in both models."""
     for site in symmetry.sites:
-        a, t = anchor.get(site.tensor), target.get(site.tensor)
+        a, t = reference.get(site.tensor), model.get(site.tensor)
         if a is None and t is None:
             if site.optional:
                 continue
             raise KeyError(f"tensor {site.tensor!r} is missing from both models")
         if a is None or t is None:
-            which = "anchor" if a is None else model
+            which = "the reference" if a is None else label
             raise KeyError(
                 f"tensor {site.tensor!r} is present in only one model (missing from {which})"
             )
         if a.shape != t.shape:
             raise ValueError(
-                f"tensor {site.tensor!r} has shape {tuple(t.shape)} in {model} but "
-                f"{tuple(a.shape)} in the anchor"
+                f"tensor {site.tensor!r} has shape {tuple(t.shape)} in {label} but "
+                f"{tuple(a.shape)} in the reference"
             )
         yield site, gather(_working(a), site), gather(_working(t), site)
 
 
-def cross_products(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+def cross_products(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """``sum over sites and copies of A[n] T[n]^T`` as ``[n, k, k]`` float64."""
     n, k = symmetry.slots, symmetry.coords
     total = None
-    for _site, a, t in _site_pairs(symmetry, anchor, target, **kw):
+    for _site, a, t in _site_pairs(symmetry, reference, model, **kw):
         # a, t: [n, c, k, rest] -> contract copies and rest
         term = torch.einsum("ncir,ncjr->nij", a, t).double()
         total = term if total is None else total + term
@@ -238,8 +238,8 @@ def cross_products(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -
 
 def solve_permutation(
     symmetry: Symmetry,
-    anchor: Tensors,
-    target: Tensors,
+    reference: Tensors,
+    model: Tensors,
     scale: Optional[Symmetry] = None,
     **kw,
 ) -> torch.Tensor:
@@ -266,7 +266,7 @@ def solve_permutation(
     def add(acc, value):
         return value if acc is None else acc + value
 
-    for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
+    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
         n = a.shape[0]
         sim = a.reshape(n, -1) @ t.reshape(n, -1).T
         if moved_by_scale(site, False):
@@ -294,24 +294,24 @@ def solve_permutation(
     return perm
 
 
-def solve_orthogonal(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+def solve_orthogonal(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """Orthogonal Procrustes per slot (reflections allowed): ``argmax tr(g T A^T)``."""
-    m = cross_products(symmetry, anchor, target, **kw)  # sum A T^T
+    m = cross_products(symmetry, reference, model, **kw)  # sum A T^T
     u, _s, vh = torch.linalg.svd(m)
     return u @ vh
 
 
-def solve_plane_rotation(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+def solve_plane_rotation(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """Closed-form optimal rotation in SO(2) per slot (2-D Kabsch without reflections)."""
-    m = cross_products(symmetry, anchor, target, **kw)  # sum A T^T, [n, 2, 2]
+    m = cross_products(symmetry, reference, model, **kw)  # sum A T^T, [n, 2, 2]
     # tr(R(theta) M^T) = cos(theta) (M00 + M11) + sin(theta) (M10 - M01)
     angle = torch.atan2(m[:, 1, 0] - m[:, 0, 1], m[:, 0, 0] + m[:, 1, 1])
     return rotation_2d(angle)
 
 
-def solve_sign(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
-    """+1 or -1 per slot, whichever correlates the target with the anchor."""
-    m = cross_products(symmetry, anchor, target, **kw)
+def solve_sign(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
+    """+1 or -1 per slot, whichever correlates the model with the reference."""
+    m = cross_products(symmetry, reference, model, **kw)
     trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
     return torch.where(trace < 0, -1.0, 1.0).double()
 
@@ -357,10 +357,10 @@ def quartic_scale(
     return best
 
 
-def solve_scale(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+def solve_scale(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     n = symmetry.slots
     stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "ya", "yy", "aa")}
-    for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
+    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
         t, a = t.reshape(n, -1), a.reshape(n, -1)
         self_sq = (t * t).sum(-1).double()
         cross = (t * a).sum(-1).double()
@@ -402,18 +402,18 @@ SOLVERS = {
 }
 
 
-def solve(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
+def solve(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     if symmetry.kind == Kind.permutation:
-        return solve_permutation(symmetry, anchor, target, **kw)
+        return solve_permutation(symmetry, reference, model, **kw)
     kw.pop("scale", None)
-    return SOLVERS[symmetry.kind](symmetry, anchor, target, **kw)
+    return SOLVERS[symmetry.kind](symmetry, reference, model, **kw)
 
 
-def distance(anchor: Tensors, target: Tensors, names: Iterable[str]) -> float:
+def distance(reference: Tensors, model: Tensors, names: Iterable[str]) -> float:
     """Relative distance ``||T - A|| / ||A||`` over the named tensors present in both."""
     num = den = 0.0
     for name in names:
-        a, t = anchor.get(name), target.get(name)
+        a, t = reference.get(name), model.get(name)
         if a is None or t is None:
             continue
         num += float(((t.double() - a.double()) ** 2).sum())

@@ -12,10 +12,9 @@ computes ``base + combine(skill_i - reference)``.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import warnings
 
@@ -33,6 +32,8 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from .settings import GLOBAL, LAYER, MODEL, PARAMETERS, resolve_roles
+
 PREFIX = "symmetry_aligned_"
 WRAPPED_METHODS = (
     "task_arithmetic",
@@ -45,39 +46,7 @@ WRAPPED_METHODS = (
     "della_linear",
 )
 
-ROLES = ("skill", "reference")
-ALIGNMENTS = ("weights", "activations")
-OUTPUT_FRAMES = ("base", "reference")
-
-# name -> (type, scope, default, help)
-PLUGIN_PARAMETERS: Dict[str, Tuple[Any, ParameterScope, Any, str]] = {
-    "alignment": (str, ParameterScope.SHARED, "weights",
-                  "what the alignment matches: weights, or activations on calibration text"),
-    "permutation": (bool, ParameterScope.SHARED, True, "use MLP neuron permutations"),
-    "rotation": (bool, ParameterScope.SHARED, True, "use V/O and Q/K rotations"),
-    "scaling": (bool, ParameterScope.SHARED, True, "use MLP, V/O and Q/K scales"),
-    "qk_rotation": (str, ParameterScope.SHARED, "rope",
-                    "rope: exact per-plane Q/K rotations; full: the papers' d x d rotation (inexact under RoPE)"),
-    "output_frame": (str, ParameterScope.SHARED, "base",
-                     "base: result in the base model's coordinates; reference: in the reference's"),
-    "calibration": (str, ParameterScope.SHARED, "",
-                    "activations only: calibration prompts (.txt, one per line, or .jsonl); empty = shipped set"),
-    "calibration_samples": (int, ParameterScope.SHARED, 256, "activations only: number of prompts used"),
-    "calibration_max_tokens": (int, ParameterScope.SHARED, 128,
-                               "activations only: tokens per packed calibration row"),
-    "role": (str, ParameterScope.INPUT, "skill", "skill (default) or reference"),
-    "align": (bool, ParameterScope.INPUT, True, "align this model to the reference first"),
-}
-CHOICES = {
-    "alignment": ALIGNMENTS,
-    "qk_rotation": ("rope", "full"),
-    "output_frame": OUTPUT_FRAMES,
-    "role": ROLES,
-}
-
-
-class SymAlignConfigError(ValueError):
-    """A recipe that the plugin refuses, with the reason and the remedy."""
+SCOPES = {GLOBAL: ParameterScope.SHARED, LAYER: ParameterScope.SHARED, MODEL: ParameterScope.INPUT}
 
 
 @dataclass(frozen=True)
@@ -96,8 +65,9 @@ class SymmetryAlignedMerge(GroupMergeMethod):
                 p = ParameterSpec("weight", Optional[float], p.scope, default=None,
                                   description="skill-vector weight (skill models only)")
             params.append(p)
-        for name, (kind, scope, default, help_text) in PLUGIN_PARAMETERS.items():
-            params.append(ParameterSpec(name, kind, scope, default=default, description=help_text))
+        for p in PARAMETERS:
+            params.append(ParameterSpec(p.name, p.type, SCOPES[p.where],
+                                        default=p.default, description=p.help))
         inner = self.inner.spec
         return MergeMethodSpec(
             name=PREFIX + self.wrapped,
@@ -118,22 +88,14 @@ class SymmetryAlignedMerge(GroupMergeMethod):
                 f"mergekit_symalign.statedict.align_state_dict, or merge with mergekit-yaml.",
                 stacklevel=2,
             )
-        roles = parameters["role"]
-        base = group.base
-        references = [e for e in group.entries if roles[e.id] == "reference" and not e.is_base]
-        if len(references) > 1:
-            raise SymAlignConfigError(
-                f"{self.spec.name}: more than one input has role: reference "
-                f"({', '.join(str(e.id) for e in references)})"
-            )
-        reference = references[0] if references else base
-        skills = [e for e in group.entries if e is not base and e is not reference]
-        for entry in skills:
-            if parameters["weight"][entry.id] is None:
-                raise SymAlignConfigError(
-                    f"{self.spec.name}: skill input {entry.id} has no weight "
-                    f"(tensor {group.metadata.name})"
-                )
+        by_id = {e.id: e for e in group.entries}
+        per_model = {e.id: {"role": parameters["role"][e.id], "align": True,
+                            "weight": None if e.is_base else parameters["weight"][e.id]}
+                     for e in group.entries}
+        roles = resolve_roles(list(by_id), group.base.id, per_model, self.spec.name,
+                              group.metadata.name)
+        base, reference = by_id[roles.base], by_id[roles.reference]
+        skills = [by_id[m] for m in roles.skills]
         inner_group = TensorGroup(
             entries=(TensorEntry(reference.id, reference.tensor, is_base=True),
                      *(TensorEntry(e.id, e.tensor) for e in skills)),
@@ -143,8 +105,8 @@ class SymmetryAlignedMerge(GroupMergeMethod):
         for p in self.inner.spec.parameters:
             value = parameters[p.name]
             if p.scope != ParameterScope.SHARED:
-                entries = inner_group.non_base if p.scope == ParameterScope.NON_BASE else inner_group.entries
-                value = PerInputValues([(e.id, value[e.id]) for e in entries])
+                inputs = inner_group.non_base if p.scope == ParameterScope.NON_BASE else inner_group.entries
+                value = PerInputValues([(e.id, value[e.id]) for e in inputs])
             inner_parameters[p.name] = value
         merged = self.inner.merge_group(inner_group, **inner_parameters)
         if reference is base:
@@ -154,27 +116,6 @@ class SymmetryAlignedMerge(GroupMergeMethod):
 
 
 _WARNED: set = set()
-
-
-def check_parameter_names(method: SymmetryAlignedMerge, where: str, names) -> None:
-    """mergekit ignores unknown parameters; a typo in ours must not silently do nothing."""
-    known = [p.name for p in method.spec.parameters]
-    for name in names or ():
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SymAlignConfigError(
-                f"unknown parameter {name!r} in {where} for merge method {method.spec.name}."
-                f"{hint} Known parameters: {', '.join(sorted(known))}."
-            )
-
-
-def check_choice(name: str, value: Any, where: str) -> None:
-    choices = CHOICES.get(name)
-    if choices is not None and value not in choices:
-        raise SymAlignConfigError(
-            f"parameter {name}: {value!r} in {where} is not one of {', '.join(choices)}."
-        )
 
 
 def all_methods() -> Tuple[SymmetryAlignedMerge, ...]:

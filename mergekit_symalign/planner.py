@@ -1,23 +1,32 @@
-"""The planner hook: plain mergekit planning, with aligned inputs for our methods.
+"""The aligned half of mergekit's ``MergePlanner``: the task graph of an aligned merge.
 
-mergekit 0.1.5 always wraps a method in a fixed ``ExecuteMergeMethodTask(gather_tensors=...)``
-(see docs/how-it-works.md); to feed it aligned tensors we subclass ``MergePlanner`` and
-swap it into ``mergekit.merge``. For every other method the subclass does exactly what
-mergekit does (it calls the parent).
+:mod:`.plugin` hooks ``mergekit.plan.MergePlanner`` itself (so every entry point that plans a
+merge — ``mergekit-yaml``, ``run_merge``, the evolutionary merge — gets it) and, when the
+recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`AlignedPlanning`:
 
-For an aligned method and one output tensor the graph is::
+* :meth:`AlignedPlanning.check` runs every recipe check (:mod:`.validation`) before mergekit
+  builds anything, so a refused merge writes nothing;
+* mergekit's own ``plan_layer`` says which layer of which model each output tensor comes
+  from (slices may take different layers from different models); the layer's tensor names
+  come from mergekit's architecture definition of that model;
+* :meth:`AlignedPlanning.plan_tensor` builds, for one output tensor::
 
     LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--+
     LoadTensor(R) -------------------------------------------------+-> ExecuteMergeMethodTask
                                                                         (wrapped method, base R)
     LoadTensor(B), LayerAlignmentTask(B, R) ----------------------------> TransferTask -> save
+
+Roles and settings are resolved by :mod:`.settings` (pure functions); this module only
+builds the graph.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
@@ -26,20 +35,11 @@ from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
 from mergekit.merge_methods.base import ParameterScope
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
 from mergekit.parameter_resolver import resolve_parameters
-from mergekit.plan import MergePlanner
 from mergekit.tokenizer import PermutedVocabulary
 
-from .architectures import (
-    UnsupportedArchitecture,
-    architecture_for,
-    check_same_geometry,
-    full_qk_warning,
-    geometry_from_config,
-    layer_spec,
-    split_layer_name,
-)
-from .methods import SymAlignConfigError, SymmetryAlignedMerge
-from .recipe import check_recipe, parameter_scopes
+from .architectures import full_qk_warning, layer_spec
+from .errors import SymAlignConfigError
+from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
@@ -47,230 +47,226 @@ from .tasks import (
     PickLayerTransform,
     TransferTask,
 )
+from .validation import (
+    LayerConsistency,
+    check_activation_layers,
+    check_architecture_settings,
+    check_calibration,
+    check_layer_tensors,
+    check_models,
+    check_options,
+    check_recipe,
+    check_same_optional_tensors,
+    never_aligned,
+)
 
 LOG = logging.getLogger(__name__)
-LAYER_SETTINGS = ("alignment", "permutation", "rotation", "scaling", "qk_rotation", "output_frame",
-                  "calibration", "calibration_samples", "calibration_max_tokens")
 
 
-class SymAlignPlanner(MergePlanner):
-    def __init__(self, config, arch_info, options, out_model_config):
-        super().__init__(config, arch_info, options, out_model_config)
-        self._aligned = isinstance(self._method, SymmetryAlignedMerge)
-        self._alignments: Dict[Tuple, LayerAlignmentTask] = {}
-        self._layer_settings: Dict[Tuple, Dict[str, Any]] = {}
-        self._roles: Dict[ModelReference, str] = {}
-        self._geometry = None
-        self._arch = None
+@dataclass(frozen=True)
+class LayerContext:
+    """What mergekit's ``plan_layer`` is planning: a module, and each source's layer index."""
+
+    module: str
+    indices: Mapping[ModelReference, int]
+
+
+@dataclass(frozen=True)
+class LayerTensor:
+    """An output tensor that a layer symmetry moves: its layer-relative name and, per model,
+    the layer's name prefix and index in that model's own numbering."""
+
+    name: str
+    prefixes: Mapping[ModelReference, str]
+    indices: Mapping[ModelReference, int]
+
+
+def layer_prefix(names: List[str], index: int) -> Optional[str]:
+    """``model.layers.7.`` from the names of layer 7's tensors (their common prefix)."""
+    common = os.path.commonprefix(names)
+    marker = f"{index}."
+    cut = common.rfind(marker)
+    if cut < 0 or (cut > 0 and common[cut - 1] != "."):
+        return None
+    return common[: cut + len(marker)]
+
+
+class AlignedPlanning:
+    """Per-merge state of an aligned merge's planning (one per ``MergePlanner``)."""
+
+    def __init__(self, planner):
+        self.planner = planner
+        self.method = planner._method
+        self.arch = None
+        self.geometry = None
+        self.module: Optional[str] = None  # the text decoder's module in mergekit's definition
+        self.context: Optional[LayerContext] = None  # set while mergekit plans a layer
+        self._alignments: Dict[Tuple, object] = {}
+        self._consistency = LayerConsistency()
         self._warned_full = False
 
-    # ------------------------------------------------------------------ recipe checks
+    # ------------------------------------------------------------------ checks
 
-    def _plan(self):
-        if self._aligned:
-            self._check_recipe()
-        return super()._plan()
+    def check(self) -> None:
+        """Every recipe check, before mergekit normalizes the config or builds a task."""
+        cfg, options = self.planner.config, self.planner.options
+        check_recipe(cfg, self.method)
+        check_options(options, self.method)
+        configs = {m: m.config(trust_remote_code=options.trust_remote_code)
+                   for m in cfg.referenced_models()}
+        self.arch, self.geometry = check_models(self.method.spec.name, configs)
+        check_architecture_settings(cfg, self.arch)
+        check_calibration(cfg.parameters or {})
+        self.module = self._decoder_module()
 
-    def _check_recipe(self):
-        method: SymmetryAlignedMerge = self._method
-        check_recipe(self.config, method)
-        cfg = self.config
-        name = method.spec.name
-        if self.options.unsafe_truncate_embeddings:
-            raise SymAlignConfigError(
-                f"{name} does not support --unsafe-truncate-embeddings; use a tokenizer "
-                f"section (tokenizer: {{source: base}}) to reconcile vocabularies instead."
-            )
-        models = cfg.referenced_models()
-        if len(models) < 2:
-            raise SymAlignConfigError(f"{name}: the recipe has no model to transfer from.")
-        trust = self.options.trust_remote_code
-        geometries = {}
-        for model in models:
-            try:
-                geometries[str(model)] = geometry_from_config(model.config(trust), str(model))
-            except UnsupportedArchitecture as err:
-                raise SymAlignConfigError(str(err)) from None
-        types = {g.model_type for g in geometries.values()}
-        if len(types) > 1:
-            raise SymAlignConfigError(
-                f"{name}: models have different architectures "
-                f"({', '.join(f'{m}: {g.model_type}' for m, g in geometries.items())}); "
-                f"symmetry alignment needs one architecture."
-            )
-        try:
-            check_same_geometry(geometries)
-        except ValueError as err:
-            raise SymAlignConfigError(f"{name}: {err}") from None
-        self._geometry = next(iter(geometries.values()))
-        self._arch = architecture_for(self._geometry.model_type)
-        params = cfg.parameters or {}
-        if params.get("alignment") == "activations":
-            from .calibration import load_calibration
+    def _decoder_module(self) -> str:
+        """The module of mergekit's architecture definition that is our text decoder (a
+        multimodal checkpoint's vision tower is merged by the wrapped method, unaligned)."""
+        modules = self.planner.arch_info.modules
+        for name, module in modules.items():
+            model_type = getattr(module.architecture, "name", lambda: None)()
+            if model_type in self.arch.model_types:
+                return name
+        if len(modules) == 1:
+            return next(iter(modules))
+        raise SymAlignConfigError(
+            f"{self.method.spec.name}: mergekit's architecture definition "
+            f"{self.planner.arch_info.expected_model_type} has no module for the "
+            f"{self.arch.name} text decoder (modules: {', '.join(modules)}); it cannot be aligned."
+        )
 
-            try:  # a bad calibration file is refused before anything is loaded or written
-                load_calibration(params.get("calibration") or None,
-                                 params.get("calibration_samples", 256))
-            except ValueError as err:
-                raise SymAlignConfigError(str(err)) from None
+    # ------------------------------------------------------------------ mergekit's knowledge
 
-    # ------------------------------------------------------------------ planning
-
-    def _gather(self, weight_info: Dict[ModelReference, WeightInfo]) -> GatherTensors:
+    def _gather(self, weight_info: Mapping[ModelReference, WeightInfo]) -> GatherTensors:
         """mergekit's own GatherTensors, built as its planner builds it (so loads are shared)."""
         return GatherTensors(
-            weight_info=ImmutableMap(data=weight_info),
-            dtype=self.config.dtype,
-            device=self.options.device if self.options.read_to_gpu else None,
+            weight_info=ImmutableMap(data=dict(weight_info)),
+            dtype=self.planner.config.dtype,
+            device=self.planner.options.device if self.planner.options.read_to_gpu else None,
         )
 
     def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
         (load,) = self._gather({model: info}).arguments().values()
         return load
 
-    @lru_cache(maxsize=None)
-    def _layer_weight_infos(self, model: ModelReference, index: int) -> Dict[str, WeightInfo]:
-        """mergekit's WeightInfos of one layer of a model, by tensor name."""
-        infos = {}
-        for module_name in self.arch_info.modules:
-            try:
-                weights = self._model_arch(model).get_module(module_name).layer_weights(index=index)
-            except Exception:  # not every module has this layer index
-                continue
-            infos.update((info.name, info) for info in weights or ())
-        return infos
-
-    def _present(self, model: ModelReference, info: WeightInfo) -> bool:
+    @staticmethod
+    def _present(model: ModelReference, info: WeightInfo) -> bool:
         index = LoaderCache().get(model).index
         return any(n in index.tensor_paths for n in [info.name, *(info.aliases or ())])
 
-    def _layer_loads(self, model, prefix, index, spec, optional_names):
-        loads = []
-        for rel in spec.tensors():
-            info = self._layer_weight_infos(model, index).get(prefix + rel)
-            known = info is not None
-            info = info or WeightInfo(name=prefix + rel, optional=True)
-            present = self._present(model, info)
-            if present and not known:
-                raise SymAlignConfigError(
-                    f"model {model} has tensor {prefix + rel}, but mergekit's architecture "
-                    f"definition for {self.arch_info.expected_model_type} does not list it, so the merged "
-                    f"model would silently lose it (this happens to plain mergekit merges too). "
-                    f"Use a checkpoint without it, or an architecture definition that lists it."
-                )
-            if not present and rel not in optional_names:
-                raise SymAlignConfigError(
-                    f"model {model} lacks tensor {prefix + rel}, which the {spec.architecture} "
-                    f"symmetry spec moves together with the rest of the layer. The checkpoint "
-                    f"is incomplete or not a standard {spec.architecture} model: re-download "
-                    f"it, or check its config.json (model_type)."
-                )
-            if present:
-                loads.append((rel, self._load(model, info)))
-        return tuple(loads)
-
-    def _pair_loads(self, model, reference, prefixes, indices, qk_rotation):
-        """Both models' loads of one layer's spec tensors, checked: every required tensor
-        present, none that mergekit would drop, and the same optional tensors (biases)."""
-        spec = layer_spec(self._arch.name, self._geometry, qk_rotation)
-        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
-        model_loads = self._layer_loads(model, prefixes[model], indices[model], spec, optional)
-        ref_loads = self._layer_loads(reference, prefixes[reference], indices[reference], spec, optional)
-        if {r for r, _ in model_loads} != {r for r, _ in ref_loads}:
-            diff = {r for r, _ in model_loads} ^ {r for r, _ in ref_loads}
+    @lru_cache(maxsize=None)
+    def _layer_infos(self, model: ModelReference, module: str, index: int) -> Tuple[str, Dict[str, WeightInfo]]:
+        """(prefix, {relative name: WeightInfo}) of one layer, from mergekit's definition."""
+        infos = self.planner._model_arch(model).get_module(module).layer_weights(index=index) or []
+        prefix = layer_prefix([w.name for w in infos], index)
+        if prefix is None:
             raise SymAlignConfigError(
-                f"models {model} and {reference} differ in which optional tensors they carry "
-                f"in {prefixes[model]}* ({', '.join(sorted(diff))}): they are not the same "
-                f"architecture variant and cannot be aligned."
+                f"cannot tell the layer prefix of layer {index} of {model} from mergekit's "
+                f"architecture definition ({', '.join(w.name for w in infos[:3])}, ...)."
             )
-        return model_loads, ref_loads
+        return prefix, {w.name[len(prefix):]: w for w in infos}
 
-    def _activation_models(self, reference: ModelReference):
-        """Models that may need aligning: all but the reference, except those whose `align`
-        is a plain false everywhere in the recipe (no forward pass is spent on them)."""
-        seen = {}
-        for _where, params, model in parameter_scopes(self.config):
-            if model is not None and params and "align" in params:
-                seen.setdefault(model, set()).add(params["align"] is False)
-        never = {m for m, flags in seen.items() if flags == {True}}
-        return tuple(m for m in self.config.referenced_models() if m != reference and m not in never)
+    def _layer_tensor(self, weights_in: List[WeightInfo], models: List[ModelReference],
+                      settings: AlignSettings) -> Optional[LayerTensor]:
+        context = self.context
+        if context is None or context.module != self.module:
+            return None
+        prefixes, names = {}, set()
+        for model, info in zip(models, weights_in):
+            prefix, _ = self._layer_infos(model, context.module, context.indices[model])
+            if not info.name.startswith(prefix):
+                return None
+            prefixes[model] = prefix
+            names.add(info.name[len(prefix):])
+        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
+        if len(names) != 1 or next(iter(names)) not in spec.tensors():
+            return None
+        return LayerTensor(next(iter(names)), prefixes, dict(context.indices))
 
-    def _activation_alignment(self, model, reference, prefixes, indices, settings):
-        if indices[model] != indices[reference]:
-            raise SymAlignConfigError(
-                f"alignment: activations pairs layers by index while streaming, but output layer "
-                f"{prefixes[reference]}* takes layer {indices[model]} of {model} and layer "
-                f"{indices[reference]} of the reference {reference}. Use equal layer ranges, or "
-                f"alignment: weights."
-            )
-        # The same checks as the weight path; the streamer does its own loading.
-        self._pair_loads(model, reference, prefixes, indices, settings["qk_rotation"])
-        key = (reference, tuple(settings[k] for k in LAYER_SETTINGS if k != "output_frame"))
+    # ------------------------------------------------------------------ alignment tasks
+
+    def _layer_loads(self, model: ModelReference, layer: LayerTensor, settings: AlignSettings):
+        module, index = self.context.module, layer.indices[model]
+        prefix, infos = self._layer_infos(model, module, index)
+        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
+
+        def info(rel):
+            return infos.get(rel) or WeightInfo(name=prefix + rel, optional=True)
+
+        found = check_layer_tensors(
+            spec, model, prefix,
+            present=lambda rel: self._present(model, info(rel)),
+            listed=lambda rel: rel in infos,
+            architecture_name=self.planner.arch_info.expected_model_type,
+        )
+        return tuple((rel, self._load(model, info(rel))) for rel in found)
+
+    def _pair_loads(self, model, reference, layer: LayerTensor, settings: AlignSettings):
+        model_loads = self._layer_loads(model, layer, settings)
+        reference_loads = self._layer_loads(reference, layer, settings)
+        check_same_optional_tensors(model, reference, layer.prefixes[model],
+                                    (r for r, _ in model_loads), (r for r, _ in reference_loads))
+        return model_loads, reference_loads
+
+    def _alignment(self, model: ModelReference, reference: ModelReference, layer: LayerTensor,
+                   settings: AlignSettings):
+        if settings.alignment == "activations":
+            return self._activation_alignment(model, reference, layer, settings)
+        key = (model, layer.prefixes[model], reference, layer.prefixes[reference], settings)
         if key not in self._alignments:
-            models = self._activation_models(reference)
+            model_loads, reference_loads = self._pair_loads(model, reference, layer, settings)
+            self._warn_full_qk(model, settings)
+            self._alignments[key] = LayerAlignmentTask(
+                model=model,
+                reference=reference,
+                layer_prefix=layer.prefixes[model],
+                architecture=self.arch.name,
+                geometry=self.geometry,
+                settings=settings,
+                model_tensors=model_loads,
+                reference_tensors=reference_loads,
+            )
+        return self._alignments[key]
+
+    def _activation_alignment(self, model, reference, layer: LayerTensor, settings: AlignSettings):
+        check_activation_layers(model, reference, layer.prefixes, layer.indices)
+        self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
+        key = (reference, settings)
+        if key not in self._alignments:
+            never = never_aligned(self.planner.config)
+            models = [m for m in self.planner.config.referenced_models()
+                      if m != reference and m not in never]
+            device = self.planner.options.device
             self._alignments[key] = ActivationAlignmentTask(
                 reference=reference,
                 models=tuple(sorted(models, key=str)),
-                qk_rotation=settings["qk_rotation"],
-                permutation=settings["permutation"],
-                rotation=settings["rotation"],
-                scaling=settings["scaling"],
-                calibration=settings["calibration"],
-                calibration_samples=settings["calibration_samples"],
-                calibration_max_tokens=settings["calibration_max_tokens"],
-                device=self.options.device if self.options.device != "cpu" else None,
-                trust_remote_code=self.options.trust_remote_code,
+                settings=settings,
+                device=device if device != "cpu" else None,
+                trust_remote_code=self.planner.options.trust_remote_code,
             )
         source = self._alignments[key]
         if model not in source.models:
             raise SymAlignConfigError(f"model {model} was planned without alignment")
-        return PickLayerTransform(source=source, model=model, layer=indices[model])
+        return PickLayerTransform(source=source, model=model, layer=layer.indices[model])
 
-    def _alignment(self, model, reference, prefixes, indices, settings):
-        if settings["alignment"] == "activations":
-            return self._activation_alignment(model, reference, prefixes, indices, settings)
-        key = (model, prefixes[model], reference, prefixes[reference],
-               tuple(settings[k] for k in LAYER_SETTINGS))
-        if key in self._alignments:
-            return self._alignments[key]
-        model_loads, ref_loads = self._pair_loads(
-            model, reference, prefixes, indices, settings["qk_rotation"])
-        if settings["qk_rotation"] == "full" and not self._warned_full:
+    def _warn_full_qk(self, model, settings: AlignSettings) -> None:
+        if settings.qk_rotation == "full" and not self._warned_full:
             full_qk_warning(str(model))
             self._warned_full = True
-        task = LayerAlignmentTask(
-            model=model,
-            reference=reference,
-            layer_prefix=prefixes[model],
-            architecture=self._arch.name,
-            geometry=self._geometry,
-            qk_rotation=settings["qk_rotation"],
-            permutation=settings["permutation"],
-            rotation=settings["rotation"],
-            scaling=settings["scaling"],
-            model_tensors=model_loads,
-            reference_tensors=ref_loads,
-        )
-        self._alignments[key] = task
-        return task
 
-    def _consistent(self, key, value, what: str):
-        seen = self._layer_settings.setdefault(key, value)
-        if seen != value:
-            raise SymAlignConfigError(
-                f"{what} resolves differently for different tensors ({seen} vs {value}): "
-                f"every tensor of a layer moves together, so set it per model or per layer "
-                f"(no tensor filters)."
-            )
+    # ------------------------------------------------------------------ one output tensor
+
+    def _check_layer(self, layer: LayerTensor, roles: Roles, settings: TensorSettings, per_input) -> None:
+        for m, prefix in layer.prefixes.items():
+            self._consistency.check(("layer", m, prefix), settings.align, f"{m} {prefix}* settings")
+            self._consistency.check(("align", m, prefix), per_input[m]["align"], f"align of {m}")
 
     def plan_tensor(self, weight: WeightInfo, weights_in: List[WeightInfo],
-                    models: List[ModelReference], cfg_reader: ConfigReader):
-        if not self._aligned:
-            return super().plan_tensor(weight, weights_in, models, cfg_reader)
+                    models: List[ModelReference], cfg_reader: ConfigReader) -> None:
         if weight.optional and not any(self._present(m, w) for m, w in zip(models, weights_in)):
             logging.info(f"Skipping optional weight {weight.name}")
             return
-        method: SymmetryAlignedMerge = self._method
+        method = self.method
         base = cfg_reader.base_model
         shared, per_input = resolve_parameters(
             method.spec,
@@ -280,66 +276,42 @@ class SymAlignPlanner(MergePlanner):
             base_model=base,
             t=cfg_reader.t,
         )
-        w_by_model = dict(zip(models, weights_in))
         for m in models:
-            self._consistent(("role", m), per_input[m]["role"], f"role of model {m}")
-        refs = [m for m in models if per_input[m]["role"] == "reference" and m != base]
-        reference = refs[0] if refs else base
-        skills = [m for m in models if m not in (base, reference)]
-        for m in skills:
-            if per_input[m].get("weight") is None:
-                raise SymAlignConfigError(
-                    f"model {m} is a skill model but has no weight (tensor {weight.name}). "
-                    f"Give it `weight:` or mark it `role: reference`."
-                )
-        if not skills:
-            raise SymAlignConfigError(
-                f"{method.spec.name}: no skill model contributes to {weight.name}; the recipe "
-                f"needs at least one model besides the base and the reference."
-            )
+            self._consistency.check(("role", m), per_input[m]["role"], f"role of model {m}")
+        roles = resolve_roles(models, base, per_input, method.spec.name, weight.name)
+        settings = resolve_settings(shared)
+        by_model = dict(zip(models, weights_in))
+        layer = self._layer_tensor(weights_in, models, settings.align)
+        if layer is not None:
+            self._check_layer(layer, roles, settings, per_input)
 
-        # Which layer tensor is this, in each model's own numbering (slices may differ)?
-        spec = layer_spec(self._arch.name, self._geometry, shared["qk_rotation"])
-        splits = {m: split_layer_name(self._arch, w.name) for m, w in w_by_model.items()}
-        rels = {s[2] for s in splits.values() if s is not None}
-        touched = len(rels) == 1 and all(s is not None for s in splits.values()) and (
-            next(iter(rels)) in spec.tensors()
-        )
-        rel = next(iter(rels)) if touched else None
-        prefixes = {m: s[0] for m, s in splits.items() if s is not None}
-        indices = {m: s[1] for m, s in splits.items() if s is not None}
-        settings = {k: shared[k] for k in LAYER_SETTINGS}
-        if touched:
-            for m in models:
-                self._consistent(("layer", m, prefixes[m]), settings, f"{m} {prefixes[m]}* settings")
-                self._consistent(("align", m, prefixes[m]), per_input[m]["align"], f"align of {m}")
-
-        def needs_alignment(m):
-            return touched and m != reference and bool(per_input[m]["align"])
+        def alignment(m):
+            if layer is None or m not in roles.aligned:
+                return None
+            return self._alignment(m, roles.reference, layer, settings.align)
 
         def aligned_input(m):
-            load = self._load(m, w_by_model[m])
-            if not needs_alignment(m):
+            load, transform = self._load(m, by_model[m]), alignment(m)
+            if transform is None:
                 return load
-            alignment = self._alignment(m, reference, prefixes, indices, settings)
-            return AlignTensorTask(tensor=load, alignment=alignment, name=rel)
+            return AlignTensorTask(tensor=load, alignment=transform, name=layer.name)
 
         inner = method.inner.spec
-        inner_models = (reference, *skills)
-        input_params = {}
-        for m in inner_models:
-            input_params[m] = ImmutableMap(data={
+        input_params = {
+            m: ImmutableMap(data={
                 p.name: per_input[m][p.name]
                 for p in inner.input_parameters
-                if m != reference or p.scope == ParameterScope.INPUT
+                if m != roles.reference or p.scope == ParameterScope.INPUT
             })
-        if weight.vocabulary_axis is not None and self._tokenizer_task is not None:
+            for m in roles.merged
+        }
+        if weight.vocabulary_axis is not None and self.planner._tokenizer_task is not None:
             # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
             # (no layer symmetry acts on them, so nothing is aligned here).
             tokenizer = cfg_reader.config.tokenizer
             inputs = sources = PermutedVocabulary(
-                gather_tensors=self._gather(dict(w_by_model)),
-                tokenizer_task=self._tokenizer_task,
+                gather_tensors=self._gather(by_model),
+                tokenizer_task=self.planner._tokenizer_task,
                 tokens=(tokenizer.tokens if tokenizer else None) or {},
                 pad_to_multiple_of=tokenizer.pad_to_multiple_of if tokenizer else None,
                 base_model=base,
@@ -347,32 +319,29 @@ class SymAlignPlanner(MergePlanner):
             )
         else:
             inputs = TensorDictWrapper(
-                tensors=ImmutableMap(data={m: aligned_input(m) for m in inner_models})
+                tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
             )
             sources = TensorDictWrapper(tensors=ImmutableMap(data={
-                m: self._load(m, w_by_model[m]) for m in dict.fromkeys((base, reference))
+                m: self._load(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
             }))
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,
             gather_tensors=inputs,
-            model_order=inner_models,
-            base_model=reference,
+            model_order=roles.merged,
+            base_model=roles.reference,
             output_weight=weight,
             parameters=ImmutableMap(data={p.name: shared[p.name] for p in inner.shared_parameters}),
             input_parameters=ImmutableMap(data=input_params),
             # A transfer subtracts the reference again: keep the delta in float32.
-            dtype="float32" if reference != base else None,
+            dtype="float32" if roles.transfer else None,
         )
         final = TransferTask(
             merged=merged,
             sources=sources,
             base_model=base,
-            reference_model=reference,
-            base_alignment=(
-                self._alignment(base, reference, prefixes, indices, settings)
-                if needs_alignment(base) else None
-            ),
-            name=rel,
-            output_frame=settings["output_frame"],
+            reference_model=roles.reference,
+            base_alignment=alignment(base),
+            name=layer.name if layer is not None else None,
+            output_frame=settings.output_frame,
         )
-        self._tensors.append((weight, final))
+        self.planner._tensors.append((weight, final))

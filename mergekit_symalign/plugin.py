@@ -1,22 +1,114 @@
-"""Registration with mergekit: the methods, and the planner hook in ``mergekit.merge``."""
+"""Registration with mergekit: the methods, and the hook in ``mergekit.plan.MergePlanner``.
+
+mergekit 0.1.5 has no plugin discovery and always wraps a method in a fixed
+``ExecuteMergeMethodTask(gather_tensors=...)``, so feeding a method aligned inputs needs a
+planner hook. We hook the class itself, in place, rather than swapping a subclass into one
+module's namespace: ``mergekit.merge``, ``mergekit.evo.actors`` and any other code that did
+``from mergekit.plan import MergePlanner`` hold the very same (hooked) class. Each hooked
+method does exactly what mergekit does unless the planner's method is a
+``symmetry_aligned_*`` one; then planning goes to :class:`.planner.AlignedPlanning`.
+"""
 
 from __future__ import annotations
 
 import importlib
 
+from .compat import TARGET_VERSION
+from .errors import IncompatibleMergekit
+
+HOOKED = ("_plan", "plan_module", "plan_layer", "plan_tensor")
+
+
+def _mergekit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "(unknown version)"
+_STATE = "_symalign_planning"
+
 
 def install() -> None:
     """Idempotent: register every ``symmetry_aligned_*`` method and hook the planner."""
-    # import_module, not attribute access: this can run while mergekit.merge is being
-    # imported (from the .pth hook), when `mergekit.merge` is not yet an attribute.
+    # import_module, not attribute access: this can run while mergekit is being imported
+    # (from the .pth hook), when submodules are not yet attributes of their package.
     registry = importlib.import_module("mergekit.merge_methods.registry")
-    merge = importlib.import_module("mergekit.merge")
-    from .methods import all_methods
-    from .planner import SymAlignPlanner
+    plan = importlib.import_module("mergekit.plan")
+    from .compat import internals_problems, wrapped_method_problems
+    from .methods import WRAPPED_METHODS, all_methods
 
+    if "_symalign_original" not in plan.MergePlanner.__dict__:
+        problems = internals_problems() + wrapped_method_problems(WRAPPED_METHODS)
+        if problems:
+            raise IncompatibleMergekit(
+                "mergekit-symalign targets mergekit's internals as of mergekit "
+                f"{TARGET_VERSION}; in the installed mergekit "
+                f"{_mergekit_version()} these moved: " + "; ".join(problems) + ". Install "
+                f"mergekit=={TARGET_VERSION} (pip install 'mergekit=={TARGET_VERSION}'). The "
+                f"symmetry_aligned_* methods are not registered; plain mergekit is unaffected."
+            )
     known = {m.spec.name for m in registry.registered_methods()}
     for method in all_methods():
         if method.spec.name not in known:
             registry.register(method)
-    if not (isinstance(merge.MergePlanner, type) and issubclass(merge.MergePlanner, SymAlignPlanner)):
-        merge.MergePlanner = SymAlignPlanner
+    hook_planner(plan.MergePlanner)
+
+
+def _planning(planner):
+    """The planner's :class:`AlignedPlanning`, or None when its method is not ours."""
+    state = planner.__dict__.get(_STATE, False)
+    if state is False:
+        from .methods import SymmetryAlignedMerge
+        from .planner import AlignedPlanning
+
+        state = AlignedPlanning(planner) if isinstance(planner._method, SymmetryAlignedMerge) else None
+        planner.__dict__[_STATE] = state
+    return state
+
+
+def hook_planner(cls) -> None:
+    if "_symalign_original" in cls.__dict__:
+        return
+    original = {name: cls.__dict__[name] for name in HOOKED}
+
+    def _plan(self):
+        planning = _planning(self)
+        if planning is not None:
+            planning.check()  # before mergekit normalizes the config or builds a task
+        return original["_plan"](self)
+
+    def plan_module(self, module_name, definition):
+        planning = _planning(self)
+        if planning is not None:
+            planning.context = None
+        return original["plan_module"](self, module_name, definition)
+
+    def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
+        planning = _planning(self)
+        if planning is None:
+            return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
+        from .planner import LayerContext
+
+        planning.context = LayerContext(
+            module=module_name,
+            indices={s.model: s.layer_range[0] + layer_offset for s in sources},
+        )
+        try:
+            return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
+        finally:
+            planning.context = None
+
+    def plan_tensor(self, weight, weights_in, models, cfg_reader):
+        planning = _planning(self)
+        if planning is None:
+            return original["plan_tensor"](self, weight, weights_in, models, cfg_reader)
+        return planning.plan_tensor(weight, weights_in, models, cfg_reader)
+
+    for name, hooked in (("_plan", _plan), ("plan_module", plan_module),
+                         ("plan_layer", plan_layer), ("plan_tensor", plan_tensor)):
+        hooked.__wrapped__ = original[name]
+        hooked.__doc__ = original[name].__doc__
+        hooked.__qualname__ = f"{cls.__qualname__}.{name}"
+        setattr(cls, name, hooked)
+    cls._symalign_original = original

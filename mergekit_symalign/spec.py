@@ -10,7 +10,7 @@ caller maps them to checkpoint names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -47,7 +47,6 @@ class Switches:
 class LayerSpec:
     architecture: str
     blocks: Tuple[Block, ...]
-    notes: Tuple[str, ...] = ()  # what was restricted for this architecture, and why
 
     def symmetries(self) -> Tuple[Symmetry, ...]:
         return tuple(s for b in self.blocks for s in b.symmetries())
@@ -55,6 +54,90 @@ class LayerSpec:
     def tensors(self) -> Tuple[str, ...]:
         """Every layer-relative tensor name that some symmetry moves."""
         return tuple(dict.fromkeys(t for s in self.symmetries() for t in s.tensors))
+
+    def describe(self) -> str:
+        """A readable table: per block and symmetry, which tensor axes and positions move."""
+        lines = [f"{self.architecture} layer symmetry spec"]
+        for block in self.blocks:
+            lines.append(f"  block {block.name}")
+            for symmetry in block.symmetries():
+                n, k = symmetry.slots, symmetry.coords
+                kind = symmetry.kind.value + ("" if symmetry.signed or symmetry.kind != Kind.scale
+                                              else ", positive")
+                lines.append(f"    {symmetry.name}: {kind}, {n} slots x {k} coords")
+                for site in symmetry.sites:
+                    _, c, _ = site.index.shape
+                    flat = site.index.reshape(-1)
+                    where = "rows" if site.axis == 0 else f"axis {site.axis}"
+                    lines.append(
+                        f"      {site.tensor:<32} {where:<7} {_ranges(flat)}"
+                        f"  ({c} cop{'y' if c == 1 else 'ies'} per slot)"
+                        f"{'  x g^-T' if site.contragredient else ''}"
+                        f"{'  optional' if site.optional else ''}"
+                    )
+        return "\n".join(lines)
+
+
+def _ranges(flat: torch.Tensor) -> str:
+    """``0..79`` for a contiguous run, else the first positions and a count."""
+    values = flat.tolist()
+    low, high = min(values), max(values)
+    if sorted(values) == list(range(low, high + 1)):
+        return f"{low}..{high}"
+    head = ",".join(map(str, values[:6]))
+    return f"{{{head},...}} ({len(values)} positions in {low}..{high})"
+
+
+class SpecError(ValueError):
+    """A symmetry spec that cannot be an exact group action as declared."""
+
+
+def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+    """Check a spec against a layer's tensor shapes (layer-relative names).
+
+    * every site's tensor exists (unless optional) and its axis and positions lie inside it;
+    * no position is listed twice within a site;
+    * a block's scale acts only on positions its main symmetry moves;
+    * blocks are disjoint: no (tensor, axis, position) is moved by two blocks, which is what
+      makes solving the blocks one after another the same as solving them jointly.
+    """
+    owner: Dict[Tuple[str, int, int], str] = {}
+    for block in spec.blocks:
+        mine = set()
+        main_positions = set()
+        for symmetry in block.symmetries():
+            for site in symmetry.sites:
+                shape = shapes.get(site.tensor)
+                if shape is None:
+                    if site.optional:
+                        continue
+                    raise SpecError(f"{symmetry.name}: tensor {site.tensor} is not in the layer")
+                if site.axis >= len(shape):
+                    raise SpecError(f"{symmetry.name}: {site.tensor} has no axis {site.axis}")
+                flat = site.index.reshape(-1)
+                if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[site.axis]):
+                    raise SpecError(
+                        f"{symmetry.name}: {site.tensor} axis {site.axis} positions "
+                        f"{int(flat.min())}..{int(flat.max())} exceed its size {shape[site.axis]}"
+                    )
+                if flat.unique().numel() != flat.numel():
+                    raise SpecError(f"{symmetry.name}: {site.tensor} lists a position twice")
+                positions = {(site.tensor, site.axis, int(i)) for i in flat}
+                if symmetry is block.main:
+                    main_positions |= positions
+                elif block.main is not None and not positions <= main_positions:
+                    raise SpecError(
+                        f"{symmetry.name}: scales {site.tensor} positions that "
+                        f"{block.main.name} does not move"
+                    )
+                mine |= positions
+        for position in mine:
+            other = owner.setdefault(position, block.name)
+            if other != block.name:
+                raise SpecError(
+                    f"blocks {other} and {block.name} both move {position[0]} axis "
+                    f"{position[1]} position {position[2]}"
+                )
 
 
 Step = Tuple[Symmetry, torch.Tensor]
@@ -82,25 +165,37 @@ class LayerTransform:
         return any(name in s.tensors for s, _ in self.steps)
 
 
+Solver = Callable[[Symmetry, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
+
+
 def align_layer(
     spec: LayerSpec,
-    anchor: Mapping[str, torch.Tensor],
-    target: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
     switches: Switches = Switches(),
-    model: str = "target",
+    label: str = "model",
+    solvers: Optional[Mapping[str, Solver]] = None,
 ) -> LayerTransform:
-    """The element of the layer's group that best maps ``target`` onto ``anchor``."""
-    current = dict(target)
+    """The element of the layer's group that best maps ``model`` onto ``reference``.
+
+    Each block's main symmetry, then its scale, each solved on ``model`` moved by the steps
+    before. ``solvers`` replaces the generic solver of the symmetries it names (e.g. a
+    matching cost measured on activations).
+    """
+    current = dict(model)
     steps: List[Step] = []
     for block in spec.blocks:
         scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
         for symmetry in block.symmetries():
             if not switches.enabled(symmetry):
                 continue
-            kw = {"scale": scale} if symmetry is block.main else {}
             try:
-                element = solve(symmetry, anchor, current, model=model, **kw)
-            except (KeyError, ValueError) as err:
+                if solvers and symmetry.name in solvers:
+                    element = solvers[symmetry.name](symmetry, reference, current)
+                else:
+                    kw = {"scale": scale} if symmetry is block.main else {}
+                    element = solve(symmetry, reference, current, label=label, **kw)
+            except (KeyError, ValueError, FloatingPointError) as err:
                 raise ValueError(f"{spec.architecture} {symmetry.name}: {err}") from None
             current = apply(symmetry, element, current)
             steps.append((symmetry, element))
@@ -116,5 +211,5 @@ def random_transform(
     )
 
 
-def layer_distance(spec: LayerSpec, anchor, target) -> float:
-    return distance(anchor, target, spec.tensors())
+def layer_distance(spec: LayerSpec, reference, model) -> float:
+    return distance(reference, model, spec.tensors())

@@ -64,17 +64,17 @@ def scramble_state_dict(
 
 
 def align_state_dict(
-    anchor: Mapping[str, torch.Tensor],
-    target: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    model: Mapping[str, torch.Tensor],
     config: Any,
     switches: Switches = Switches(),
     qk_rotation: str = "rope",
 ) -> Tuple[Dict[str, torch.Tensor], Dict[int, LayerTransform]]:
-    """Align ``target`` layer by layer into ``anchor``'s coordinates."""
+    """Align ``model`` layer by layer into ``reference``'s coordinates."""
     spec = spec_for_config(config, qk_rotation)
     arch = architecture_for(spec.architecture)
-    anchor_layers = _by_layer(arch, anchor)
+    reference_layers = _by_layer(arch, reference)
     transforms = {}
-    for index, (_prefix, tensors) in _by_layer(arch, target).items():
-        transforms[index] = align_layer(spec, anchor_layers[index][1], tensors, switches)
-    return transform_state_dict(target, config, transforms), transforms
+    for index, (_prefix, tensors) in _by_layer(arch, model).items():
+        transforms[index] = align_layer(spec, reference_layers[index][1], tensors, switches)
+    return transform_state_dict(model, config, transforms), transforms

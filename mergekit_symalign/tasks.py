@@ -22,16 +22,14 @@ from mergekit.io.tasks import LoadTensor
 import logging
 
 from .architectures import ARCHITECTURES, Geometry, layer_spec
+from .errors import NonFiniteTensorError
 from .rope import attention_logit_change
-from .spec import LayerTransform, Switches, align_layer
+from .settings import AlignSettings
+from .spec import LayerTransform, align_layer
 
 LOG = logging.getLogger(__name__)
 
 NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
-
-
-class NonFiniteTensorError(FloatingPointError):
-    pass
 
 
 def check_finite(tensor: torch.Tensor, model: ModelReference, name: str) -> None:
@@ -50,10 +48,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
     layer_prefix: str  # the model's own prefix, e.g. "model.layers.7." (for messages)
     architecture: str
     geometry: Geometry
-    qk_rotation: str = "rope"
-    permutation: bool = True
-    rotation: bool = True
-    scaling: bool = True
+    settings: AlignSettings
     model_tensors: NamedLoads
     reference_tensors: NamedLoads
 
@@ -72,10 +67,10 @@ class LayerAlignmentTask(Task[LayerTransform]):
         return True
 
     def execute(self, **kwargs) -> LayerTransform:
-        target: Dict[str, torch.Tensor] = {}
-        anchor: Dict[str, torch.Tensor] = {}
-        sides = {"model": (self.model, dict(self.model_tensors), target),
-                 "reference": (self.reference, dict(self.reference_tensors), anchor)}
+        moving: Dict[str, torch.Tensor] = {}
+        fixed: Dict[str, torch.Tensor] = {}
+        sides = {"model": (self.model, dict(self.model_tensors), moving),
+                 "reference": (self.reference, dict(self.reference_tensors), fixed)}
         for key, value in kwargs.items():
             side, rel = key.split(":", 1)
             if value is None:
@@ -83,17 +78,17 @@ class LayerAlignmentTask(Task[LayerTransform]):
             model, loads, tensors = sides[side]
             check_finite(value, model, loads[rel].tensor)
             tensors[rel] = value
-        spec = layer_spec(self.architecture, self.geometry, self.qk_rotation)
-        switches = Switches(self.permutation, self.rotation, self.scaling)
+        settings = self.settings
+        spec = layer_spec(self.architecture, self.geometry, settings.qk_rotation)
         try:
-            transform = align_layer(spec, anchor, target, switches, model=str(self.model))
+            transform = align_layer(spec, fixed, moving, settings.switches, label=str(self.model))
         except ValueError as err:
             raise ValueError(
                 f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"
             ) from None
-        if self.qk_rotation == "full" and self.rotation:
+        if settings.qk_rotation == "full" and settings.switches.rotation:
             change = attention_logit_change(
-                target, transform.apply(target), ARCHITECTURES[self.architecture],
+                moving, transform.apply(moving), ARCHITECTURES[self.architecture],
                 self.geometry, self.geometry.rope_theta or 10000.0,
             )
             LOG.warning(
@@ -113,13 +108,7 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
 
     reference: ModelReference
     models: Tuple[ModelReference, ...]
-    qk_rotation: str = "rope"
-    permutation: bool = True
-    rotation: bool = True
-    scaling: bool = True
-    calibration: str = ""
-    calibration_samples: int = 256
-    calibration_max_tokens: int = 128
+    settings: AlignSettings
     device: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -150,8 +139,9 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
                     f"needs each model's tokenizer to run it on the calibration text. Add the "
                     f"tokenizer files, or use alignment: weights."
                 ) from None
-        texts = load_calibration(self.calibration or None, self.calibration_samples)
-        token_ids = tokenize_calibration(tokenizers, texts, self.calibration_max_tokens)
+        settings = self.settings
+        texts = load_calibration(settings.calibration or None, settings.calibration_samples)
+        token_ids = tokenize_calibration(tokenizers, texts, settings.calibration_max_tokens)
 
         def source(model):
             loader = LoaderCache().get(model)
@@ -163,8 +153,8 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             {str(m): source(m) for m in self.models},
             config,
             token_ids,
-            switches=Switches(self.permutation, self.rotation, self.scaling),
-            qk_rotation=self.qk_rotation,
+            switches=settings.switches,
+            qk_rotation=settings.qk_rotation,
             device=self.device or "cpu",
         )
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_symalign.methods import PREFIX, SymAlignConfigError
-from mergekit_symalign.tasks import NonFiniteTensorError
+from mergekit_symalign.errors import NonFiniteTensorError, SymAlignConfigError
+from mergekit_symalign.methods import PREFIX
 
 from .conftest import make_config, make_model, run_recipe, save
 
@@ -80,7 +80,7 @@ def test_activation_alignment_needs_tokenizers(family, tmp_path):
 def test_calibration_settings_are_global(family, tmp_path):
     rec = recipe(family, alignment="activations")
     rec["models"][1]["parameters"]["calibration_samples"] = 10
-    refused(rec, tmp_path / "out", match="one global value")
+    refused(rec, tmp_path / "out", match="one global setting")
 
 
 def test_bad_choice_values(family, tmp_path):

@@ -180,9 +180,9 @@ def test_alignment_runs_once_per_layer_and_model(family, tmp_path, monkeypatch):
     calls = []
     real = tasks.align_layer
 
-    def counting(spec, anchor, target, switches, model):
-        calls.append(model)
-        return real(spec, anchor, target, switches, model=model)
+    def counting(spec, reference, model, switches, label):
+        calls.append(label)
+        return real(spec, reference, model, switches, label=label)
 
     monkeypatch.setattr(tasks, "align_layer", counting)
     run_recipe(
@@ -295,7 +295,7 @@ def test_activation_alignment_through_mergekit(family_with_tokenizers, expected,
 
 
 def test_activation_alignment_refuses_bad_calibration(family_with_tokenizers, tmp_path):
-    from mergekit_symalign.methods import SymAlignConfigError
+    from mergekit_symalign.errors import SymAlignConfigError
 
     fam = family_with_tokenizers
     (tmp_path / "empty.txt").write_text("\n\n")

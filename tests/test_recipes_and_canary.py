@@ -16,7 +16,7 @@ def test_recipe_is_valid(path):
     from mergekit.merge_methods import registry
 
     from mergekit_symalign.methods import SymmetryAlignedMerge
-    from mergekit_symalign.recipe import check_recipe
+    from mergekit_symalign.validation import check_recipe
 
     config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
     method = registry.get(config.merge_method)

@@ -1,0 +1,124 @@
+"""The mergekit internals the plugin relies on, checked one by one (the canary).
+
+mergekit has no plugin API for what the planner hook does, so the plugin targets mergekit
+0.1.5's internals. :func:`internals_problems` names every internal that is missing or has
+moved; :func:`.plugin.install` refuses to hook a mergekit that has any (plain merges keep
+working, the aligned methods are not registered, and a warning says which internal moved).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable, List
+
+TARGET_VERSION = "0.1.5"
+
+PLANNER_METHODS = {
+    "_plan": ["self"],
+    "plan_module": ["self", "module_name", "definition"],
+    "plan_layer": ["self", "sources", "layer_offset", "t", "cfg_reader", "module_name"],
+    "plan_tensor": ["self", "weight", "weights_in", "models", "cfg_reader"],
+    "_model_arch": ["self", "model"],
+    "normalize_config": ["self"],
+}
+
+
+def _original(cls, name):
+    """A planner method as mergekit defined it (before our hook wrapped it)."""
+    original = cls.__dict__.get("_symalign_original", {})
+    return original.get(name, getattr(cls, name, None))
+
+
+def _parameters(func) -> List[str]:
+    func = getattr(func, "__wrapped__", func)  # functools.lru_cache on _model_arch
+    return list(inspect.signature(func).parameters)
+
+
+def internals_problems() -> List[str]:
+    """Human-readable descriptions of every relied-on mergekit internal that is not as in
+    mergekit 0.1.5 (empty when all are)."""
+    problems: List[str] = []
+
+    def check(what: str, test: Callable[[], bool]) -> None:
+        try:
+            ok = test()
+        except Exception as err:  # a missing module or attribute is a moved internal too
+            problems.append(f"{what} ({type(err).__name__}: {err})")
+            return
+        if not ok:
+            problems.append(what)
+
+    def module(name):
+        return importlib.import_module(name)
+
+    def fields(path):
+        mod, cls = path.rsplit(".", 1)
+        return set(getattr(module(mod), cls).model_fields)
+
+    planner = lambda: module("mergekit.plan").MergePlanner  # noqa: E731
+    for name, params in PLANNER_METHODS.items():
+        check(f"mergekit.plan.MergePlanner.{name}{tuple(params[1:])}",
+              lambda name=name, params=params: _parameters(_original(planner(), name)) == params)
+    check("mergekit.plan.MergePlanner._plan calls normalize_config and plan_module",
+          lambda: {"normalize_config", "plan_module"} <= set(_original(planner(), "_plan").__code__.co_names))
+    check("mergekit.plan.MergePlanner.plan_layer calls plan_tensor",
+          lambda: "plan_tensor" in _original(planner(), "plan_layer").__code__.co_names)
+    check("mergekit.plan.MergePlanner has _method, _tensors, _tokenizer_task, config, options, "
+          "arch_info", lambda: {"_method", "_tensors", "_tokenizer_task", "config", "options",
+                                "arch_info"} <= set(planner().__annotations__))
+    check("mergekit.merge.MergePlanner is mergekit.plan.MergePlanner",
+          lambda: module("mergekit.merge").MergePlanner is planner())
+    check("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask fields",
+          lambda: {"method_name", "gather_tensors", "model_order", "base_model", "output_weight",
+                   "parameters", "input_parameters", "dtype"}
+          <= fields("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask"))
+    check("mergekit.merge_methods.task_adapter.TensorDictWrapper fields == {tensors}",
+          lambda: fields("mergekit.merge_methods.task_adapter.TensorDictWrapper") == {"tensors"})
+    check("mergekit.io.tasks.GatherTensors fields == {weight_info, dtype, device}",
+          lambda: fields("mergekit.io.tasks.GatherTensors") == {"weight_info", "dtype", "device"})
+    check("mergekit.io.tasks.LoadTensor fields",
+          lambda: {"model", "tensor", "dtype", "device", "optional", "aliases", "tied_names"}
+          <= fields("mergekit.io.tasks.LoadTensor"))
+    check("mergekit.io.tasks.LoaderCache().get(model) -> LazyTensorLoader with .index",
+          lambda: "get" in dir(module("mergekit.io.tasks").LoaderCache)
+          and "index" in inspect.signature(module("mergekit.io.lazy_tensor_loader").LazyTensorLoader).parameters)
+    check("mergekit.io.lazy_tensor_loader.ShardedTensorIndex.tensor_paths",
+          lambda: "tensor_paths" in module("mergekit.io.lazy_tensor_loader").ShardedTensorIndex.__annotations__)
+    check("mergekit.tokenizer.PermutedVocabulary fields",
+          lambda: {"gather_tensors", "tokenizer_task", "tokens", "pad_to_multiple_of", "base_model",
+                   "vocabulary_axis"} <= fields("mergekit.tokenizer.PermutedVocabulary"))
+    check("mergekit.parameter_resolver.resolve_parameters(spec, tensor_name, inputs, sources, "
+          "base_model, t)",
+          lambda: _parameters(module("mergekit.parameter_resolver").resolve_parameters)
+          == ["spec", "tensor_name", "inputs", "sources", "base_model", "t"])
+    check("mergekit.merge_methods.registry.register/get/registered_methods",
+          lambda: {"register", "get", "registered_methods"} <= set(dir(module("mergekit.merge_methods.registry"))))
+    check("mergekit.merge_methods.base: GroupMergeMethod, ParameterSpec, ParameterScope, "
+          "TensorGroup, TensorEntry, PerInputValues, InputContract, BasePolicy",
+          lambda: all(hasattr(module("mergekit.merge_methods.base"), n) for n in (
+              "GroupMergeMethod", "ParameterSpec", "ParameterScope", "TensorGroup",
+              "TensorEntry", "PerInputValues", "InputContract", "BasePolicy", "MergeMethodSpec")))
+    check("mergekit.architecture.ConfiguredModuleArchitecture.layer_weights(index)",
+          lambda: _parameters(module("mergekit.architecture").ConfiguredModuleArchitecture.layer_weights)
+          == ["self", "index"])
+    check("mergekit.graph.Task: arguments, execute, group_label, priority, uses_accelerator",
+          lambda: all(hasattr(module("mergekit.graph").Task, n) for n in (
+              "arguments", "execute", "group_label", "priority", "uses_accelerator")))
+    return problems
+
+
+def wrapped_method_problems(names) -> List[str]:
+    """The wrapped methods must be mergekit's generalized task arithmetic."""
+    registry = importlib.import_module("mergekit.merge_methods.registry")
+    gta = importlib.import_module("mergekit.merge_methods.generalized_task_arithmetic")
+    problems = []
+    for name in names:
+        try:
+            method = registry.get(name)
+        except Exception as err:
+            problems.append(f"merge method {name} ({err})")
+            continue
+        if not isinstance(method, gta.GeneralizedTaskArithmeticMerge):
+            problems.append(f"merge method {name} is no longer a GeneralizedTaskArithmeticMerge")
+    return problems
