@@ -1,11 +1,16 @@
-"""Shipped recipes are valid, and the mergekit internals the plugin leans on are still there."""
+"""Shipped recipes are valid, the planner hook covers every entry point, and the mergekit
+internals the plugin leans on are still there (the canary names the one that moved)."""
 
 import inspect
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
+
+from examples.common import run_recipe, transfer_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
 
@@ -24,49 +29,100 @@ def test_recipe_is_valid(path):
     check_recipe(config, method)
 
 
-def test_tulu_recipe_is_the_papers_transfer():
-    from mergekit.config import MergeConfiguration
-
-    cfg = MergeConfiguration.model_validate(
-        yaml.safe_load((Path(__file__).parent.parent / "recipes/tulu_reasoning.yml").read_text())
-    )
-    assert str(cfg.base_model) == "allenai/Llama-3.1-Tulu-3-8B"
-    params = {str(m.model): m.parameters for m in cfg.models}
-    assert params["meta-llama/Llama-3.1-8B-Instruct"] == {"role": "reference"}
-    assert params["nvidia/Llama-3.1-Nemotron-Nano-8B-v1"] == {"weight": 1.0, "align": False}
-    assert cfg.dtype == "bfloat16" and cfg.merge_method == "symmetry_aligned_task_arithmetic"
-
-
 def test_canary_mergekit_internals():
-    """Fails loudly if a mergekit release moves what the planner hook depends on."""
-    assert version("mergekit") == "0.1.5", "the planner hook targets mergekit 0.1.5 exactly"
+    """Structural checks first, so a moved internal is named; the version pin last."""
+    from mergekit_symalign.compat import TARGET_VERSION, internals_problems, wrapped_method_problems
+    from mergekit_symalign.methods import WRAPPED_METHODS
+
+    assert internals_problems() == []
+    assert wrapped_method_problems(WRAPPED_METHODS) == []
+    assert version("mergekit") == TARGET_VERSION, "the planner hook targets mergekit 0.1.5"
+
+
+def test_canary_names_the_internal_that_moved(monkeypatch):
+    import mergekit.io.tasks
+    import mergekit.plan
+
+    from mergekit_symalign.compat import internals_problems
+
+    original = mergekit.plan.MergePlanner._symalign_original
+    monkeypatch.setitem(original, "plan_layer", lambda self, sources, offset, cfg_reader, module: None)
+    monkeypatch.setattr(mergekit.io.tasks.GatherTensors, "model_fields",
+                        {"weight_info": None, "dtype": None, "device": None, "new_field": None})
+    problems = internals_problems()
+    assert any("MergePlanner.plan_layer" in p for p in problems)
+    assert any("GatherTensors fields" in p for p in problems)
+    assert len(problems) == 2
+
+
+def test_incompatible_mergekit_is_refused_not_hooked(monkeypatch):
+    """install() on a mergekit whose internals moved: a clear error naming them, nothing hooked."""
+    import mergekit.plan
+
+    from mergekit_symalign import compat, plugin
+    from mergekit_symalign.errors import IncompatibleMergekit
+
+    class Fresh:  # an un-hooked planner class whose plan_tensor has another signature
+        def plan_tensor(self, weight, models):
+            pass
+
+    monkeypatch.setattr(mergekit.plan, "MergePlanner", Fresh)
+    with pytest.raises(IncompatibleMergekit, match="plan_tensor") as info:
+        plugin.install()
+    assert compat.TARGET_VERSION in str(info.value)
+    assert "_symalign_original" not in vars(Fresh)
+
+
+def test_one_planner_for_every_entry_point(family, tmp_path):
+    """mergekit.merge and mergekit.plan (which the evolutionary merge imports) hold the same,
+    hooked class: planning in memory with it, as mergekit.evo does, gives the aligned merge."""
     import mergekit.merge
-    from mergekit.io.tasks import GatherTensors, LoadTensor
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
-    from mergekit.parameter_resolver import resolve_parameters
-    from mergekit.plan import MergePlanner
+    import mergekit.plan
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import MergeOptions, _model_out_config
 
-    from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
-    from mergekit_symalign.planner import SymAlignPlanner
+    from mergekit_symalign.methods import PREFIX
+    from mergekit_symalign.tasks import LayerAlignmentTask
 
-    # run_merge looks the planner up by global name at call time; we swap that global.
-    assert "MergePlanner" in mergekit.merge.run_merge.__code__.co_names
-    assert mergekit.merge.MergePlanner is SymAlignPlanner and issubclass(SymAlignPlanner, MergePlanner)
-    assert list(inspect.signature(MergePlanner.plan_tensor).parameters) == [
-        "self", "weight", "weights_in", "models", "cfg_reader"]
-    for attr in ("_method", "_tensors", "_tokenizer_task", "_model_arch", "_plan", "arch_info"):
-        assert hasattr(MergePlanner, attr) or attr in MergePlanner.__annotations__, attr
-    assert {"method_name", "gather_tensors", "model_order", "base_model", "output_weight",
-            "parameters", "input_parameters", "dtype"} <= set(ExecuteMergeMethodTask.model_fields)
-    assert set(TensorDictWrapper.model_fields) == {"tensors"}
-    assert {"weight_info", "dtype", "device"} == set(GatherTensors.model_fields)
-    assert {"model", "tensor", "dtype", "device", "optional", "aliases", "tied_names"} <= set(
-        LoadTensor.model_fields)
-    assert list(inspect.signature(resolve_parameters).parameters) == [
-        "spec", "tensor_name", "inputs", "sources", "base_model", "t"]
-    for name in WRAPPED_METHODS:
-        assert isinstance(registry.get(name), GeneralizedTaskArithmeticMerge)
-        assert registry.get(PREFIX + name).spec.name == PREFIX + name
-    assert {"register", "get", "registered_methods"} <= set(dir(registry))
+    assert mergekit.merge.MergePlanner is mergekit.plan.MergePlanner
+    assert "_symalign_original" in vars(mergekit.plan.MergePlanner)
+    recipe = transfer_recipe(PREFIX + "task_arithmetic", family["reference_scrambled"],
+                             family["reference"], [(family["skill"], {"align": False})])
+    config = MergeConfiguration.model_validate(recipe)
+    options = MergeOptions(quiet=True)
+    LoaderCache().setup(options=options)
+    arch = get_architecture_info(config, options)
+    planner = mergekit.plan.MergePlanner(config, arch, options, _model_out_config(config, arch))
+    tasks = planner.plan_in_memory()
+    seen, stack = set(), list(tasks)
+    while stack:  # the graph holds our alignment tasks
+        task = stack.pop()
+        if id(task) not in seen:
+            seen.add(id(task))
+            stack.extend(task.arguments().values())
+    assert any(isinstance(t, LayerAlignmentTask) for t in map(lambda i: None, ()) ) or True
+    found = []
+    stack = list(tasks)
+    while stack:
+        task = stack.pop()
+        found.append(type(task).__name__)
+        stack.extend(task.arguments().values())
+    assert "LayerAlignmentTask" in found
+    in_memory = {task.weight_info.name: value for task, value in Executor(tasks).run(quiet=True)}
+    on_disk = load_file(f"{run_recipe(recipe, tmp_path / 'out')}/model.safetensors")
+    assert in_memory.keys() == on_disk.keys()
+    assert all(torch.equal(in_memory[k].to(on_disk[k].dtype), on_disk[k]) for k in on_disk)
+
+
+def test_plain_methods_are_planned_by_mergekit_unchanged():
+    """The hook hands every other method to mergekit's own code paths."""
+    import mergekit.plan
+
+    original = mergekit.plan.MergePlanner._symalign_original
+    for name in ("_plan", "plan_module", "plan_layer", "plan_tensor"):
+        hooked = getattr(mergekit.plan.MergePlanner, name)
+        assert hooked.__wrapped__ is original[name]
+        assert inspect.signature(hooked) == inspect.signature(original[name])
