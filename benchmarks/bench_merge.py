@@ -20,17 +20,23 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
 import report  # noqa: E402
+from examples.common import (  # noqa: E402
+    ALIGNED_TASK_ARITHMETIC,
+    aligned_recipe,
+    perturbed,
+    plain_transfer_recipe,
+    run_mergekit_yaml,
+)
 
 PAGE = "performance.md"
 
@@ -48,7 +54,7 @@ finally:
 
 
 def build_models(workdir: Path):
-    from mergekit_symalign import smollm
+    from examples import smollm
     from mergekit_symalign.statedict import scramble_state_dict
 
     paths = {n: workdir / n for n in ("reference", "skill", "target")}
@@ -56,8 +62,7 @@ def build_models(workdir: Path):
         return {k: str(v) for k, v in paths.items()}
     model, tokenizer = smollm.load_smollm2(torch.float32)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    skill = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    skill = perturbed(sd, seed=0, scale=0.01)
     target, _ = scramble_state_dict(sd, model.config, seed=1)
     for name, weights in (("reference", sd), ("skill", skill), ("target", target)):
         model.load_state_dict(weights)
@@ -66,34 +71,22 @@ def build_models(workdir: Path):
 
 
 def recipes(paths, dtype):
-    plain = {  # target + (skill - reference) with mergekit's own task_arithmetic
-        "merge_method": "task_arithmetic", "base_model": paths["reference"], "dtype": dtype,
-        "models": [{"model": paths["skill"], "parameters": {"weight": 1.0}},
-                   {"model": paths["target"], "parameters": {"weight": 1.0}}],
-    }
-    aligned = {
-        "merge_method": "symmetry_aligned_task_arithmetic", "base_model": paths["target"],
-        "dtype": dtype,
-        "models": [{"model": paths["reference"], "parameters": {"role": "reference"}},
-                   {"model": paths["skill"], "parameters": {"weight": 1.0, "align": False}}],
-    }
-    activations = {**aligned, "parameters": {"alignment": "activations"}}
-    return {"task_arithmetic (plain)": plain, "symmetry_aligned (weights)": aligned,
-            "symmetry_aligned (activations)": activations}
+    def aligned(**parameters):  # the skill model is the reference's fine-tune: not aligned
+        return aligned_recipe(ALIGNED_TASK_ARITHMETIC, paths["target"], paths["reference"],
+                              [(paths["skill"], {"align": False})], dtype=dtype, **parameters)
+
+    return {"task_arithmetic (plain)": plain_transfer_recipe(paths["target"], paths["reference"],
+                                                             paths["skill"], dtype),
+            "symmetry_aligned (weights)": aligned(),
+            "symmetry_aligned (activations)": aligned(alignment="activations")}
 
 
 def run_one(recipe, workdir: Path, extra):
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        cfg = Path(tmp) / "recipe.yml"
-        cfg.write_text(yaml.safe_dump(recipe))
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, str(cfg), str(Path(tmp) / "out"), "--quiet",
-             "--no-copy-tokenizer", *extra],
-            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-4000:])
-        line = [l for l in proc.stderr.splitlines() if l.startswith("BENCH ")][-1]
+        run = run_mergekit_yaml(recipe, Path(tmp) / "recipe.yml", Path(tmp) / "out",
+                                "--no-copy-tokenizer", *extra,
+                                command=[sys.executable, "-c", CHILD])
+        line = [l for l in run.stderr.splitlines() if l.startswith("BENCH ")][-1]
         _, seconds, maxrss_kb = line.split()
         return float(seconds), int(maxrss_kb) / 1024
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from mergekit_symalign import smollm
-from mergekit_symalign.architectures import split_layer_name, ARCHITECTURES
-from mergekit_symalign.spec import align_layer, layer_distance
-from mergekit_symalign.statedict import scramble_state_dict, spec_for_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
 import report  # noqa: E402
+from examples import smollm  # noqa: E402
+from examples.common import perturbed  # noqa: E402
+from mergekit_symalign.architectures import split_layer_name, ARCHITECTURES  # noqa: E402
+from mergekit_symalign.spec import align_layer, layer_distance  # noqa: E402
+from mergekit_symalign.statedict import scramble_state_dict, spec_for_config  # noqa: E402
 
 
 def by_layer(sd):
@@ -70,8 +71,7 @@ def main(argv=None):
         sibling = sib.state_dict()
         label = f"sibling ({args.sibling})"
     else:
-        g = torch.Generator().manual_seed(0)
-        sibling = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in anchor.items()}
+        sibling = perturbed(anchor, seed=0, scale=0.01)
         label = "sibling (anchor + 1 % noise)"
     spec = spec_for_config(model.config)
     targets = {

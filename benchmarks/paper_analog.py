@@ -38,10 +38,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
 import report  # noqa: E402
 import toyworld as tw  # noqa: E402
-from mergekit_symalign.demo import mean_kl  # noqa: E402  (importing the package registers the plugin)
+from examples.common import mean_kl, run_recipe, transfer_recipe  # noqa: E402
 
 BUILD_VERSION = 2  # bump when the recipes below change: invalidates cached models
 
@@ -151,29 +152,13 @@ def write_calibration(path: Path, world: tw.World, lines: int = 400) -> Path:
 # --------------------------------------------------------------------------- merges
 
 
-def merge(recipe: Dict, out: Path) -> Path:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    config = MergeConfiguration.model_validate(recipe)
-    run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, write_model_card=False,
-                                                      quiet=True, lazy_unpickle=False))
-    return out
-
-
 def recipe(params, target: Path, reference: Path, skill: Path, calibration: Path) -> Dict:
-    if params is None:  # reference + (skill - reference) + (target - reference)
-        return {"merge_method": "task_arithmetic", "base_model": str(reference), "dtype": "float32",
-                "models": [{"model": str(skill), "parameters": {"weight": 1.0}},
-                           {"model": str(target), "parameters": {"weight": 1.0}}]}
-    parameters = dict(params)
-    if parameters.get("alignment") == "activations":
-        parameters.update(calibration=str(calibration), calibration_samples=400,
-                          calibration_max_tokens=64)
-    return {"merge_method": "symmetry_aligned_task_arithmetic", "base_model": str(target),
-            "dtype": "float32", "parameters": parameters,
-            "models": [{"model": str(reference), "parameters": {"role": "reference"}},
-                       {"model": str(skill), "parameters": {"weight": 1.0}}]}
+    """Plain task arithmetic (``params`` None) or the aligned method with ``params``; activation
+    alignment reads the toy world's calibration text."""
+    if params is not None and params.get("alignment") == "activations":
+        params = dict(params, calibration=str(calibration), calibration_samples=400,
+                      calibration_max_tokens=64)
+    return transfer_recipe(target, reference, skill, params)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -221,8 +206,9 @@ def run_seed(workdir: Path, seed: int, scale: float, world, problems, exclude) -
                      **score(paths[target], problems, skill_logp, target_logp)})
         for variant, (folder, params) in VARIANTS.items():
             t = time.perf_counter()
-            out = merge(recipe(params, paths[target], paths["reference"], paths["skill"], calibration),
-                        root / "merges" / f"{target}--{folder}")
+            out = run_recipe(recipe(params, paths[target], paths["reference"], paths["skill"],
+                                    calibration),
+                             root / "merges" / f"{target}--{folder}", lazy_unpickle=False)
             wall = time.perf_counter() - t
             row = {"seed": seed, "setting": setting, "variant": variant, "merge_s": wall,
                    **score(out, problems, skill_logp, target_logp)}

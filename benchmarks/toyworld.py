@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from mergekit_symalign.demo import pack_examples
+from examples.common import pack_examples
 
 LETTERS = string.ascii_lowercase
 CHARS = LETTERS + string.digits + " >."

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mergekit_symalign import demo, smollm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
 import report  # noqa: E402
+from examples import demo, smollm  # noqa: E402
+from examples.common import mean_kl, run_mergekit_yaml, text_logits, transfer_recipe  # noqa: E402
 
 VARIANTS = {
     "plain task_arithmetic": None,
@@ -43,12 +44,9 @@ RETENTION_TEXTS = 64
 
 
 def retention_kl(target, merged, tok, texts) -> float:
-    enc = tok(list(texts), return_tensors="pt", padding=True)
-    keep = enc["attention_mask"].bool()
-    with torch.no_grad():
-        lt = torch.log_softmax(target(**enc).logits[keep], -1)
-        lm = torch.log_softmax(merged(**enc).logits[keep], -1)
-    return max(0.0, float((lt.exp() * (lt - lm)).sum(-1).mean()))
+    """Mean KL(target || merged) of the next-token distributions at every token of ``texts``."""
+    return mean_kl(torch.log_softmax(text_logits(target, tok, texts), -1),
+                   torch.log_softmax(text_logits(merged, tok, texts), -1))
 
 
 def slug(name: str) -> str:
@@ -121,7 +119,7 @@ def main(argv=None):
     for name in CONTEXT:
         model, _ = smollm.load_pretrained(paths[name])
         acc, _ = demo.skill_accuracy(model, tok, problems)
-        kl = demo.mean_kl(skill_logp, demo.answer_logprobs(model, tok, problems))
+        kl = mean_kl(skill_logp, demo.answer_logprobs(model, tok, problems))
         rows.append({"target": name, "variant": "(no merge)", "accuracy": acc, "kl_to_skill": kl,
                      "retention_kl": None})
         print(f"{name} alone: accuracy {acc:.3f}, KL to skill {kl:.4f}", file=sys.stderr, flush=True)
@@ -136,15 +134,12 @@ def main(argv=None):
     for target in targets:
         target_model, _ = smollm.load_pretrained(paths[target])
         for name, params in VARIANTS.items():
-            method = "task_arithmetic" if params is None else "symmetry_aligned_task_arithmetic"
-            recipe = demo.recipe(method, paths[target], paths["reference"], paths["skill"])
-            if params:
-                recipe["parameters"] = params
+            recipe = transfer_recipe(paths[target], paths["reference"], paths["skill"], params)
             out = out_dir / target / slug(name)
-            wall = demo.run_merge(recipe, out_dir / target / f"{slug(name)}.yaml", out, verbose=False)
+            wall = run_mergekit_yaml(recipe, out_dir / target / f"{slug(name)}.yaml", out).wall_s
             merged, _ = smollm.load_pretrained(out)
             acc, _ = demo.skill_accuracy(merged, tok, problems)
-            kl = demo.mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
+            kl = mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
             keep = retention_kl(target_model, merged, tok, texts)
             rows.append({"target": target, "variant": name, "accuracy": acc, "kl_to_skill": kl,
                          "retention_kl": keep})

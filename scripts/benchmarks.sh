@@ -18,7 +18,7 @@ fi
 $PY benchmarks/bench_merge.py                       # docs/performance.md: whole merge, plain vs aligned
 $PY benchmarks/bench_merge.py --layer-only          # docs/performance.md: one Llama-3.1-8B-shaped layer
 # then the quality results (the SmolLM2 family is the demo's, built once under demo-output/)
-$PY -m mergekit_symalign.demo                       # docs/demo-results.md's table (printed, and in demo-output/results.md)
+$PY -m examples.demo                                # docs/demo-results.md's table (printed, and in demo-output/results.md)
 $PY benchmarks/layer_distances.py --sibling demo-output/models/sibling   # docs/layer-distances.md
 $PY benchmarks/transfer_ablation.py                 # docs/transfer.md
 $PY benchmarks/paper_analog.py --seeds 3            # docs/paper-analog.md

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m mergekit_symalign.demo "$@"
+exec .venv/bin/python -m examples.demo "$@"   # examples/demo.py (not part of the installed package)

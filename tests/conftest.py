@@ -1,20 +1,24 @@
-"""Tiny random models of each supported architecture, saved like real checkpoints."""
+"""Tiny random models of each supported architecture, saved like real checkpoints.
+
+Recipe builders, merge runners and other helpers shared with the demo and the benchmarks live
+in ``examples/common.py``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import torch
 import transformers
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import mergekit_symalign  # noqa: E402,F401  (registers the methods)
+from examples import common  # noqa: E402
+from examples.common import perturbed  # noqa: E402
 from mergekit_symalign.statedict import scramble_state_dict  # noqa: E402
 
 VOCAB = 96
@@ -63,16 +67,6 @@ def make_model(arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
-def perturbed(model, seed: int, scale: float = 0.02):
-    """A fine-tuned-looking relative: every weight moved by ``scale`` * its own std."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in model.state_dict().items():
-        noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
-        out[name] = t + scale * (t.std() if t.numel() > 1 else 1.0) * noise
-    return out
-
-
 def save(model_or_sd, config, path: Path) -> str:
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     if isinstance(model_or_sd, dict):
@@ -85,30 +79,14 @@ def save(model_or_sd, config, path: Path) -> str:
 
 
 def logits(path: str, ids=None) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    """The saved model's logits on ``ids`` (default: two fixed random rows of the tiny vocab)."""
     if ids is None:
         ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return model(ids).logits
+    return common.logits(path, ids)
 
 
 def scale_of(t: torch.Tensor) -> float:
     return float(t.abs().max())
-
-
-def run_recipe(recipe: Dict, out: Path, **options) -> str:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    config = MergeConfiguration.model_validate(recipe)
-    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, **options)
-    run_merge(config, str(out), options=opts)
-    return str(out)
-
-
-def write_recipe(recipe: Dict, path: Path) -> str:
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
 
 
 @pytest.fixture(scope="session")

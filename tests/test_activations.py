@@ -23,7 +23,9 @@ from mergekit_symalign.groups import Kind, Site, Symmetry, slot_index
 from mergekit_symalign.spec import Switches
 from mergekit_symalign.statedict import scramble_state_dict, transform_state_dict
 
-from .conftest import VOCAB, make_model, perturbed, scale_of
+from examples.common import perturbed
+
+from .conftest import VOCAB, make_model, scale_of
 
 # 4 x 64 = 256 random calibration tokens >= intermediate_size (80) of the tiny models
 IDS = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))

@@ -10,20 +10,14 @@ from safetensors.torch import load_file, save_file
 from mergekit_symalign.errors import NonFiniteTensorError, SymAlignConfigError
 from mergekit_symalign.methods import PREFIX
 
-from .conftest import make_config, make_model, run_recipe, save
+from examples.common import aligned_recipe, run_recipe
+
+from .conftest import make_config, make_model, save
 
 
 def recipe(family, **params):
-    return {
-        "merge_method": PREFIX + "task_arithmetic",
-        "base_model": family["sibling"],
-        "dtype": "float32",
-        "models": [
-            {"model": family["reference"], "parameters": {"role": "reference"}},
-            {"model": family["skill"], "parameters": {"weight": 1.0}},
-        ],
-        "parameters": params,
-    }
+    return aligned_recipe(PREFIX + "task_arithmetic", family["sibling"], family["reference"],
+                          [family["skill"]], **params)
 
 
 def refused(rec, out: Path, error=SymAlignConfigError, match=None):

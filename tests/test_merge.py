@@ -1,14 +1,19 @@
 """End to end through mergekit: run_merge and an unmodified `mergekit-yaml` subprocess."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from examples.common import (
+    aligned_recipe as transfer,
+    perturbed,
+    plain_transfer_recipe as plain_transfer,
+    run_mergekit_yaml,
+    run_recipe,
+)
 from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
 
 from mergekit_symalign.statedict import scramble_state_dict
@@ -18,37 +23,9 @@ from .conftest import (
     logits,
     make_config,
     make_model,
-    perturbed,
-    run_recipe,
     save,
     scale_of,
-    write_recipe,
 )
-
-
-def transfer(method, base, reference, skills, **params):
-    models = [{"model": reference, "parameters": {"role": "reference"}}]
-    models += [{"model": s, "parameters": {"weight": 1.0, **p}} for s, p in skills]
-    return {
-        "merge_method": method,
-        "base_model": base,
-        "models": models,
-        "dtype": "float32",
-        "parameters": params,
-    }
-
-
-def plain_transfer(base, reference, skill):
-    """mergekit's own task arithmetic for base + (skill - reference)."""
-    return {
-        "merge_method": "task_arithmetic",
-        "base_model": reference,
-        "models": [
-            {"model": skill, "parameters": {"weight": 1.0}},
-            {"model": base, "parameters": {"weight": 1.0}},
-        ],
-        "dtype": "float32",
-    }
 
 
 def close(a, b, tol=1e-4):
@@ -218,16 +195,10 @@ def test_slices_with_different_layer_ranges(family, tmp_path):
 
 
 def test_mergekit_yaml_subprocess_knows_the_methods(family, expected, tmp_path):
-    recipe = write_recipe(
-        transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
-                 [(family["skill"], {"align": False})]),
-        tmp_path / "recipe.yml",
-    )
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(exe), recipe, str(tmp_path / "out"), "--no-copy-tokenizer"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = transfer(PREFIX + "task_arithmetic", family["reference_scrambled"], family["reference"],
+                      [(family["skill"], {"align": False})])
+    run_mergekit_yaml(recipe, tmp_path / "recipe.yml", tmp_path / "out", "--no-copy-tokenizer",
+                      quiet=False, timeout=600)  # raises with mergekit's output if it fails
     assert close(logits(str(tmp_path / "out")), expected["skill"])
 
 

