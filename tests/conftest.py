@@ -67,13 +67,13 @@ def make_model(arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
-def save(model_or_sd, config, path: Path) -> str:
-    model = transformers.AutoModelForCausalLM.from_config(config).float()
+def save(model_or_sd, config, path: Path, dtype: torch.dtype = torch.float32) -> str:
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     if isinstance(model_or_sd, dict):
         model.load_state_dict(model_or_sd)
     else:
         model.load_state_dict(model_or_sd.state_dict())
-    model.config.dtype = torch.float32
+    model.config.dtype = dtype
     model.save_pretrained(str(path), safe_serialization=True)
     return str(path)
 
@@ -103,6 +103,8 @@ def family(tmp_path_factory):
         "skill": save(skill, config, root / "skill"),
         "sibling": save(sibling, config, root / "sibling"),
     }
+    # The scrambles' seeds are kept: tests compare merges with the scrambled merge exactly.
+    paths["scramble"] = {"reference_scrambled": dict(seed=11), "skill_scrambled": dict(seed=12)}
     ref_scr, _ = scramble_state_dict(ref.state_dict(), config, seed=11)
     paths["reference_scrambled"] = save(ref_scr, config, root / "reference_scrambled")
     skill_scr, _ = scramble_state_dict(skill, config, seed=12)
@@ -112,6 +114,7 @@ def family(tmp_path_factory):
     # Perm + rotations only: an isometry, under which the alignment is exactly equivariant.
     sib_iso, _ = scramble_state_dict(sibling, config, seed=13, switches=Switches(scaling=False))
     paths["sibling_scrambled"] = save(sib_iso, config, root / "sibling_scrambled")
+    paths["scramble"]["sibling_scrambled"] = dict(seed=13, switches=Switches(scaling=False))
     paths["root"] = root
     return paths
 
@@ -136,3 +139,23 @@ def word_calibration(path, lines: int = 64, words: int = 24, seed: int = 0, voca
     ids = torch.randint(0, vocab_size - 3, (lines, words), generator=g)
     path.write_text("\n".join(" ".join(f"w{int(i)}" for i in row) for row in ids) + "\n")
     return str(path)
+
+
+def load(path: str):
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+def scrambled_like(state: Dict, family, name: str):
+    """``state`` moved by the very scramble that made ``family[name]`` from its original."""
+    return scramble_state_dict(state, family["config"], **family["scramble"][name])[0]
+
+
+def assert_tensors_close(got: Dict, want: Dict, rtol: float = 1e-5):
+    """Tensor by tensor: max |got - want| <= rtol * max |want| (float32 rounding of the
+    transforms is ~1e-7 relative)."""
+    assert got.keys() == want.keys()
+    for name in want:
+        err = float((got[name].double() - want[name].double()).abs().max())
+        assert err <= rtol * scale_of(want[name]), (name, err, scale_of(want[name]))

@@ -25,7 +25,7 @@ from mergekit_symalign.statedict import scramble_state_dict, transform_state_dic
 
 from examples.common import perturbed
 
-from .conftest import VOCAB, make_model, scale_of
+from .conftest import ARCH_CONFIGS, VOCAB, make_model, scale_of
 
 # 4 x 64 = 256 random calibration tokens >= intermediate_size (80) of the tiny models
 IDS = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -42,7 +42,7 @@ def _max_rel_diff(a, b):
 # --------------------------------------------------------------------------- exact recovery
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "stablelm", "gemma2"])
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
 def test_activation_alignment_undoes_a_scramble(arch):
     model = make_model(arch, seed=5)
     sd = _state(model)

@@ -72,8 +72,6 @@ def test_paper_analog_pipeline_smoke(tmp_path):
     for setting in paper_analog.SETTINGS:
         got = {r["variant"] for r in rows if r["setting"] == setting}
         assert got == {"target", *paper_analog.VARIANTS}
-    for r in rows:
-        assert 0.0 <= r["skill"] <= 1.0 and r["kl_skill"] >= 0.0
     # the plain baseline really is target + skill - reference, tensor by tensor
     from safetensors.torch import load_file
 

@@ -166,3 +166,69 @@ def test_attention_logit_change_measures_full_rotation_only():
     assert max(exact_change.values()) < 1e-6
     assert full_change[0] < 1e-6  # no relative rotation: the full rotation is exact
     assert min(v for pos, v in full_change.items() if pos > 0) > 0.05
+
+
+# --------------------------------------------------------------------------- specs as data
+
+
+def _layer_shapes(model, index: int = 0):
+    prefix = f"model.layers.{index}."
+    return {k[len(prefix):]: tuple(v.shape) for k, v in model.state_dict().items()
+            if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("qk_rotation", ["rope", "full"])
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_every_spec_is_valid_and_printable(arch, qk_rotation):
+    from mergekit_symalign.errors import UnsupportedArchitecture
+    from mergekit_symalign.spec import validate_spec
+
+    model = make_model(arch, seed=0)
+    try:
+        spec = spec_for_config(model.config, qk_rotation)
+    except UnsupportedArchitecture as err:  # full Q/K rotation under QK-norm: refused
+        assert qk_rotation == "full" and "QK-norm" in str(err)
+        return
+    shapes = _layer_shapes(model)
+    validate_spec(spec, shapes)
+    text = spec.describe()
+    for symmetry in spec.symmetries():
+        assert symmetry.name in text
+        for site in symmetry.sites:
+            assert site.tensor in text
+    # every projection of the layer is moved by some symmetry
+    moved = set(spec.tensors())
+    projections = {n for n in shapes if n.endswith("proj.weight")}
+    assert projections <= moved, projections - moved
+
+
+def test_spec_validator_rejects_what_cannot_be_exact():
+    from mergekit_symalign.groups import Site, Symmetry, slot_index
+    from mergekit_symalign.spec import Block, LayerSpec, SpecError, validate_spec
+
+    rows = slot_index(4, 1, 1)
+    shapes = {"a.weight": (4, 3), "b.weight": (3, 4)}
+
+    def spec(*blocks):
+        return LayerSpec("toy", tuple(blocks))
+
+    def perm(name, *sites):
+        return Symmetry(name, Kind.permutation, tuple(sites))
+
+    ok = Block("n", perm("n.perm", Site("a.weight", 0, rows), Site("b.weight", 1, rows)))
+    validate_spec(spec(ok), shapes)
+    with pytest.raises(SpecError, match="exceed its size"):
+        validate_spec(spec(Block("n", perm("n.perm", Site("a.weight", 1, rows)))), shapes)
+    with pytest.raises(SpecError, match="not in the layer"):
+        validate_spec(spec(Block("n", perm("n.perm", Site("c.weight", 0, rows)))), shapes)
+    with pytest.raises(SpecError, match="twice"):
+        twice = torch.tensor([0, 1, 1, 2]).reshape(4, 1, 1)
+        validate_spec(spec(Block("n", perm("n.perm", Site("a.weight", 0, twice)))), shapes)
+    with pytest.raises(SpecError, match="both move"):
+        other = Block("m", perm("m.perm", Site("b.weight", 1, rows)))
+        validate_spec(spec(ok, other), shapes)
+    with pytest.raises(SpecError, match="does not move"):
+        half = slot_index(2, 1, 1)
+        scale = Symmetry("s", Kind.scale, (Site("b.weight", 0, half),))
+        main = perm("p", Site("a.weight", 0, half))
+        validate_spec(spec(Block("x", main, scale)), shapes)
