@@ -67,8 +67,6 @@ def internals_problems() -> List[str]:
     check("mergekit.plan.MergePlanner has _method, _tensors, _tokenizer_task, config, options, "
           "arch_info", lambda: {"_method", "_tensors", "_tokenizer_task", "config", "options",
                                 "arch_info"} <= set(planner().__annotations__))
-    check("mergekit.merge.MergePlanner is mergekit.plan.MergePlanner",
-          lambda: module("mergekit.merge").MergePlanner is planner())
     check("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask fields",
           lambda: {"method_name", "gather_tensors", "model_order", "base_model", "output_weight",
                    "parameters", "input_parameters", "dtype"}

@@ -264,7 +264,7 @@ class AlignedPlanning:
     def plan_tensor(self, weight: WeightInfo, weights_in: List[WeightInfo],
                     models: List[ModelReference], cfg_reader: ConfigReader) -> None:
         if weight.optional and not any(self._present(m, w) for m, w in zip(models, weights_in)):
-            logging.info(f"Skipping optional weight {weight.name}")
+            LOG.info("Skipping optional weight %s", weight.name)
             return
         method = self.method
         base = cfg_reader.base_model
