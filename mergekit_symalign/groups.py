@@ -54,6 +54,10 @@ class Site:
     index: torch.Tensor
     contragredient: bool = False
     optional: bool = False  # e.g. a bias that only some checkpoints carry
+    # The stored value is ``effective - offset`` (Gemma's RMSNorm multiplies by ``1 + w``):
+    # the group acts on the effective value. Deltas (differences of two models) move by the
+    # linear part alone.
+    offset: float = 0.0
 
     def __post_init__(self):
         if self.index.dim() != 3:
@@ -68,6 +72,15 @@ class Symmetry:
     kind: Kind
     sites: Tuple[Site, ...]
     signed: bool = True  # scales only: may a scale be negative?
+    # Permutations only: slots move only inside consecutive blocks of this size (e.g. the
+    # query heads that share one KV head); 0 = any permutation.
+    block_size: int = 0
+    # Permutations of whole heads only: the matching cost. Each feature is a tuple of sites
+    # (concatenated along the other axes) whose ``[n, c, k]`` index groups, per slot ``n`` and
+    # copy ``c``, the ``k`` rows that some later symmetry mixes (rotates, scales, permutes).
+    # The cost compares Gram matrices of those rows, which no such mixing changes, so heads
+    # are matched regardless of the within-head transforms solved afterwards.
+    features: Tuple[Tuple[Site, ...], ...] = ()
 
     @property
     def slots(self) -> int:
@@ -89,6 +102,9 @@ class Symmetry:
             raise ValueError(f"{self.name}: {self.kind.value} acts on single coordinates")
         if self.kind == Kind.plane_rotation and self.coords != 2:
             raise ValueError(f"{self.name}: plane rotations act on pairs of coordinates")
+        if self.block_size and (self.kind != Kind.permutation or self.slots % self.block_size):
+            raise ValueError(f"{self.name}: blocks of {self.block_size} need a permutation of "
+                             f"a multiple of that many slots")
 
 
 # --------------------------------------------------------------------------- gather / scatter
@@ -129,8 +145,15 @@ def scatter(tensor: torch.Tensor, site: Site, values: torch.Tensor) -> torch.Ten
 # --------------------------------------------------------------------------- group actions
 
 
-def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient: bool):
-    """Apply ``element`` to gathered ``values`` ``[n, c, k, rest]``."""
+def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient: bool,
+        offset: float = 0.0, delta: bool = False):
+    """Apply ``element`` to gathered ``values`` ``[n, c, k, rest]``.
+
+    ``offset`` (a site's): act on ``values + offset``; ``delta``: the values are a difference
+    of two models, which moves by the linear part alone (the offset cancels).
+    """
+    if offset and not delta:
+        return act(kind, element, values + offset, contragredient) - offset
     element = element.to(values.device)
     if kind == Kind.permutation:
         return values[element]
@@ -144,16 +167,38 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
     return torch.einsum("nij,ncjr->ncir", element.to(values.dtype), values)
 
 
-def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors) -> Dict[str, torch.Tensor]:
-    """Move every tensor ``symmetry`` acts on; tensors it does not touch are returned as is."""
+def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
+          delta: bool = False) -> Dict[str, torch.Tensor]:
+    """Move every tensor ``symmetry`` acts on; tensors it does not touch are returned as is.
+    ``delta``: the tensors are differences of two models (see :func:`act`)."""
     out = dict(tensors)
     for site in symmetry.sites:
         tensor = out.get(site.tensor)
         if tensor is None:
             continue
-        moved = act(symmetry.kind, element, gather(_working(tensor), site), site.contragredient)
+        moved = act(symmetry.kind, element, gather(_working(tensor), site), site.contragredient,
+                    site.offset, delta)
         out[site.tensor] = scatter(tensor, site, moved)
     return out
+
+
+def is_identity(kind: Kind, element: torch.Tensor, tol: float = 0.0) -> bool:
+    """Is ``element`` the identity (within ``tol`` for continuous kinds)?"""
+    if kind == Kind.permutation:
+        return bool((element == torch.arange(len(element))).all())
+    if kind in (Kind.scale, Kind.sign):
+        return bool(((element.double() - 1).abs() <= tol).all())
+    eye = torch.eye(element.shape[-1], dtype=torch.float64)
+    return bool(((element.double() - eye).abs() <= tol).all())
+
+
+def identity_element(symmetry: Symmetry) -> torch.Tensor:
+    n, k = symmetry.slots, symmetry.coords
+    if symmetry.kind == Kind.permutation:
+        return torch.arange(n)
+    if symmetry.kind in (Kind.scale, Kind.sign):
+        return torch.ones(n, dtype=torch.float64)
+    return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
 
 
 def inverse(kind: Kind, element: torch.Tensor) -> torch.Tensor:
@@ -172,6 +217,9 @@ def random_element(
     """A random element of ``symmetry`` (for scrambling models in tests and demos)."""
     n, k = symmetry.slots, symmetry.coords
     if symmetry.kind == Kind.permutation:
+        if symmetry.block_size:
+            b = symmetry.block_size
+            return torch.cat([i * b + torch.randperm(b, generator=generator) for i in range(n // b)])
         return torch.randperm(n, generator=generator)
     if symmetry.kind == Kind.scale:
         lo, hi = math.log(scale_range[0]), math.log(scale_range[1])
@@ -217,7 +265,10 @@ def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: s
                 f"tensor {site.tensor!r} has shape {tuple(t.shape)} in {label} but "
                 f"{tuple(a.shape)} in the reference"
             )
-        yield site, gather(_working(a), site), gather(_working(t), site)
+        a, t = gather(_working(a), site), gather(_working(t), site)
+        if site.offset:
+            a, t = a + site.offset, t + site.offset
+        yield site, a, t
 
 
 def cross_products(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
@@ -251,8 +302,12 @@ def solve_permutation(
     ``2 * sign(x*y) * sqrt(|x*y|)``. ``x*y`` is unchanged by any scale (``s`` and ``1/s``
     cancel), so a neuron rescaled by a negative or large factor is still matched to itself;
     at ``s = 1`` it is the geometric-mean version of the plain sum ``x + y``.
+
+    A symmetry with ``features`` (whole heads) is matched on :func:`gram_similarity`
+    instead; one with ``block_size`` is solved block by block.
     """
-    from scipy.optimize import linear_sum_assignment
+    if symmetry.features:
+        return assign(gram_similarity(symmetry, reference, model, **kw), symmetry)
 
     def moved_by_scale(site, contragredient):
         return scale is not None and any(
@@ -285,13 +340,80 @@ def solve_permutation(
                 plain = add(plain, extra)
     if plain is None:
         return torch.arange(symmetry.slots)
-    cost = plain.double().cpu().numpy()
-    if not torch.isfinite(torch.from_numpy(cost)).all():
+    return assign(plain, symmetry)
+
+
+def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
+    """The permutation maximising the summed similarity (within blocks, if the symmetry has
+    them): ``perm[i]`` = the model's slot matched to the reference's slot ``i``."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = similarity.double().cpu()
+    if not torch.isfinite(cost).all():
         raise FloatingPointError(f"{symmetry.name}: non-finite similarity matrix")
-    rows, cols = linear_sum_assignment(cost, maximize=True)
-    perm = torch.empty(symmetry.slots, dtype=torch.long)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    n = cost.shape[0]
+    b = symmetry.block_size or n
+    perm = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, b):
+        block = cost[start:start + b, start:start + b].numpy()
+        rows, cols = linear_sum_assignment(block, maximize=True)
+        perm[start + torch.as_tensor(rows)] = start + torch.as_tensor(cols, dtype=torch.long)
     return perm
+
+
+SKETCH_DIM = 512  # head-matching Grams: feature rows longer than this are sketched
+
+
+def _feature_values(feature: Tuple[Site, ...], tensors: Tensors, sketch: Optional[torch.Tensor]):
+    parts = []
+    for site in feature:
+        tensor = tensors.get(site.tensor)
+        if tensor is None:
+            if site.optional:
+                continue
+            raise KeyError(f"tensor {site.tensor!r} is missing")
+        parts.append(gather(_working(tensor), site))
+    values = torch.cat(parts, dim=-1)  # [n, c, k, rest]
+    if sketch is not None:
+        values = values @ sketch.to(values.dtype)
+    return values
+
+
+def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_kw) -> torch.Tensor:
+    """``[n, n]`` similarity of slots, invariant to any orthogonal map or scale of each
+    feature's rows (per slot and copy).
+
+    For rows ``X`` (``k x rest``) moved as ``X -> s M X`` (``M`` orthogonal), the Gram
+    ``X^T X`` only scales, so ``cos(X_a^T X_a, X_m^T X_m) = ||X_a X_m^T||_F^2 /
+    (||X_a X_a^T||_F ||X_m X_m^T||_F)`` lies in ``[0, 1]`` and is 1 for the true match of an
+    exactly transformed copy. Summed over copies and features. Rows longer than
+    :data:`SKETCH_DIM` are first multiplied by one fixed random Gaussian sketch (shared by both
+    models): the true match still scores exactly 1 (the sketch acts on the other side of
+    ``X``), other pairs approximately what they would.
+    """
+    n = symmetry.slots
+    total = torch.zeros(n, n, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    for feature in symmetry.features:
+        width = None
+        for site in feature:
+            tensor = reference.get(site.tensor)
+            if tensor is not None:
+                width = (width or 0) + tensor.numel() // tensor.shape[site.axis]
+        if width is None:
+            continue
+        sketch = None
+        if width > SKETCH_DIM:
+            sketch = torch.randn(width, SKETCH_DIM, generator=generator, dtype=torch.float32)
+        a = _feature_values(feature, reference, sketch)
+        m = _feature_values(feature, model, sketch).to(a.device)
+        cross = torch.einsum("ncir,mcjr->nmcij", a, m).pow(2).sum((-1, -2))  # [n, n, c]
+        norm_a = torch.einsum("ncir,ncjr->ncij", a, a).pow(2).sum((-1, -2)).sqrt()
+        norm_m = torch.einsum("ncir,ncjr->ncij", m, m).pow(2).sum((-1, -2)).sqrt()
+        den = norm_a[:, None, :] * norm_m[None, :, :]
+        score = torch.where(den > 0, cross / den.clamp_min(1e-300), torch.zeros_like(cross))
+        total += score.sum(-1).double().cpu()
+    return total
 
 
 def solve_orthogonal(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
@@ -407,6 +529,48 @@ def solve(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch
         return solve_permutation(symmetry, reference, model, **kw)
     kw.pop("scale", None)
     return SOLVERS[symmetry.kind](symmetry, reference, model, **kw)
+
+
+# Continuous elements whose fit is not clearly better than fitting noise are snapped to the
+# identity (see :func:`fit_gain`).
+SNAP_FACTOR = 10.0
+DEGREES_OF_FREEDOM = {
+    Kind.scale: lambda k: 1,
+    Kind.plane_rotation: lambda k: 1,
+    Kind.orthogonal: lambda k: k * (k - 1) // 2,
+}
+
+
+def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, model: Tensors,
+             **kw) -> Tuple[float, float, int]:
+    """``(gain, baseline, entries)``: how much ``element`` lowers ``sum ||g . model -
+    reference||^2`` over the symmetry's sites (``baseline`` = the identity's value, over
+    ``entries`` scalars)."""
+    gain = baseline = 0.0
+    entries = 0
+    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
+        moved = act(symmetry.kind, element, t, site.contragredient)
+        before = float(((t - a).double() ** 2).sum())
+        after = float(((moved - a).double() ** 2).sum())
+        gain += before - after
+        baseline += before
+        entries += a.numel()
+    return gain, baseline, entries
+
+
+def explains_more_than_noise(symmetry: Symmetry, gain: float, baseline: float, entries: int) -> bool:
+    """Keep a fitted continuous element only if it removes clearly more of the distance than
+    fitting its free parameters to noise would: a least-squares fit of ``p`` parameters to
+    ``N`` noisy entries removes about ``p / N`` of their squared distance, so we require
+    ``gain / baseline > SNAP_FACTOR * p / N``. On descendants of one base (a fine-tune's noise
+    around the identity) the identity is kept; a real transform (a rotated, rescaled or
+    independently trained model) removes far more than that."""
+    dof = DEGREES_OF_FREEDOM.get(symmetry.kind)
+    if dof is None or entries == 0:
+        return True
+    if baseline <= 0.0:
+        return False  # already equal: nothing to explain
+    return gain / baseline > SNAP_FACTOR * symmetry.slots * dof(symmetry.coords) / entries
 
 
 def distance(reference: Tensors, model: Tensors, names: Iterable[str]) -> float:

@@ -14,7 +14,20 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .groups import Kind, Symmetry, apply, distance, inverse, random_element, solve
+from .groups import (
+    DEGREES_OF_FREEDOM,
+    Kind,
+    Symmetry,
+    apply,
+    distance,
+    explains_more_than_noise,
+    fit_gain,
+    identity_element,
+    inverse,
+    is_identity,
+    random_element,
+    solve,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,6 +35,10 @@ class Block:
     name: str
     main: Optional[Symmetry] = None  # permutation, orthogonal or plane_rotation
     scale: Optional[Symmetry] = None
+    # An outer block permutes whole slots (attention heads) that later blocks transform
+    # inside: it may move the same positions as those blocks (the group is a semidirect
+    # product: heads first, then the within-head transforms on the permuted layout).
+    outer: bool = False
 
     def symmetries(self) -> Tuple[Symmetry, ...]:
         return tuple(s for s in (self.main, self.scale) if s is not None)
@@ -92,6 +109,31 @@ class SpecError(ValueError):
     """A symmetry spec that cannot be an exact group action as declared."""
 
 
+def _check_sites(block: Block, shapes: Mapping[str, Tuple[int, ...]]):
+    """Yield ``(symmetry, site)`` for the block's present sites, each checked against the
+    tensor shapes (and the matching features of head permutations too)."""
+    for symmetry in block.symmetries():
+        features = tuple(site for feature in symmetry.features for site in feature)
+        for site in symmetry.sites + features:
+            shape = shapes.get(site.tensor)
+            if shape is None:
+                if site.optional:
+                    continue
+                raise SpecError(f"{symmetry.name}: tensor {site.tensor} is not in the layer")
+            if site.axis >= len(shape):
+                raise SpecError(f"{symmetry.name}: {site.tensor} has no axis {site.axis}")
+            flat = site.index.reshape(-1)
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[site.axis]):
+                raise SpecError(
+                    f"{symmetry.name}: {site.tensor} axis {site.axis} positions "
+                    f"{int(flat.min())}..{int(flat.max())} exceed its size {shape[site.axis]}"
+                )
+            if flat.unique().numel() != flat.numel():
+                raise SpecError(f"{symmetry.name}: {site.tensor} lists a position twice")
+            if site in symmetry.sites:
+                yield symmetry, site
+
+
 def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> None:
     """Check a spec against a layer's tensor shapes (layer-relative names).
 
@@ -103,34 +145,24 @@ def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> Non
     """
     owner: Dict[Tuple[str, int, int], str] = {}
     for block in spec.blocks:
+        if block.outer:
+            for symmetry in block.symmetries():
+                if symmetry.kind != Kind.permutation:
+                    raise SpecError(f"{symmetry.name}: an outer block may only permute slots")
+            list(_check_sites(block, shapes))
+            continue
         mine = set()
         main_positions = set()
-        for symmetry in block.symmetries():
-            for site in symmetry.sites:
-                shape = shapes.get(site.tensor)
-                if shape is None:
-                    if site.optional:
-                        continue
-                    raise SpecError(f"{symmetry.name}: tensor {site.tensor} is not in the layer")
-                if site.axis >= len(shape):
-                    raise SpecError(f"{symmetry.name}: {site.tensor} has no axis {site.axis}")
-                flat = site.index.reshape(-1)
-                if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[site.axis]):
-                    raise SpecError(
-                        f"{symmetry.name}: {site.tensor} axis {site.axis} positions "
-                        f"{int(flat.min())}..{int(flat.max())} exceed its size {shape[site.axis]}"
-                    )
-                if flat.unique().numel() != flat.numel():
-                    raise SpecError(f"{symmetry.name}: {site.tensor} lists a position twice")
-                positions = {(site.tensor, site.axis, int(i)) for i in flat}
-                if symmetry is block.main:
-                    main_positions |= positions
-                elif block.main is not None and not positions <= main_positions:
-                    raise SpecError(
-                        f"{symmetry.name}: scales {site.tensor} positions that "
-                        f"{block.main.name} does not move"
-                    )
-                mine |= positions
+        for symmetry, site in _check_sites(block, shapes):
+            positions = {(site.tensor, site.axis, int(i)) for i in site.index.reshape(-1)}
+            if symmetry is block.main:
+                main_positions |= positions
+            elif block.main is not None and not positions <= main_positions:
+                raise SpecError(
+                    f"{symmetry.name}: scales {site.tensor} positions that "
+                    f"{block.main.name} does not move"
+                )
+            mine |= positions
         for position in mine:
             other = owner.setdefault(position, block.name)
             if other != block.name:
@@ -148,21 +180,48 @@ class LayerTransform:
     """An element of the layer's group, as the ordered steps that build it."""
 
     steps: Tuple[Step, ...] = ()
+    # Per solved symmetry: how well its element was determined (see :class:`Fit`).
+    fits: Tuple["Fit", ...] = ()
 
-    def apply(self, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def apply(self, tensors: Mapping[str, torch.Tensor], delta: bool = False) -> Dict[str, torch.Tensor]:
+        """Move the tensors; ``delta``: they are differences of two models (linear part)."""
         out = dict(tensors)
         for symmetry, element in self.steps:
-            out = apply(symmetry, element, out)
+            out = apply(symmetry, element, out, delta=delta)
         return out
 
-    def apply_one(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return self.apply({name: tensor})[name]
+    def apply_one(self, name: str, tensor: torch.Tensor, delta: bool = False) -> torch.Tensor:
+        return self.apply({name: tensor}, delta=delta)[name]
 
     def inverse(self) -> "LayerTransform":
         return LayerTransform(tuple((s, inverse(s.kind, e)) for s, e in reversed(self.steps)))
 
     def touches(self, name: str) -> bool:
         return any(name in s.tensors for s, _ in self.steps)
+
+    def is_identity(self, tol: float = 0.0) -> bool:
+        return all(is_identity(s.kind, e, tol) for s, e in self.steps)
+
+    def then(self, other: "LayerTransform") -> "LayerTransform":
+        """This transform followed by ``other``."""
+        return LayerTransform(self.steps + other.steps, self.fits + other.fits)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How much one solved continuous element lowered the squared distance to the reference
+    (``gain`` of ``baseline``, over ``entries`` scalars), and whether it was snapped to the
+    identity because that is no more than fitting noise would give."""
+
+    symmetry: str
+    gain: float
+    baseline: float
+    entries: int
+    snapped: bool
+
+    @property
+    def explained(self) -> float:
+        return self.gain / self.baseline if self.baseline > 0 else 0.0
 
 
 Solver = Callable[[Symmetry, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
@@ -175,15 +234,20 @@ def align_layer(
     switches: Switches = Switches(),
     label: str = "model",
     solvers: Optional[Mapping[str, Solver]] = None,
+    snap: bool = True,
 ) -> LayerTransform:
     """The element of the layer's group that best maps ``model`` onto ``reference``.
 
     Each block's main symmetry, then its scale, each solved on ``model`` moved by the steps
     before. ``solvers`` replaces the generic solver of the symmetries it names (e.g. a
-    matching cost measured on activations).
+    matching cost measured on activations). ``snap``: a continuous element that does not
+    explain clearly more than fitting noise would is replaced by the identity
+    (:func:`groups.explains_more_than_noise`), so descendants of one base stay untouched.
+    Identity elements are left out of the returned steps.
     """
     current = dict(model)
     steps: List[Step] = []
+    fits: List[Fit] = []
     for block in spec.blocks:
         scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
         for symmetry in block.symmetries():
@@ -195,11 +259,19 @@ def align_layer(
                 else:
                     kw = {"scale": scale} if symmetry is block.main else {}
                     element = solve(symmetry, reference, current, label=label, **kw)
+                if symmetry.kind in DEGREES_OF_FREEDOM:
+                    gain, baseline, entries = fit_gain(symmetry, element, reference, current)
+                    snapped = snap and not explains_more_than_noise(symmetry, gain, baseline, entries)
+                    fits.append(Fit(symmetry.name, gain, baseline, entries, snapped))
+                    if snapped:
+                        element = identity_element(symmetry)
             except (KeyError, ValueError, FloatingPointError) as err:
                 raise ValueError(f"{spec.architecture} {symmetry.name}: {err}") from None
+            if is_identity(symmetry.kind, element):
+                continue  # nothing to apply or store
             current = apply(symmetry, element, current)
             steps.append((symmetry, element))
-    return LayerTransform(tuple(steps))
+    return LayerTransform(tuple(steps), tuple(fits))
 
 
 def random_transform(

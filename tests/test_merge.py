@@ -88,10 +88,14 @@ def test_aligned_transfer_onto_scrambled_sibling_equals_unscrambled(family, expe
     want = load(unscrambled)
     if frame == "base":
         want = scrambled_like(want, family, "sibling_scrambled")
-    assert_tensors_close(load(out), want)
+    # Not to float rounding: on the sibling the rotations that merely fit the fine-tune's
+    # noise are snapped to the identity, on its scramble they are T^-1 times that noise fit.
+    assert_tensors_close(load(out), want, rtol=1e-2)
     if frame == "base":
-        # aligning the unscrambled sibling keeps its function: plain task arithmetic's logits
-        assert close(logits(unscrambled), expected["sibling+tau"], tol=1e-3)
+        # on the unscrambled sibling alignment finds the identity: plain task arithmetic
+        plain = run_recipe(plain_transfer(family["sibling"], family["reference"], family["skill"]),
+                           tmp_path / "plain")
+        assert_tensors_close(load(unscrambled), load(plain))
 
 
 def test_scrambled_skill_model_is_aligned_too(family, expected, tmp_path):
