@@ -117,8 +117,10 @@ class ActivationPlan:
 
 def _activation_site(arch: Architecture, site: Site) -> Optional[Site]:
     module, param = site.tensor.rsplit(".", 1)
-    if param != "weight":
-        return None  # a bias moves with its rows, which the output activation already includes
+    if param != "weight" or module.endswith("_norm"):
+        # a bias (or a QK-norm weight) moves with its rows, which the recorded output
+        # activation already reflects
+        return None
     if site.axis == 0:
         if arch.qk_norm != "none" and module in (arch.q, arch.k):
             return Site(f"{module}:normed", 0, site.index, site.contragredient)
@@ -145,9 +147,15 @@ def activation_plan(config: Any, qk_rotation: str = "rope", model: str = "model"
             if symmetry is None:
                 mirrored.append(None)
                 continue
-            sites = tuple(s for s in (_activation_site(arch, x) for x in symmetry.sites) if s)
-            mirrored.append(Symmetry(symmetry.name, symmetry.kind, sites, signed=symmetry.signed))
-        blocks.append(Block(block.name, *mirrored))
+            def mirror(sites):
+                return tuple(s for s in (_activation_site(arch, x) for x in sites) if s)
+
+            mirrored.append(Symmetry(
+                symmetry.name, symmetry.kind, mirror(symmetry.sites), signed=symmetry.signed,
+                block_size=symmetry.block_size,
+                features=tuple(f for f in map(mirror, symmetry.features) if f),
+            ))
+        blocks.append(Block(block.name, *mirrored, outer=block.outer))
     spec = LayerSpec(weight_spec.architecture, tuple(blocks))
     neurons = slot_index(geometry.intermediate_size, 1, 1)
     gate_name, gate_offset = _projection(arch, "gate", geometry)

@@ -304,12 +304,96 @@ def _qk_norm_blocks(arch: Architecture, g: Geometry) -> List[Block]:
     return [Block("attn.qk_planes", half_turns, None)]
 
 
+def _dim_groups(arch: Architecture, g: Geometry, qk_rotation: str) -> List[torch.Tensor]:
+    """The sets of a q/k head's dims that the Q/K symmetries mix among themselves (each RoPE
+    plane; the non-rotated dims; or the whole head under ``qk_rotation: full``)."""
+    d, r = g.head_dim, g.rotary_dim
+    if qk_rotation == "full" and arch.qk_norm == "none":
+        return [torch.arange(d)]
+    groups = list(_rope_planes(r, arch.rope_layout)) if r else []
+    if r < d:
+        groups.append(torch.arange(r, d))
+    return groups
+
+
+def _head_blocks(arch: Architecture, g: Geometry, qk_rotation: str) -> List[Block]:
+    """Attention-head permutations, applied before the within-head symmetries.
+
+    Every head sees the same rotary embedding, so permuting whole heads is exact: the KV
+    heads together with their blocks of query heads (q rows, k and v rows, o_proj columns,
+    biases, and a QK-norm over the whole width, whose weight has a row per q/k row), and
+    the query heads inside each block (q rows, o_proj columns). Heads are matched on Gram
+    matrices of their rows (:func:`groups.gram_similarity`), which none of the within-head
+    transforms (V/O rotation and scale, Q/K plane rotations and scales, half-turns) change.
+    """
+    K, G, d = g.num_kv_heads, g.group_size, g.head_dim
+    dims = _dim_groups(arch, g, qk_rotation)
+    blocks = []
+
+    def rows_norm(which, index):
+        sites = _rows(arch, which, g, index)
+        if arch.qk_norm == "all_heads" and which in "qk":
+            sites.append(Site(f"{arch.q.rsplit('.', 1)[0]}.{which}_norm.weight", 0, index))
+        return sites
+
+    def feature(which, index, axis=0):
+        if axis == 1:
+            return tuple(_columns(arch, which, g, index))
+        return tuple(_rows(arch, which, g, index))
+
+    def per_group(heads_per_slot, slots, index_dims):
+        """[slots, 1, heads_per_slot * m]: the rows ``index_dims`` of each slot's heads."""
+        head = torch.arange(slots)[:, None] * heads_per_slot + torch.arange(heads_per_slot)[None, :]
+        return (head[:, :, None] * d + index_dims[None, None, :]).reshape(slots, 1, -1)
+
+    if K > 1:
+        whole_kv = per_group(1, K, torch.arange(d)).reshape(K, d, 1)
+        whole_q = per_group(G, K, torch.arange(d)).reshape(K, G * d, 1)
+        features = [feature("v", per_group(1, K, torch.arange(d))),
+                    feature("o", per_group(G, K, torch.arange(d)), axis=1)]
+        for which, copies in (("k", 1), ("q", G)):
+            planes = [per_group(copies, K, group) for group in dims if len(group) == 2]
+            if planes:
+                features.append(feature(which, torch.cat(planes, dim=1)))
+            for group in dims:
+                if len(group) != 2:
+                    features.append(feature(which, per_group(copies, K, group)))
+        kv = Symmetry(
+            "attn.kv_heads",
+            Kind.permutation,
+            tuple(rows_norm("q", whole_q) + rows_norm("k", whole_kv) + _rows(arch, "v", g, whole_kv)
+                  + _columns(arch, "o", g, whole_q)),
+            features=tuple(features),
+        )
+        blocks.append(Block("attn.kv_heads", kv, outer=True))
+    if G > 1:
+        H = g.num_heads
+        whole = per_group(1, H, torch.arange(d)).reshape(H, d, 1)
+        features = [feature("o", per_group(1, H, torch.arange(d)), axis=1)]
+        planes = [per_group(1, H, group) for group in dims if len(group) == 2]
+        if planes:
+            features.append(feature("q", torch.cat(planes, dim=1)))
+        for group in dims:
+            if len(group) != 2:
+                features.append(feature("q", per_group(1, H, group)))
+        q = Symmetry(
+            "attn.q_heads",
+            Kind.permutation,
+            tuple(rows_norm("q", whole) + _columns(arch, "o", g, whole)),
+            block_size=G,
+            features=tuple(features),
+        )
+        blocks.append(Block("attn.q_heads", q, outer=True))
+    return blocks
+
+
 @lru_cache(maxsize=64)
 def layer_spec(arch_name: str, geometry: Geometry, qk_rotation: str = "rope") -> LayerSpec:
     arch = ARCHITECTURES[arch_name]
     if qk_rotation not in QK_ROTATIONS:
         raise ValueError(f"qk_rotation must be one of {QK_ROTATIONS}, not {qk_rotation!r}")
-    blocks = [_mlp_block(arch, geometry), _vo_block(arch, geometry)]
+    blocks = _head_blocks(arch, geometry, qk_rotation)
+    blocks += [_mlp_block(arch, geometry), _vo_block(arch, geometry)]
     d, r = geometry.head_dim, geometry.rotary_dim
     if arch.qk_norm != "none":
         if qk_rotation == "full":

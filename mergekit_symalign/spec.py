@@ -202,6 +202,14 @@ class LayerTransform:
     def is_identity(self, tol: float = 0.0) -> bool:
         return all(is_identity(s.kind, e, tol) for s, e in self.steps)
 
+    def within_heads(self, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``tensors`` moved by this transform, with the head permutations undone at the end:
+        the within-head part alone, in the original head order (``P^-1 W P``), e.g. to
+        measure how much an inexact Q/K rotation changes each head's attention logits."""
+        heads = LayerTransform(tuple((s, e) for s, e in self.steps
+                                     if s.kind == Kind.permutation and s.features))
+        return heads.inverse().apply(self.apply(tensors))
+
     def then(self, other: "LayerTransform") -> "LayerTransform":
         """This transform followed by ``other``."""
         return LayerTransform(self.steps + other.steps, self.fits + other.fits)

@@ -88,7 +88,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
             ) from None
         if settings.qk_rotation == "full" and settings.switches.rotation:
             change = attention_logit_change(
-                moving, transform.apply(moving), ARCHITECTURES[self.architecture],
+                moving, transform.within_heads(moving), ARCHITECTURES[self.architecture],
                 self.geometry, self.geometry.rope_theta or 10000.0,
             )
             LOG.warning(
