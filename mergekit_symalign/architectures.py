@@ -46,10 +46,27 @@ class Architecture:
     fused_gate_up: Optional[str] = None
     # Config flags whose variant we have not proven exact -> reason to refuse.
     refuse_if: Tuple[Tuple[str, str], ...] = ()
+    # --- the residual stream (see residual.py) ---
+    # "rms": RMSNorm(x) * w; "rms_offset": RMSNorm(x) * (1 + w) (Gemma); "layernorm": with
+    # mean subtraction and a bias (StableLM).
+    norm: str = "rms"
+    # Reader-side norms, each with the projections that read its output (None: the
+    # projections read the residual stream directly, as OLMo 2's do).
+    readers: Tuple[Tuple[Optional[str], Tuple[str, ...]], ...] = (
+        ("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up")))
+    # Writers, each with the norm applied to its output before the residual add ("sandwich"
+    # norms of Gemma 2/3 and OLMo 2), or None.
+    writers: Tuple[Tuple[str, Optional[str]], ...] = (("o", None), ("down", None))
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head.weight"
     # Decoder-layer tensors in a plain state dict (HF names, optionally nested as in a
     # multimodal checkpoint's ``language_model.``); a vision tower's ``encoder.layers.N`` is not.
     layer_pattern: str = r"^(?P<prefix>(?:.+\.)?model\.layers\.(?P<index>\d+)\.)(?P<name>.+)$"
 
+
+GEMMA2_READERS = (("input_layernorm", ("q", "k", "v")), ("pre_feedforward_layernorm", ("gate", "up")))
+GEMMA2_WRITERS = (("o", "post_attention_layernorm"), ("down", "post_feedforward_layernorm"))
 
 ARCHITECTURES: Dict[str, Architecture] = {
     a.name: a
@@ -57,16 +74,21 @@ ARCHITECTURES: Dict[str, Architecture] = {
         Architecture("llama", ("llama",)),
         Architecture("mistral", ("mistral",)),
         Architecture("qwen2", ("qwen2",)),  # q/k/v biases are sites of their rows
-        Architecture("gemma", ("gemma",), activation="GeGLU"),
+        Architecture("gemma", ("gemma",), activation="GeGLU", norm="rms_offset"),
         # soft-capping and sliding windows act on attention scores / logits: no change
-        Architecture("gemma2", ("gemma2",), activation="GeGLU"),
-        Architecture("gemma3", ("gemma3_text", "gemma3"), activation="GeGLU", qk_norm="per_head"),
+        Architecture("gemma2", ("gemma2",), activation="GeGLU", norm="rms_offset",
+                     readers=GEMMA2_READERS, writers=GEMMA2_WRITERS),
+        Architecture("gemma3", ("gemma3_text", "gemma3"), activation="GeGLU", qk_norm="per_head",
+                     norm="rms_offset", readers=GEMMA2_READERS, writers=GEMMA2_WRITERS),
         Architecture("qwen3", ("qwen3",), qk_norm="per_head"),
-        Architecture("olmo2", ("olmo2",), qk_norm="all_heads"),
+        # OLMo 2 normalizes after each sublayer only: readers see the raw residual stream
+        Architecture("olmo2", ("olmo2",), qk_norm="all_heads",
+                     readers=((None, ("q", "k", "v")), (None, ("gate", "up"))),
+                     writers=GEMMA2_WRITERS),
         Architecture("phi3", ("phi3",), fused_qkv="self_attn.qkv_proj",
                      fused_gate_up="mlp.gate_up_proj"),
         # partial rotary (25 % by default): the non-rotated dims keep the full O(d - r)
-        Architecture("stablelm", ("stablelm",), refuse_if=(
+        Architecture("stablelm", ("stablelm",), norm="layernorm", refuse_if=(
             ("qk_layernorm", "its per-head LayerNorm on q/k (with bias and mean subtraction) "
                              "leaves no proven Q/K symmetry"),
         )),

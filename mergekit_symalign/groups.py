@@ -152,7 +152,7 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
     ``offset`` (a site's): act on ``values + offset``; ``delta``: the values are a difference
     of two models, which moves by the linear part alone (the offset cancels).
     """
-    if offset and not delta:
+    if offset and not delta and kind == Kind.scale:  # a permutation moves v + c like v
         return act(kind, element, values + offset, contragredient) - offset
     element = element.to(values.device)
     if kind == Kind.permutation:
@@ -532,8 +532,7 @@ def solve(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch
 
 
 # Continuous elements whose fit is not clearly better than fitting noise are snapped to the
-# identity (see :func:`fit_gain`).
-SNAP_FACTOR = 10.0
+# identity (see :func:`explains_more_than_noise`).
 DEGREES_OF_FREEDOM = {
     Kind.scale: lambda k: 1,
     Kind.plane_rotation: lambda k: 1,
@@ -541,14 +540,27 @@ DEGREES_OF_FREEDOM = {
 }
 
 
+def noise_limit(dof: int, entries: int) -> float:
+    """The share of a squared distance over ``entries`` scalars that a least-squares fit of
+    ``dof`` parameters removes from pure noise, with a wide margin: that share is about
+    ``chi2(dof) / entries`` (mean ``dof``, standard deviation ``sqrt(2 dof)``), and
+    ``dof + 6 sd + 12`` is exceeded with probability below about 1e-5 for any ``dof``."""
+    return (dof + 6.0 * math.sqrt(2.0 * dof) + 12.0) / max(entries, 1)
+
+
 def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, model: Tensors,
              **kw) -> Tuple[float, float, int]:
     """``(gain, baseline, entries)``: how much ``element`` lowers ``sum ||g . model -
-    reference||^2`` over the symmetry's sites (``baseline`` = the identity's value, over
-    ``entries`` scalars)."""
+    reference||^2`` over the symmetry's (non-optional) sites (``baseline`` = the identity's
+    value, over ``entries`` scalars)."""
     gain = baseline = 0.0
     entries = 0
     for site, a, t in _site_pairs(symmetry, reference, model, **kw):
+        if site.optional:
+            # Biases: few entries that can carry much of a fine-tune's change (real Qwen2
+            # q/k biases are large), which a handful of parameters could "explain"; the
+            # decision rests on the weights, where the noise is spread evenly.
+            continue
         moved = act(symmetry.kind, element, t, site.contragredient)
         before = float(((t - a).double() ** 2).sum())
         after = float(((moved - a).double() ** 2).sum())
@@ -560,17 +572,15 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
 
 def explains_more_than_noise(symmetry: Symmetry, gain: float, baseline: float, entries: int) -> bool:
     """Keep a fitted continuous element only if it removes clearly more of the distance than
-    fitting its free parameters to noise would: a least-squares fit of ``p`` parameters to
-    ``N`` noisy entries removes about ``p / N`` of their squared distance, so we require
-    ``gain / baseline > SNAP_FACTOR * p / N``. On descendants of one base (a fine-tune's noise
-    around the identity) the identity is kept; a real transform (a rotated, rescaled or
-    independently trained model) removes far more than that."""
+    fitting its free parameters to noise would (:func:`noise_limit`). On descendants of one
+    base (a fine-tune's noise around the identity) the identity is kept; a real transform (a
+    rotated, rescaled or independently trained model) removes far more than that."""
     dof = DEGREES_OF_FREEDOM.get(symmetry.kind)
     if dof is None or entries == 0:
         return True
     if baseline <= 0.0:
         return False  # already equal: nothing to explain
-    return gain / baseline > SNAP_FACTOR * symmetry.slots * dof(symmetry.coords) / entries
+    return gain / baseline > noise_limit(symmetry.slots * dof(symmetry.coords), entries)
 
 
 def distance(reference: Tensors, model: Tensors, names: Iterable[str]) -> float:

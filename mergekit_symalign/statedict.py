@@ -1,17 +1,30 @@
 """Whole-model alignment and scrambling on plain state dicts (no mergekit needed).
 
 Useful from Python, in tests (ground truth: scramble a model by a random element of its
-exact group, then require the alignment to undo it) and in the demo.
+exact group, then require the alignment to undo it) and in the benchmarks.
+
+Transforms are returned per layer index, plus :data:`MODULE` for the module-level tensors
+(embeddings, final norm, ``lm_head``) that the residual-stream transform moves; each is a
+:class:`.spec.LayerTransform` over names relative to its layer (or to the decoder's module,
+e.g. ``model.embed_tokens.weight``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .architectures import architecture_for, geometry_from_config, layer_spec, split_layer_name
+from . import residual as res
+from .architectures import Architecture, architecture_for, geometry_from_config, layer_spec, split_layer_name
 from .spec import LayerSpec, LayerTransform, Switches, align_layer, random_transform
+
+MODULE = "module"
+Key = Union[int, str]
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _by_layer(arch, state_dict: Mapping[str, torch.Tensor]):
@@ -25,6 +38,25 @@ def _by_layer(arch, state_dict: Mapping[str, torch.Tensor]):
     return layers
 
 
+def _module_prefix(layers) -> str:
+    """``language_model.`` from ``language_model.model.layers.3.`` (``""`` for a causal LM)."""
+    prefix = next(iter(layers.values()))[0] if layers else "model.layers.0."
+    return prefix[: prefix.rindex("model.layers.")]
+
+
+def _module_tensors(arch: Architecture, state_dict, prefix: str) -> Dict[str, torch.Tensor]:
+    names = (arch.embed, f"{arch.final_norm}.weight", f"{arch.final_norm}.bias", arch.lm_head)
+    return {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+
+
+def tied_embeddings(config: Any, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> bool:
+    cfg = _text_config(config)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if getattr(config, "tie_word_embeddings", None) is not None:
+        tied = bool(config.tie_word_embeddings)
+    return tied
+
+
 def spec_for_config(config: Any, qk_rotation: str = "rope", model: str = "model") -> LayerSpec:
     geometry = geometry_from_config(config, model)
     return layer_spec(architecture_for(geometry.model_type, model).name, geometry, qk_rotation)
@@ -33,15 +65,54 @@ def spec_for_config(config: Any, qk_rotation: str = "rope", model: str = "model"
 def transform_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     config: Any,
-    transforms: Mapping[int, LayerTransform],
+    transforms: Mapping[Key, LayerTransform],
 ) -> Dict[str, torch.Tensor]:
-    """Apply one :class:`LayerTransform` per layer index; other tensors are copied as is."""
+    """Apply one :class:`LayerTransform` per layer index (and :data:`MODULE`); other tensors
+    are copied as is."""
     arch = architecture_for(geometry_from_config(config).model_type)
     out = dict(state_dict)
-    for index, (prefix, tensors) in _by_layer(arch, state_dict).items():
+    layers = _by_layer(arch, state_dict)
+    for index, (prefix, tensors) in layers.items():
         if index in transforms:
             moved = transforms[index].apply(tensors)
             out.update({prefix + rel: t for rel, t in moved.items()})
+    if MODULE in transforms:
+        prefix = _module_prefix(layers)
+        moved = transforms[MODULE].apply(_module_tensors(arch, state_dict, prefix))
+        out.update({prefix + rel: t for rel, t in moved.items()})
+    return out
+
+
+def _norms(sites: res.ResidualSites, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {f"{n}.weight": tensors[f"{n}.weight"] for n, _ in sites.readers if n}
+
+
+def residual_transforms(
+    state_dict: Mapping[str, torch.Tensor],
+    reference_norms_from: Mapping[str, torch.Tensor],
+    config: Any,
+    element: res.ResidualElement,
+    model: str = "model",
+) -> Dict[Key, LayerTransform]:
+    """The residual ``element``'s steps for every layer and the module level of
+    ``state_dict`` (folding with its own norms, unfolding with those of
+    ``reference_norms_from``, a state dict with the same names)."""
+    geometry = geometry_from_config(config, model)
+    arch = architecture_for(geometry.model_type, model)
+    tied = tied_embeddings(config)
+    layers = _by_layer(arch, state_dict)
+    reference_layers = _by_layer(arch, reference_norms_from)
+    lsites = res.layer_sites(arch, geometry)
+    out: Dict[Key, LayerTransform] = {}
+    for index, (_prefix, tensors) in layers.items():
+        out[index] = res.transform(arch, lsites, element, _norms(lsites, tensors),
+                                   _norms(lsites, reference_layers[index][1]), model)
+    prefix = _module_prefix(layers)
+    msites = res.module_sites(arch, tied)
+    out[MODULE] = res.transform(arch, msites, element,
+                                _norms(msites, _module_tensors(arch, state_dict, prefix)),
+                                _norms(msites, _module_tensors(arch, reference_norms_from, prefix)),
+                                model)
     return out
 
 
@@ -51,15 +122,25 @@ def scramble_state_dict(
     seed: int = 0,
     switches: Switches = Switches(),
     qk_rotation: str = "rope",
-) -> Tuple[Dict[str, torch.Tensor], Dict[int, LayerTransform]]:
-    """Apply a random element of every layer's exact symmetry group (same function)."""
+    residual: str = "none",
+) -> Tuple[Dict[str, torch.Tensor], Dict[Key, LayerTransform]]:
+    """Apply a random element of the model's exact symmetry group (same function): every
+    layer's group, and with ``residual`` a random residual-stream transform (``orthogonal``
+    leaves the norms folded: a QuaRot/SliceGPT-style rotated checkpoint, all norms 1)."""
     spec = spec_for_config(config, qk_rotation)
     generator = torch.Generator().manual_seed(seed)
-    arch = architecture_for(geometry_from_config(config).model_type)
-    transforms = {
-        index: random_transform(spec, generator, switches)
-        for index in sorted(_by_layer(arch, state_dict))
-    }
+    geometry = geometry_from_config(config)
+    arch = architecture_for(geometry.model_type)
+    transforms: Dict[Key, LayerTransform] = {}
+    if residual != "none":
+        res.check_supported(arch, residual, tied_embeddings(config), _text_config(config))
+        element = res.random_residual(arch, geometry.hidden_size, residual, generator)
+        unit = {k: (torch.ones_like(v) - res.norm_offset(arch)) if "norm" in k.rsplit(".", 2)[-2]
+                else v for k, v in state_dict.items()}
+        transforms = residual_transforms(state_dict, unit, config, element)
+    for index in sorted(_by_layer(arch, state_dict)):
+        layer = random_transform(spec, generator, switches)
+        transforms[index] = transforms[index].then(layer) if index in transforms else layer
     return transform_state_dict(state_dict, config, transforms), transforms
 
 
@@ -69,12 +150,28 @@ def align_state_dict(
     config: Any,
     switches: Switches = Switches(),
     qk_rotation: str = "rope",
-) -> Tuple[Dict[str, torch.Tensor], Dict[int, LayerTransform]]:
-    """Align ``model`` layer by layer into ``reference``'s coordinates."""
+    residual: str = "none",
+) -> Tuple[Dict[str, torch.Tensor], Dict[Key, LayerTransform]]:
+    """Align ``model`` into ``reference``'s coordinates: the residual stream first (solved
+    from the embedding and ``lm_head`` rows of the same tokens), then every layer's group on
+    the residual-aligned tensors."""
+    geometry = geometry_from_config(config)
     spec = spec_for_config(config, qk_rotation)
     arch = architecture_for(spec.architecture)
+    transforms: Dict[Key, LayerTransform] = {}
+    current = dict(model)
+    if residual != "none":
+        tied = tied_embeddings(config)
+        res.check_supported(arch, residual, tied, _text_config(config))
+        prefix = _module_prefix(_by_layer(arch, model))
+        statistic = res.embedding_statistic(_module_tensors(arch, reference, prefix),
+                                            _module_tensors(arch, model, prefix), arch, tied)
+        element = res.solve(arch, residual, statistic)
+        transforms = residual_transforms(model, reference, config, element)
+        current = transform_state_dict(model, config, transforms)
     reference_layers = _by_layer(arch, reference)
-    transforms = {}
-    for index, (_prefix, tensors) in _by_layer(arch, model).items():
-        transforms[index] = align_layer(spec, reference_layers[index][1], tensors, switches)
+    for index, (_prefix, tensors) in _by_layer(arch, current).items():
+        layer = align_layer(spec, reference_layers[index][1], tensors, switches)
+        transforms[index] = transforms[index].then(layer) if index in transforms else layer
+    del geometry
     return transform_state_dict(model, config, transforms), transforms
