@@ -71,6 +71,7 @@ from .architectures import (
     geometry_from_config,
     layer_spec,
 )
+from . import residual as res
 from .calibration import check_enough_tokens
 from .groups import Site, Symmetry, gather, slot_index
 from .spec import Block, LayerSpec, LayerTransform, Switches, align_layer
@@ -577,7 +578,8 @@ def align_by_activations(
     progress: bool = True,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
-) -> Dict[str, Dict[int, LayerTransform]]:
+    residual: str = "none",
+) -> Dict[str, Dict[Any, LayerTransform]]:
     """Align every model to ``reference`` on activations: ``{model: {layer: transform}}``.
 
     ``reference`` and ``models[key]`` return weights by HF name. All models share
@@ -586,6 +588,12 @@ def align_by_activations(
     hidden states, then each model's, each solved against the reference's activations and
     discarded. Resident at any time: one decoder layer's weights, every model's hidden
     states, and two models' activations of one layer.
+
+    ``residual`` (``permutation`` / ``orthogonal``): the residual stream itself, the hidden
+    states entering every layer, gives one ``[D, D]`` statistic per model, accumulated layer
+    by layer; its transform is composed with every layer's (the layer solves do not depend on
+    it: they see activations inside the layer) and the module level's is added under
+    :data:`residual.MODULE`.
     """
     from tqdm.auto import tqdm
 
@@ -596,16 +604,24 @@ def align_by_activations(
     if qk_rotation == "full" and switches.rotation:
         for key in models:
             full_qk_warning(key)
-    results: Dict[str, Dict[int, LayerTransform]] = {key: {} for key in models}
+    results: Dict[str, Dict[Any, LayerTransform]] = {key: {} for key in models}
     if not models:
         return results
+    tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
+    if residual != "none":
+        res.check_supported(plan.arch, residual, tied, _text_config(config))
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
     ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
     streamers = {key: LayerStreamer(config, get_tensor, token_ids, name=str(key), **kw)
                  for key, get_tensor in models.items()}
+    width = plan.geometry.hidden_size
+    stats = {key: res.ResidualStatistic(width) for key in models} if residual != "none" else {}
     bar = tqdm(range(ref.num_layers), desc="activation alignment", unit="layer",
                disable=not progress)
     for index in bar:
+        for key, statistic in stats.items():  # the residual stream entering this layer
+            for a, b in zip(ref.hidden, streamers[key].hidden):
+                statistic.add(a.reshape(-1, width), b.reshape(-1, width))
         reference_acts = ref.step(plan)
         for key, streamer in streamers.items():
             acts = streamer.step(plan)
@@ -615,4 +631,17 @@ def align_by_activations(
                 raise ValueError(f"layer {index}: {err}") from None
             del acts
         del reference_acts
+    for key, statistic in stats.items():
+        element = res.solve(plan.arch, residual, statistic)
+        parts = res.model_transforms(plan.arch, plan.geometry, element, _norm_getter(models[key]),
+                                     _norm_getter(reference), sorted(results[key]), tied, str(key))
+        results[key] = {i: parts[i].then(results[key][i]) if i in results[key] else parts[i]
+                        for i in parts}
     return results
+
+
+def _norm_getter(get_tensor: GetTensor):
+    """A norm's weight by HF name (``layer`` None: the module level's final norm)."""
+    def norm(layer, name):
+        return get_tensor(f"{name}.weight" if layer is None else f"model.layers.{layer}.{name}.weight")
+    return norm

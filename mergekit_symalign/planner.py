@@ -40,11 +40,16 @@ from mergekit.tokenizer import PermutedVocabulary
 from .architectures import full_qk_warning, layer_spec
 from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
+from . import residual as res
+from .statedict import tied_embeddings
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
+    AlignVocabularyTask,
     LayerAlignmentTask,
     PickLayerTransform,
+    PickModuleTransform,
+    ResidualAlignmentTask,
     TransferTask,
 )
 from .validation import (
@@ -56,6 +61,7 @@ from .validation import (
     check_models,
     check_options,
     check_recipe,
+    check_residual,
     check_same_optional_tensors,
     never_aligned,
 )
@@ -81,6 +87,14 @@ class LayerTensor:
     indices: Mapping[ModelReference, int]
 
 
+@dataclass(frozen=True)
+class ModuleTensor:
+    """A module-level tensor the residual-stream transform moves (embeddings, final norm,
+    lm_head), by its name relative to the decoder module."""
+
+    name: str
+
+
 def layer_prefix(names: List[str], index: int) -> Optional[str]:
     """``model.layers.7.`` from the names of layer 7's tensors (their common prefix)."""
     common = os.path.commonprefix(names)
@@ -101,7 +115,11 @@ class AlignedPlanning:
         self.geometry = None
         self.module: Optional[str] = None  # the text decoder's module in mergekit's definition
         self.context: Optional[LayerContext] = None  # set while mergekit plans a layer
+        self.module_context: Optional[str] = None  # set while mergekit plans a module
+        self.residual = "none"
+        self.tied = False
         self._alignments: Dict[Tuple, object] = {}
+        self._planned: Dict[str, "Planned"] = {}
         self._consistency = LayerConsistency()
         self._warned_full = False
 
@@ -118,6 +136,15 @@ class AlignedPlanning:
         check_architecture_settings(cfg, self.arch)
         check_calibration(cfg.parameters or {})
         self.module = self._decoder_module()
+        self.residual = check_residual(cfg, self.arch, configs, len(self.planner.arch_info.modules),
+                                       self.method.spec.name)
+        tied = {m: tied_embeddings(c) for m, c in configs.items()}
+        if self.residual != "none" and len(set(tied.values())) > 1:
+            raise SymAlignConfigError(
+                f"{self.method.spec.name}: residual: {self.residual} needs all models tied or "
+                f"all untied (tie_word_embeddings: {', '.join(f'{m}: {t}' for m, t in tied.items())})."
+            )
+        self.tied = next(iter(tied.values()))
 
     def _decoder_module(self) -> str:
         """The module of mergekit's architecture definition that is our text decoder (a
@@ -166,10 +193,35 @@ class AlignedPlanning:
             )
         return prefix, {w.name[len(prefix):]: w for w in infos}
 
-    def _layer_tensor(self, weights_in: List[WeightInfo], models: List[ModelReference],
-                      settings: AlignSettings) -> Optional[LayerTensor]:
+    def _layer_names(self, settings: AlignSettings) -> Tuple[Tuple[str, ...], set]:
+        """(every layer-relative tensor an alignment moves, those that may be absent)."""
+        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
+        names = list(spec.tensors())
+        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
+        if settings.residual != "none":
+            sites = res.layer_sites(self.arch, self.geometry)
+            names += [n for n in sites.tensors() if n not in names]
+            if self.arch.norm == "layernorm":
+                biases = [f"{n}.bias" for n in sites.norms()]
+                names += biases
+                optional |= set(biases)
+        return tuple(dict.fromkeys(names)), optional
+
+    def _module_names(self) -> Tuple[str, ...]:
+        arch = self.arch
+        return (arch.embed, f"{arch.final_norm}.weight", f"{arch.final_norm}.bias", arch.lm_head)
+
+    def _aligned_tensor(self, weight: WeightInfo, weights_in: List[WeightInfo],
+                        models: List[ModelReference], settings: AlignSettings):
+        """The layer or module-level tensor an alignment moves, or None."""
         context = self.context
-        if context is None or context.module != self.module:
+        if context is None:
+            if settings.residual == "none" or self.module_context != self.module:
+                return None
+            prefix = self.planner.arch_info.modules[self.module].weight_prefix or ""
+            rel = weight.name[len(prefix):] if weight.name.startswith(prefix) else None
+            return ModuleTensor(rel) if rel in self._module_names() else None
+        if context.module != self.module:
             return None
         prefixes, names = {}, set()
         for model, info in zip(models, weights_in):
@@ -178,8 +230,7 @@ class AlignedPlanning:
                 return None
             prefixes[model] = prefix
             names.add(info.name[len(prefix):])
-        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
-        if len(names) != 1 or next(iter(names)) not in spec.tensors():
+        if len(names) != 1 or next(iter(names)) not in self._layer_names(settings)[0]:
             return None
         return LayerTensor(next(iter(names)), prefixes, dict(context.indices))
 
@@ -188,16 +239,17 @@ class AlignedPlanning:
     def _layer_loads(self, model: ModelReference, layer: LayerTensor, settings: AlignSettings):
         module, index = self.context.module, layer.indices[model]
         prefix, infos = self._layer_infos(model, module, index)
-        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
+        names, optional = self._layer_names(settings)
 
         def info(rel):
             return infos.get(rel) or WeightInfo(name=prefix + rel, optional=True)
 
         found = check_layer_tensors(
-            spec, model, prefix,
+            names, optional, model, prefix,
             present=lambda rel: self._present(model, info(rel)),
             listed=lambda rel: rel in infos,
             architecture_name=self.planner.arch_info.expected_model_type,
+            spec_name=self.arch.name,
         )
         return tuple((rel, self._load(model, info(rel))) for rel in found)
 
@@ -217,6 +269,7 @@ class AlignedPlanning:
             model_loads, reference_loads = self._pair_loads(model, reference, layer, settings)
             self._warn_full_qk(model, settings)
             self._alignments[key] = LayerAlignmentTask(
+                residual=self._residual(model, reference, settings),
                 model=model,
                 reference=reference,
                 layer_prefix=layer.prefixes[model],
@@ -228,9 +281,24 @@ class AlignedPlanning:
             )
         return self._alignments[key]
 
-    def _activation_alignment(self, model, reference, layer: LayerTensor, settings: AlignSettings):
-        check_activation_layers(model, reference, layer.prefixes, layer.indices)
-        self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
+    def _residual(self, model, reference, settings: AlignSettings) -> Optional[ResidualAlignmentTask]:
+        if settings.residual == "none":
+            return None
+        key = ("residual", model, reference, settings.residual)
+        if key not in self._alignments:
+            self._alignments[key] = ResidualAlignmentTask(
+                model=model, reference=reference, architecture=self.arch.name,
+                geometry=self.geometry, mode=settings.residual, tied=self.tied,
+            )
+        return self._alignments[key]
+
+    def _module_alignment(self, model, reference, settings: AlignSettings):
+        if settings.alignment == "activations":
+            return PickLayerTransform(source=self._activation_source(reference, settings),
+                                      model=model, layer=res.MODULE)
+        return PickModuleTransform(source=self._residual(model, reference, settings))
+
+    def _activation_source(self, reference, settings: AlignSettings) -> ActivationAlignmentTask:
         key = (reference, settings)
         if key not in self._alignments:
             never = never_aligned(self.planner.config)
@@ -244,7 +312,12 @@ class AlignedPlanning:
                 device=device if device != "cpu" else None,
                 trust_remote_code=self.planner.options.trust_remote_code,
             )
-        source = self._alignments[key]
+        return self._alignments[key]
+
+    def _activation_alignment(self, model, reference, layer: LayerTensor, settings: AlignSettings):
+        check_activation_layers(model, reference, layer.prefixes, layer.indices)
+        self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
+        source = self._activation_source(reference, settings)
         if model not in source.models:
             raise SymAlignConfigError(f"model {model} was planned without alignment")
         return PickLayerTransform(source=source, model=model, layer=layer.indices[model])
@@ -266,6 +339,27 @@ class AlignedPlanning:
         if weight.optional and not any(self._present(m, w) for m, w in zip(models, weights_in)):
             LOG.info("Skipping optional weight %s", weight.name)
             return
+        planned = self._merged_task(weight, weights_in, models, cfg_reader)
+        layer, roles, settings = planned.layer, planned.roles, planned.settings
+        refold = self._refold(weight, planned, models, cfg_reader)
+        final = TransferTask(
+            merged=planned.merged,
+            sources=planned.sources,
+            base_model=roles.base,
+            reference_model=roles.reference,
+            base_alignment=planned.alignment(roles.base),
+            name=layer.name if layer is not None else None,
+            output_frame=settings.output_frame,
+            **refold,
+        )
+        self.planner._tensors.append((weight, final))
+
+    def _merged_task(self, weight: WeightInfo, weights_in: List[WeightInfo],
+                     models: List[ModelReference], cfg_reader: ConfigReader) -> "Planned":
+        """The wrapped method's task for one output tensor (memoized by name: a reader's
+        refold under ``residual: orthogonal`` needs its norm's merged value too)."""
+        if weight.name in self._planned:
+            return self._planned[weight.name]
         method = self.method
         base = cfg_reader.base_model
         shared, per_input = resolve_parameters(
@@ -281,13 +375,15 @@ class AlignedPlanning:
         roles = resolve_roles(models, base, per_input, method.spec.name, weight.name)
         settings = resolve_settings(shared)
         by_model = dict(zip(models, weights_in))
-        layer = self._layer_tensor(weights_in, models, settings.align)
-        if layer is not None:
+        layer = self._aligned_tensor(weight, weights_in, models, settings.align)
+        if isinstance(layer, LayerTensor):
             self._check_layer(layer, roles, settings, per_input)
 
         def alignment(m):
             if layer is None or m not in roles.aligned:
                 return None
+            if isinstance(layer, ModuleTensor):
+                return self._module_alignment(m, roles.reference, settings.align)
             return self._alignment(m, roles.reference, layer, settings.align)
 
         def aligned_input(m):
@@ -307,7 +403,7 @@ class AlignedPlanning:
         }
         if weight.vocabulary_axis is not None and self.planner._tokenizer_task is not None:
             # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
-            # (no layer symmetry acts on them, so nothing is aligned here).
+            # (only the residual-stream transform, if any, acts on them).
             tokenizer = cfg_reader.config.tokenizer
             inputs = sources = PermutedVocabulary(
                 gather_tensors=self._gather(by_model),
@@ -317,6 +413,9 @@ class AlignedPlanning:
                 base_model=base,
                 vocabulary_axis=weight.vocabulary_axis,
             )
+            moved = tuple((m, alignment(m)) for m in roles.merged if alignment(m) is not None)
+            if moved:  # the residual stream's transform, after mergekit's token permutation
+                inputs = AlignVocabularyTask(permuted=sources, alignments=moved, name=layer.name)
         else:
             inputs = TensorDictWrapper(
                 tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
@@ -335,13 +434,50 @@ class AlignedPlanning:
             # A transfer subtracts the reference again: keep the delta in float32.
             dtype="float32" if roles.transfer else None,
         )
-        final = TransferTask(
-            merged=merged,
-            sources=sources,
-            base_model=base,
-            reference_model=roles.reference,
-            base_alignment=alignment(base),
-            name=layer.name if layer is not None else None,
-            output_frame=settings.output_frame,
-        )
-        self.planner._tensors.append((weight, final))
+        planned = Planned(merged, sources, roles, settings, layer, alignment)
+        self._planned[weight.name] = planned
+        return planned
+
+    def _refold(self, weight: WeightInfo, planned: "Planned", models, cfg_reader) -> dict:
+        """``residual: orthogonal`` in the base's coordinates: a reader (or norm) is mapped
+        back with the *merged* model's own norm weight folded in, not the reference's, so the
+        result is exactly the merged function with the base's norms (TransferTask)."""
+        layer, roles, settings = planned.layer, planned.roles, planned.settings
+        if (settings.align.residual != "orthogonal" or settings.output_frame != "base"
+                or layer is None or not roles.transfer or roles.base not in roles.aligned):
+            return {}
+        norm = self._reading_norm(layer)
+        if norm is None:
+            return {}
+        out_name = weight.name[: len(weight.name) - len(layer.name)] + f"{norm}.weight"
+        if isinstance(layer, LayerTensor):
+            context = self.context
+            norm_in = [self._layer_infos(m, context.module, context.indices[m])[1][f"{norm}.weight"]
+                       for m in models]
+        else:
+            prefix = self.planner.arch_info.modules[self.module].weight_prefix or ""
+            norm_in = [WeightInfo(name=prefix + f"{norm}.weight") for _m in models]
+        norm_planned = self._merged_task(WeightInfo(name=out_name), norm_in, models, cfg_reader)
+        return {"fold_norm": f"{norm}.weight", "norm_merged": norm_planned.merged,
+                "norm_sources": norm_planned.sources}
+
+    def _reading_norm(self, tensor) -> Optional[str]:
+        """The reader-side norm whose output ``tensor`` reads (or which it is)."""
+        if isinstance(tensor, ModuleTensor):
+            sites = res.module_sites(self.arch, self.tied)
+        else:
+            sites = res.layer_sites(self.arch, self.geometry)
+        for norm, readers in sites.readers:
+            if norm is not None and (tensor.name in readers or tensor.name == f"{norm}.weight"):
+                return norm
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class Planned:
+    merged: ExecuteMergeMethodTask
+    sources: object
+    roles: Roles
+    settings: TensorSettings
+    layer: object  # LayerTensor, ModuleTensor or None
+    alignment: object  # model -> its alignment task (or None)

@@ -80,9 +80,13 @@ def hook_planner(cls) -> None:
 
     def plan_module(self, module_name, definition):
         planning = _planning(self)
-        if planning is not None:
-            planning.context = None
-        return original["plan_module"](self, module_name, definition)
+        if planning is None:
+            return original["plan_module"](self, module_name, definition)
+        planning.context, planning.module_context = None, module_name
+        try:
+            return original["plan_module"](self, module_name, definition)
+        finally:
+            planning.module_context = None
 
     def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
         planning = _planning(self)

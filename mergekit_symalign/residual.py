@@ -34,7 +34,7 @@ applied, inverted and cached exactly like them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -267,6 +267,33 @@ def transform(arch: Architecture, sites: ResidualSites, element: ResidualElement
     return LayerTransform(tuple(fold + [rotation] + unfold))
 
 
+MODULE = "module"  # key of the module-level transform (embeddings, final norm, lm_head)
+NormGetter = Callable[[Optional[int], str], torch.Tensor]  # (layer or None, norm) -> weight
+
+
+def model_transforms(arch: Architecture, geometry: Geometry, element: ResidualElement,
+                     model_norm: NormGetter, reference_norm: NormGetter, layers: Iterable[int],
+                     tied_embeddings: bool, model: str = "model") -> Dict[Union[int, str], LayerTransform]:
+    """``element``'s steps for each of ``layers`` and for the module level (:data:`MODULE`).
+
+    The norm getters return a norm's weight (``layer`` None: the module's final norm); they
+    are called only for ``orthogonal`` (folding), so permutations need no weights at all."""
+    def norms(sites: ResidualSites, layer: Optional[int], getter: NormGetter):
+        if element.mode != "orthogonal":
+            return {}
+        return {f"{n}.weight": getter(layer, n) for n, _ in sites.readers if n}
+
+    lsites = layer_sites(arch, geometry)
+    out: Dict[Union[int, str], LayerTransform] = {}
+    for index in layers:
+        out[index] = transform(arch, lsites, element, norms(lsites, index, model_norm),
+                               norms(lsites, index, reference_norm), model)
+    msites = module_sites(arch, tied_embeddings)
+    out[MODULE] = transform(arch, msites, element, norms(msites, None, model_norm),
+                            norms(msites, None, reference_norm), model)
+    return out
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -365,7 +392,7 @@ def embedding_statistic(reference: Mapping[str, torch.Tensor], model: Mapping[st
 
 
 __all__ = [
-    "MODES", "ResidualElement", "ResidualSites", "ResidualStatistic", "check_supported",
+    "MODES", "MODULE", "ResidualElement", "model_transforms", "ResidualSites", "ResidualStatistic", "check_supported",
     "embedding_statistic", "layer_sites", "module_sites", "random_residual",
     "signed", "solve", "transform",
 ]

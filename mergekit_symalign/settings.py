@@ -25,6 +25,7 @@ from typing import Any, Dict, Hashable, Mapping, Sequence, Tuple
 from pydantic import BaseModel, ConfigDict
 
 from .architectures import QK_ROTATIONS
+from .residual import MODES as RESIDUAL_MODES
 from .errors import SymAlignConfigError
 from .spec import Switches
 
@@ -59,6 +60,10 @@ PARAMETERS: Tuple[Parameter, ...] = (
     Parameter("qk_rotation", str, LAYER, "rope",
               "rope: exact per-plane Q/K rotations; full: the papers' d x d rotation "
               "(inexact under RoPE)", QK_ROTATIONS, scalar=True),
+    Parameter("residual", str, GLOBAL, "none",
+              "none; permutation: a signed permutation of the residual stream; orthogonal: "
+              "any rotation of it (norms folded into their readers, then unfolded)",
+              RESIDUAL_MODES, scalar=True),
     Parameter("output_frame", str, GLOBAL, "base",
               "base: result in the base model's coordinates; reference: in the reference's",
               OUTPUT_FRAMES, scalar=True),
@@ -84,6 +89,7 @@ class AlignSettings(BaseModel):
     alignment: str = "weights"
     switches: Switches = Switches()
     qk_rotation: str = "rope"
+    residual: str = "none"
     calibration: str = ""
     calibration_samples: int = 256
     calibration_max_tokens: int = 128
@@ -106,6 +112,7 @@ def resolve_settings(shared: Mapping[str, Any]) -> TensorSettings:
             switches=Switches(bool(shared["permutation"]), bool(shared["rotation"]),
                               bool(shared["scaling"])),
             qk_rotation=shared["qk_rotation"],
+            residual=shared["residual"],
             calibration=shared["calibration"] or "",
             calibration_samples=shared["calibration_samples"],
             calibration_max_tokens=shared["calibration_max_tokens"],

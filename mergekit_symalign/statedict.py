@@ -19,7 +19,7 @@ from . import residual as res
 from .architectures import Architecture, architecture_for, geometry_from_config, layer_spec, split_layer_name
 from .spec import LayerSpec, LayerTransform, Switches, align_layer, random_transform
 
-MODULE = "module"
+MODULE = res.MODULE
 Key = Union[int, str]
 
 
@@ -83,10 +83,6 @@ def transform_state_dict(
     return out
 
 
-def _norms(sites: res.ResidualSites, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {f"{n}.weight": tensors[f"{n}.weight"] for n, _ in sites.readers if n}
-
-
 def residual_transforms(
     state_dict: Mapping[str, torch.Tensor],
     reference_norms_from: Mapping[str, torch.Tensor],
@@ -99,21 +95,18 @@ def residual_transforms(
     ``reference_norms_from``, a state dict with the same names)."""
     geometry = geometry_from_config(config, model)
     arch = architecture_for(geometry.model_type, model)
-    tied = tied_embeddings(config)
     layers = _by_layer(arch, state_dict)
-    reference_layers = _by_layer(arch, reference_norms_from)
-    lsites = res.layer_sites(arch, geometry)
-    out: Dict[Key, LayerTransform] = {}
-    for index, (_prefix, tensors) in layers.items():
-        out[index] = res.transform(arch, lsites, element, _norms(lsites, tensors),
-                                   _norms(lsites, reference_layers[index][1]), model)
-    prefix = _module_prefix(layers)
-    msites = res.module_sites(arch, tied)
-    out[MODULE] = res.transform(arch, msites, element,
-                                _norms(msites, _module_tensors(arch, state_dict, prefix)),
-                                _norms(msites, _module_tensors(arch, reference_norms_from, prefix)),
-                                model)
-    return out
+    module = _module_prefix(layers)
+
+    def getter(tensors):
+        def norm(layer, name):
+            prefix = module if layer is None else layers[layer][0]
+            return tensors[f"{prefix}{name}.weight"]
+        return norm
+
+    return res.model_transforms(arch, geometry, element, getter(state_dict),
+                                getter(reference_norms_from), sorted(layers),
+                                tied_embeddings(config), model)
 
 
 def scramble_state_dict(

@@ -4,6 +4,9 @@
   ``LoadTensor`` tasks mergekit builds, so loads are shared), solves the layer's symmetry
   group once, and returns the small :class:`LayerTransform`; the graph frees it after the
   last tensor of the layer has used it.
+* :class:`ResidualAlignmentTask` solves one model's residual-stream transform from its and
+  the reference's embedding and ``lm_head`` rows (read in chunks through mergekit's lazy
+  loader, not held), once per model; every layer's alignment starts from it.
 * :class:`AlignTensorTask` moves one tensor of a model into the reference's frame.
 * :class:`TransferTask` turns the wrapped method's output ``R + combine(S_i - R)`` into
   ``aligned(B) + combine(...)``, in the base's or the reference's coordinates.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -21,6 +25,7 @@ from mergekit.io.tasks import LoadTensor
 
 import logging
 
+from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
 from .errors import NonFiniteTensorError
 from .rope import attention_logit_change
@@ -42,6 +47,86 @@ def check_finite(tensor: torch.Tensor, model: ModelReference, name: str) -> None
         )
 
 
+@dataclass(frozen=True, eq=False)
+class ResidualResult:
+    element: res.ResidualElement
+    module: LayerTransform  # the embeddings', final norm's and lm_head's steps
+
+
+# Embedding rows used for the residual statistic: all of them up to this many, else this
+# many tokens drawn once (seeded; the same rows in both models). 8 x hidden size rows pin a
+# [D, D] statistic down; the full 128k-token vocabulary of Llama 3 would cost 4 TFLOP a pass.
+RESIDUAL_ROWS = 32768
+
+
+class ResidualAlignmentTask(Task[ResidualResult]):
+    model: ModelReference
+    reference: ModelReference
+    architecture: str
+    geometry: Geometry
+    mode: str
+    tied: bool
+    max_rows: int = RESIDUAL_ROWS
+
+    def arguments(self) -> Dict[str, Task]:
+        return {}
+
+    def priority(self) -> int:
+        return 50
+
+    def execute(self) -> ResidualResult:
+        from mergekit.io.tasks import LoaderCache
+
+        arch = ARCHITECTURES[self.architecture]
+        names = [arch.embed, f"{arch.final_norm}.weight"]
+        if not self.tied:
+            names.append(arch.lm_head)
+
+        def load(model):
+            loader = LoaderCache().get(model)
+            out = {}
+            for name in names:
+                if name in loader.index.tensor_paths:
+                    tensor = loader.get_tensor(name, device="cpu")
+                    check_finite(tensor, model, name)
+                    out[name] = tensor
+            return out
+
+        mine, theirs = load(self.model), load(self.reference)
+        rows = None
+        vocab = theirs[arch.embed].shape[0]
+        if vocab > self.max_rows:
+            pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[: self.max_rows]
+            rows = (pick.sort().values,) * 2
+        try:
+            statistic = res.embedding_statistic(theirs, mine, arch, self.tied, rows)
+        except ValueError as err:
+            raise ValueError(f"residual alignment of {self.model} to {self.reference}: {err}") from None
+        element = res.solve(arch, self.mode, statistic)
+        module = res.model_transforms(
+            arch, self.geometry, element,
+            lambda _layer, norm: mine[f"{norm}.weight"], lambda _layer, norm: theirs[f"{norm}.weight"],
+            (), self.tied, str(self.model),
+        )[res.MODULE]
+        if element.fit is not None:
+            LOG.info("residual: %s -> %s: %s (rotation explains %.1f%% beyond the best signed "
+                     "permutation%s)", self.model, self.reference, element.mode,
+                     100 * element.fit.explained, ", snapped" if element.fit.snapped else "")
+        return ResidualResult(element, module)
+
+
+class PickModuleTransform(Task[LayerTransform]):
+    """The module-level steps (embeddings, final norm, lm_head) of a residual alignment."""
+
+    source: ResidualAlignmentTask
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"result": self.source}
+
+    def execute(self, result: ResidualResult) -> LayerTransform:
+        return result.module
+
+
 class LayerAlignmentTask(Task[LayerTransform]):
     model: ModelReference
     reference: ModelReference
@@ -51,10 +136,13 @@ class LayerAlignmentTask(Task[LayerTransform]):
     settings: AlignSettings
     model_tensors: NamedLoads
     reference_tensors: NamedLoads
+    residual: Optional[ResidualAlignmentTask] = None
 
     def arguments(self) -> Dict[str, Task]:
         args = {f"model:{rel}": load for rel, load in self.model_tensors}
         args.update({f"reference:{rel}": load for rel, load in self.reference_tensors})
+        if self.residual is not None:
+            args["residual"] = self.residual
         return args
 
     def group_label(self) -> Optional[str]:
@@ -66,7 +154,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
     def uses_accelerator(self) -> bool:
         return True
 
-    def execute(self, **kwargs) -> LayerTransform:
+    def execute(self, residual: Optional[ResidualResult] = None, **kwargs) -> LayerTransform:
         moving: Dict[str, torch.Tensor] = {}
         fixed: Dict[str, torch.Tensor] = {}
         sides = {"model": (self.model, dict(self.model_tensors), moving),
@@ -80,15 +168,22 @@ class LayerAlignmentTask(Task[LayerTransform]):
             tensors[rel] = value
         settings = self.settings
         spec = layer_spec(self.architecture, self.geometry, settings.qk_rotation)
+        arch = ARCHITECTURES[self.architecture]
         try:
-            transform = align_layer(spec, fixed, moving, settings.switches, label=str(self.model))
+            first = LayerTransform()
+            if residual is not None:  # the residual stream first, then the layer's groups
+                sites = res.layer_sites(arch, self.geometry)
+                first = res.transform(arch, sites, residual.element, moving, fixed, str(self.model))
+                moving = first.apply(moving)
+            transform = first.then(
+                align_layer(spec, fixed, moving, settings.switches, label=str(self.model)))
         except ValueError as err:
             raise ValueError(
                 f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"
             ) from None
         if settings.qk_rotation == "full" and settings.switches.rotation:
             change = attention_logit_change(
-                moving, transform.within_heads(moving), ARCHITECTURES[self.architecture],
+                moving, transform.within_heads(moving), arch,
                 self.geometry, self.geometry.rope_theta or 10000.0,
             )
             LOG.warning(
@@ -156,6 +251,7 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             switches=settings.switches,
             qk_rotation=settings.qk_rotation,
             device=self.device or "cpu",
+            residual=settings.residual,
         )
 
 
@@ -164,7 +260,7 @@ class PickLayerTransform(Task[LayerTransform]):
 
     source: ActivationAlignmentTask
     model: ModelReference
-    layer: int
+    layer: Union[int, str]  # a layer index, or residual.MODULE
 
     def arguments(self) -> Dict[str, Task]:
         return {"transforms": self.source}
@@ -175,7 +271,7 @@ class PickLayerTransform(Task[LayerTransform]):
 
 class AlignTensorTask(Task[Optional[torch.Tensor]]):
     tensor: LoadTensor
-    alignment: Union[LayerAlignmentTask, PickLayerTransform]
+    alignment: Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]
     name: str  # layer-relative name the spec knows
 
     def arguments(self) -> Dict[str, Task]:
@@ -207,14 +303,22 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     sources: Task
     base_model: ModelReference
     reference_model: ModelReference
-    base_alignment: Optional[Union[LayerAlignmentTask, PickLayerTransform]] = None
+    base_alignment: Optional[Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]] = None
     name: Optional[str] = None
     output_frame: str = "base"
+    # residual: orthogonal, base frame: the norm this tensor reads (or is), and its merged
+    # value and sources (see :meth:`_refolded`).
+    fold_norm: Optional[str] = None
+    norm_merged: Optional[Task] = None
+    norm_sources: Optional[Task] = None
 
     def arguments(self) -> Dict[str, Task]:
         args = {"merged": self.merged, "sources": self.sources}
         if self.base_alignment is not None:
             args["transform"] = self.base_alignment
+        if self.norm_merged is not None:
+            args["norm_merged"] = self.norm_merged
+            args["norm_sources"] = self.norm_sources
         return args
 
     def group_label(self) -> Optional[str]:
@@ -228,6 +332,8 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         merged: Optional[torch.Tensor],
         sources: Dict[ModelReference, torch.Tensor],
         transform: Optional[LayerTransform] = None,
+        norm_merged: Optional[torch.Tensor] = None,
+        norm_sources: Optional[Dict[ModelReference, torch.Tensor]] = None,
     ) -> Optional[torch.Tensor]:
         if merged is None:
             return None
@@ -247,8 +353,52 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         base_w = base.to(work)
         if transform is None or not transform.touches(self.name):
             out = base_w + delta
+        elif self.output_frame == "base" and norm_merged is not None and \
+                any(s.name == f"residual.unfold.{self.fold_norm[:-len('.weight')]}" for s, _ in transform.steps):
+            out = self._refolded(transform, base_w, delta, norm_merged, norm_sources, work)
         elif self.output_frame == "base":
-            out = base_w + transform.inverse().apply_one(self.name, delta)
+            out = base_w + transform.inverse().apply_one(self.name, delta, delta=True)
         else:
             out = transform.apply_one(self.name, base_w) + delta
         return out.to(out_dtype)
+
+    def _refolded(self, transform: LayerTransform, base_w, delta, norm_merged, norm_sources, work):
+        """The merged model (reference's coordinates) mapped into the base's with its own
+        merged norm folded in: the base's transform reversed, except that the step which
+        unfolded the reference's norm now unfolds the merged one. Exact for the merged
+        function, whatever the deltas did to the norm (a linear map of the deltas is not:
+        the rotation does not commute with a change of the norm's weights)."""
+        norm = self.fold_norm
+        merged_norm = transform.apply_one(norm, norm_sources[self.base_model].to(work)) + (
+            norm_merged.to(work) - norm_sources[self.reference_model].to(work))
+        unfold = f"residual.unfold.{norm[:-len('.weight')]}"
+        offset = next(site.offset for s, _ in transform.steps if s.name == unfold for site in s.sites)
+        steps = tuple((s, (merged_norm.double() + offset) if s.name == unfold else e)
+                      for s, e in transform.steps)
+        full = transform.apply_one(self.name, base_w) + delta
+        return LayerTransform(steps).inverse().apply_one(self.name, full)
+
+
+class AlignVocabularyTask(Task[Dict[ModelReference, torch.Tensor]]):
+    """Embeddings under a tokenizer section (mergekit's vocabulary permutation first), moved
+    by each aligned model's residual-stream transform."""
+
+    permuted: Task
+    alignments: Tuple[Tuple[ModelReference, Union[PickModuleTransform, PickLayerTransform]], ...]
+    name: str
+
+    def arguments(self) -> Dict[str, Task]:
+        args = {"tensors": self.permuted}
+        args.update({f"align:{i}": task for i, (_m, task) in enumerate(self.alignments)})
+        return args
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, tensors: Dict[ModelReference, torch.Tensor], **transforms) -> Dict[ModelReference, torch.Tensor]:
+        out = dict(tensors)
+        for i, (model, _task) in enumerate(self.alignments):
+            if out.get(model) is not None:
+                work = out[model].to(torch.promote_types(out[model].dtype, torch.float32))
+                out[model] = transforms[f"align:{i}"].apply_one(self.name, work)
+        return out

@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapp
 from .architectures import Architecture, Geometry, architecture_for, geometry_from_config
 from .errors import SymAlignConfigError, UnsupportedArchitecture
 from .settings import BY_NAME, CALIBRATION_PARAMETERS, GLOBAL, LAYER, MODEL, Parameter
-from .spec import LayerSpec
 
 # --------------------------------------------------------------------------- the recipe
 
@@ -204,22 +203,60 @@ def check_architecture_settings(cfg, arch: Architecture) -> None:
             )
 
 
+def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], modules: int,
+                   method_name: str) -> Optional[str]:
+    """``residual``: exact for every model (tied or not), one decoder module, and (aligned
+    by weights) vocabularies whose rows are the same tokens. Returns the mode."""
+    from .residual import check_supported
+    from .statedict import tied_embeddings
+
+    top = cfg.parameters or {}
+    mode = top.get("residual", "none")
+    if mode == "none":
+        return mode
+    if modules > 1:
+        raise SymAlignConfigError(
+            f"{method_name}: residual: {mode} is not supported for multimodal checkpoints: "
+            f"their vision projector writes into the text model's residual stream. Use "
+            f"residual: none."
+        )
+    vocab = {}
+    for model, config in configs.items():
+        try:
+            check_supported(arch, mode, tied_embeddings(config), config, str(model))
+        except UnsupportedArchitecture as err:
+            raise SymAlignConfigError(str(err)) from None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab[model] = getattr(text, "vocab_size", None)
+    if top.get("alignment", "weights") == "weights" and len(set(vocab.values())) > 1:
+        sizes = ", ".join(f"{m}: {v}" for m, v in vocab.items())
+        raise SymAlignConfigError(
+            f"{method_name}: residual: {mode} with alignment: weights matches the residual "
+            f"stream through the embedding rows of the same tokens, but the models' "
+            f"vocabularies differ in size ({sizes}). Use alignment: activations (every model "
+            f"reads the same calibration tokens), or residual: none."
+        )
+    return mode
+
+
 def check_layer_tensors(
-    spec: LayerSpec,
+    names: Iterable[str],
+    optional: Iterable[str],
     model,
     prefix: str,
     present: Callable[[str], bool],
     listed: Callable[[str], bool],
     architecture_name: str,
+    spec_name: str,
 ) -> Tuple[str, ...]:
-    """The spec tensors that ``model`` holds in the layer at ``prefix`` (relative names).
+    """Which of a layer's aligned tensors ``names`` (relative to ``prefix``) ``model`` holds.
 
     Refused: a required tensor that is missing, and one that is present but that mergekit's
     architecture definition does not list (the merged model would silently lose it).
     """
-    optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
+    optional = set(optional)
     found = []
-    for rel in spec.tensors():
+    for rel in names:
         here = present(rel)
         if here and not listed(rel):
             raise SymAlignConfigError(
@@ -230,10 +267,10 @@ def check_layer_tensors(
             )
         if not here and rel not in optional:
             raise SymAlignConfigError(
-                f"model {model} lacks tensor {prefix + rel}, which the {spec.architecture} "
-                f"symmetry spec moves together with the rest of the layer. The checkpoint is "
-                f"incomplete or not a standard {spec.architecture} model: re-download it, or "
-                f"check its config.json (model_type)."
+                f"model {model} lacks tensor {prefix + rel}, which the {spec_name} symmetry "
+                f"spec moves together with the rest of the layer. The checkpoint is incomplete "
+                f"or not a standard {spec_name} model: re-download it, or check its "
+                f"config.json (model_type)."
             )
         if here:
             found.append(rel)
@@ -286,7 +323,7 @@ def never_aligned(cfg) -> set:
 
 
 __all__ = [
-    "LayerConsistency", "check_activation_layers", "check_architecture_settings",
+    "LayerConsistency", "check_activation_layers", "check_architecture_settings", "check_residual",
     "check_calibration", "check_layer_tensors",
     "check_models", "check_options", "check_recipe", "check_same_optional_tensors",
     "never_aligned", "parameter_scopes",

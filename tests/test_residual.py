@@ -136,3 +136,105 @@ def test_descendant_of_one_base_is_left_as_it_is(arch, mode):
     assert all(t.is_identity() for t in found.values()), {
         k: [s.name for s, _ in t.steps] for k, t in found.items() if not t.is_identity()}
     assert all(torch.equal(aligned[k], sibling[k]) for k in sibling)
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "orthogonal"), ("qwen3", "orthogonal"),
+                                       ("gemma2", "permutation"), ("stablelm", "permutation"),
+                                       ("olmo2", "permutation")])
+def test_activation_alignment_solves_the_residual_stream_too(arch, mode):
+    """alignment: activations: the residual statistic comes from the hidden states entering
+    every layer; composed with the layer solves, it undoes the whole scramble."""
+    from mergekit_symalign.activations import align_by_activations
+
+    model = make_model(arch, seed=10, **(ORTHOGONAL.get(arch, {}) if mode == "orthogonal" else {}))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=5, residual=mode)
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(1))
+    found = align_by_activations(sd.__getitem__, {"m": scrambled.__getitem__}, model.config, ids,
+                                 progress=False, residual=mode)["m"]
+    assert MODULE in found
+    aligned = transform_state_dict(scrambled, model.config, found)
+    assert _rel(aligned, sd) < 1e-4
+
+
+# --------------------------------------------------------------------------- through mergekit
+
+
+@pytest.fixture(scope="module")
+def rotated_family(tmp_path_factory):
+    """An untied Llama reference R, a skill S, and R moved by a residual signed permutation /
+    a QuaRot-style rotation (each with every layer symmetry too)."""
+    from .conftest import make_config, save
+
+    root = tmp_path_factory.mktemp("rotated")
+    config = make_config("llama")
+    ref = make_model("llama", seed=0)
+    sd = ref.state_dict()
+    out = {"config": config, "reference": save(ref, config, root / "reference"),
+           "skill": save(perturbed(sd, seed=1, scale=0.05), config, root / "skill"),
+           "sibling": save(perturbed(sd, seed=2, scale=0.02), config, root / "sibling"),
+           "seeds": {"permutation": 21, "orthogonal": 22}}
+    for mode, seed in out["seeds"].items():
+        moved, _ = scramble_state_dict(sd, config, seed=seed, residual=mode)
+        out[mode] = save(moved, config, root / mode)
+    return out
+
+
+@pytest.mark.parametrize("frame", ["base", "reference"])
+@pytest.mark.parametrize("mode", ["permutation", "orthogonal"])
+def test_transfer_onto_a_residual_scrambled_model_through_mergekit(rotated_family, tmp_path, mode, frame):
+    """The skill vector measured on R lands exactly on T(R): the skill model itself in the
+    reference's coordinates, T(skill) in the base's (the rotated checkpoint's own
+    parameterization: norms folded)."""
+    from examples.common import aligned_recipe, run_recipe
+
+    from .conftest import assert_tensors_close, load
+
+    fam = rotated_family
+    out = run_recipe(aligned_recipe("symmetry_aligned_task_arithmetic", fam[mode], fam["reference"],
+                                    [(fam["skill"], {"align": False})], residual=mode,
+                                    output_frame=frame), tmp_path / "out")
+    skill = load(fam["skill"])
+    want = skill
+    if frame == "base":
+        want = scramble_state_dict(skill, fam["config"], seed=fam["seeds"][mode], residual=mode)[0]
+    assert_tensors_close(load(out), want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("frame", ["base", "reference"])
+def test_skill_of_a_rotated_model_onto_an_unrotated_target(rotated_family, tmp_path, frame):
+    """The other direction: reference and skill rotated (a QuaRot-style pair T(R), T(S)), the
+    target the unrotated R. The transfer computes the skill model S itself: in the rotated
+    coordinates, or in R's own (the merged model's norms folded back out, R's norms kept)."""
+    from examples.common import aligned_recipe, run_recipe
+
+    from .conftest import assert_tensors_close, load, logits, save
+
+    fam = rotated_family
+    skill_rotated, _ = scramble_state_dict(load(fam["skill"]), fam["config"], seed=22, residual="orthogonal")
+    rotated_skill = save(skill_rotated, fam["config"], tmp_path / "skill_rotated")
+    out = run_recipe(aligned_recipe("symmetry_aligned_task_arithmetic", fam["reference"], fam["orthogonal"],
+                                    [(rotated_skill, {"align": False})], residual="orthogonal",
+                                    output_frame=frame), tmp_path / "out")
+    got, want = logits(out), logits(fam["skill"])
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    merged, reference = load(out), load(fam["reference"])
+    norms = [k for k in reference if k.endswith("norm.weight")]
+    if frame == "base":  # R's own parameterization: its norm weights, readers carry the rest
+        assert_tensors_close({k: merged[k] for k in norms}, {k: reference[k] for k in norms})
+    else:  # the rotated pair's: every norm folded to 1
+        assert all(torch.allclose(merged[k], torch.ones(())) for k in norms)
+
+
+@pytest.mark.parametrize("mode", ["permutation", "orthogonal"])
+def test_residual_on_a_same_base_sibling_changes_no_merge(rotated_family, tmp_path, mode):
+    from examples.common import aligned_recipe, run_recipe
+
+    from .conftest import load
+
+    fam = rotated_family
+    recipe = aligned_recipe("symmetry_aligned_ties", fam["sibling"], fam["reference"], [fam["skill"]])
+    a = load(run_recipe(recipe, tmp_path / "none"))
+    recipe["parameters"] = {"residual": mode}
+    b = load(run_recipe(recipe, tmp_path / mode))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
