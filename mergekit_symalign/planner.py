@@ -37,11 +37,11 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDi
 from mergekit.parameter_resolver import resolve_parameters
 from mergekit.tokenizer import PermutedVocabulary
 
-from .architectures import full_qk_warning, layer_spec
+from .architectures import full_qk_warning
 from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
-from .statedict import tied_embeddings
+from .statedict import layer_tensor_names, tied_embeddings
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
@@ -195,17 +195,7 @@ class AlignedPlanning:
 
     def _layer_names(self, settings: AlignSettings) -> Tuple[Tuple[str, ...], set]:
         """(every layer-relative tensor an alignment moves, those that may be absent)."""
-        spec = layer_spec(self.arch.name, self.geometry, settings.qk_rotation)
-        names = list(spec.tensors())
-        optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
-        if settings.residual != "none":
-            sites = res.layer_sites(self.arch, self.geometry)
-            names += [n for n in sites.tensors() if n not in names]
-            if self.arch.norm == "layernorm":
-                biases = [f"{n}.bias" for n in sites.norms()]
-                names += biases
-                optional |= set(biases)
-        return tuple(dict.fromkeys(names)), optional
+        return layer_tensor_names(self.arch, self.geometry, settings.qk_rotation, settings.residual)
 
     def _module_names(self) -> Tuple[str, ...]:
         arch = self.arch
@@ -289,6 +279,7 @@ class AlignedPlanning:
             self._alignments[key] = ResidualAlignmentTask(
                 model=model, reference=reference, architecture=self.arch.name,
                 geometry=self.geometry, mode=settings.residual, tied=self.tied,
+                cache=settings.alignment_cache,
             )
         return self._alignments[key]
 

@@ -365,6 +365,12 @@ def solve(arch: Architecture, mode: str, statistic: ResidualStatistic) -> Residu
     return ResidualElement("orthogonal", rotation=rotation, fit=fit)
 
 
+def input_names(arch: Architecture, tied_embeddings: bool) -> Tuple[str, ...]:
+    """The module-level tensors a weight-based residual solve reads."""
+    names = (arch.embed, f"{arch.final_norm}.weight")
+    return names if tied_embeddings else names + (arch.lm_head,)
+
+
 def embedding_statistic(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor],
                         arch: Architecture, tied_embeddings: bool,
                         rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> ResidualStatistic:
@@ -392,7 +398,7 @@ def embedding_statistic(reference: Mapping[str, torch.Tensor], model: Mapping[st
 
 
 __all__ = [
-    "MODES", "MODULE", "ResidualElement", "model_transforms", "ResidualSites", "ResidualStatistic", "check_supported",
+    "MODES", "MODULE", "ResidualElement", "input_names", "model_transforms", "ResidualSites", "ResidualStatistic", "check_supported",
     "embedding_statistic", "layer_sites", "module_sites", "random_residual",
     "signed", "solve", "transform",
 ]

@@ -74,6 +74,10 @@ PARAMETERS: Tuple[Parameter, ...] = (
               "activations only: number of prompts used", scalar=True),
     Parameter("calibration_max_tokens", int, GLOBAL, 128,
               "activations only: tokens per packed calibration row", scalar=True),
+    Parameter("alignment_cache", str, GLOBAL, "",
+              "a folder for solved alignments: a later merge of the same models with the same "
+              "settings reuses them (entries keyed by a hash of every tensor they were solved "
+              "from); empty = no cache", scalar=True),
     Parameter("role", str, MODEL, "skill", "skill (default) or reference", ROLES, scalar=True),
     Parameter("align", bool, MODEL, True, "align this model to the reference first"),
 )
@@ -93,6 +97,7 @@ class AlignSettings(BaseModel):
     calibration: str = ""
     calibration_samples: int = 256
     calibration_max_tokens: int = 128
+    alignment_cache: str = ""  # where solved alignments are saved (no effect on results)
 
 
 class TensorSettings(BaseModel):
@@ -116,6 +121,7 @@ def resolve_settings(shared: Mapping[str, Any]) -> TensorSettings:
             calibration=shared["calibration"] or "",
             calibration_samples=shared["calibration_samples"],
             calibration_max_tokens=shared["calibration_max_tokens"],
+            alignment_cache=shared["alignment_cache"] or "",
         ),
         output_frame=shared["output_frame"],
     )

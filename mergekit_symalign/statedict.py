@@ -109,6 +109,36 @@ def residual_transforms(
                                 tied_embeddings(config), model)
 
 
+# Embedding rows a weight-based residual solve reads: all up to this many, else this many
+# tokens drawn once (seeded; the same rows in both models). 8x a large hidden size pins a
+# [D, D] statistic down; Llama 3's full 128k-token vocabulary would cost 4 TFLOP a pass.
+RESIDUAL_ROWS = 32768
+
+
+def _rows(embed: torch.Tensor, max_rows: int = RESIDUAL_ROWS):
+    vocab = embed.shape[0]
+    if vocab <= max_rows:
+        return None
+    pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:max_rows].sort().values
+    return pick, pick
+
+
+def layer_tensor_names(arch: Architecture, geometry, qk_rotation: str, residual: str):
+    """(every layer-relative tensor an alignment moves, those that may be absent): the
+    layer spec's, and the residual stream's readers, writers and norms."""
+    spec = layer_spec(arch.name, geometry, qk_rotation)
+    names = list(spec.tensors())
+    optional = {s.tensor for sym in spec.symmetries() for s in sym.sites if s.optional}
+    if residual != "none":
+        sites = res.layer_sites(arch, geometry)
+        names += [n for n in sites.tensors() if n not in names]
+        if arch.norm == "layernorm":
+            biases = [f"{n}.bias" for n in sites.norms()]
+            names += biases
+            optional |= set(biases)
+    return tuple(dict.fromkeys(names)), optional
+
+
 def scramble_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     config: Any,
@@ -144,10 +174,15 @@ def align_state_dict(
     switches: Switches = Switches(),
     qk_rotation: str = "rope",
     residual: str = "none",
+    cache: Optional[str] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[Key, LayerTransform]]:
     """Align ``model`` into ``reference``'s coordinates: the residual stream first (solved
     from the embedding and ``lm_head`` rows of the same tokens), then every layer's group on
-    the residual-aligned tensors."""
+    the residual-aligned tensors. ``cache``: a folder of saved alignments, shared with
+    merges that use ``alignment_cache`` (the same entries are found and written)."""
+    from . import cache as store_module
+
+    store = store_module.AlignmentCache(cache) if cache else None
     geometry = geometry_from_config(config)
     spec = spec_for_config(config, qk_rotation)
     arch = architecture_for(spec.architecture)
@@ -157,14 +192,37 @@ def align_state_dict(
         tied = tied_embeddings(config)
         res.check_supported(arch, residual, tied, _text_config(config))
         prefix = _module_prefix(_by_layer(arch, model))
-        statistic = res.embedding_statistic(_module_tensors(arch, reference, prefix),
-                                            _module_tensors(arch, model, prefix), arch, tied)
-        element = res.solve(arch, residual, statistic)
+        names = res.input_names(arch, tied)
+        mine = {n: model[prefix + n] for n in names if prefix + n in model}
+        theirs = {n: reference[prefix + n] for n in names if prefix + n in reference}
+        element = None
+        if store is not None:
+            residual_key = store_module.residual_key(residual, arch.name, RESIDUAL_ROWS, mine, theirs)
+            element = store_module.load_residual(store, residual_key)
+        if element is None:
+            element = res.solve(arch, residual, res.embedding_statistic(theirs, mine, arch, tied,
+                                                                        _rows(theirs[arch.embed])))
+            if store is not None:
+                store_module.save_residual(store, residual_key, element)
         transforms = residual_transforms(model, reference, config, element)
         current = transform_state_dict(model, config, transforms)
+    settings = store_module.weight_solve_settings(switches, qk_rotation, residual)
     reference_layers = _by_layer(arch, reference)
+    model_layers = _by_layer(arch, model)
+    names = layer_tensor_names(arch, geometry, qk_rotation, residual)[0]
     for index, (_prefix, tensors) in _by_layer(arch, current).items():
-        layer = align_layer(spec, reference_layers[index][1], tensors, switches)
+        layer = None
+        if store is not None:
+            def own(layers):
+                return {n: t for n, t in layers[index][1].items() if n in names}
+
+            key = store_module.layer_key(settings, arch.name, geometry, own(model_layers),
+                                         own(reference_layers),
+                                         residual_key if residual != "none" else None)
+            layer = store_module.load_layer(store, key, spec)
+        if layer is None:
+            layer = align_layer(spec, reference_layers[index][1], tensors, switches)
+            if store is not None:
+                store_module.save_layer(store, key, layer)
         transforms[index] = transforms[index].then(layer) if index in transforms else layer
-    del geometry
     return transform_state_dict(model, config, transforms), transforms

@@ -25,12 +25,14 @@ from mergekit.io.tasks import LoadTensor
 
 import logging
 
+from . import cache
 from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
 from .errors import NonFiniteTensorError
 from .rope import attention_logit_change
 from .settings import AlignSettings
 from .spec import LayerTransform, align_layer
+from .statedict import RESIDUAL_ROWS, _rows
 
 LOG = logging.getLogger(__name__)
 
@@ -51,12 +53,7 @@ def check_finite(tensor: torch.Tensor, model: ModelReference, name: str) -> None
 class ResidualResult:
     element: res.ResidualElement
     module: LayerTransform  # the embeddings', final norm's and lm_head's steps
-
-
-# Embedding rows used for the residual statistic: all of them up to this many, else this
-# many tokens drawn once (seeded; the same rows in both models). 8 x hidden size rows pin a
-# [D, D] statistic down; the full 128k-token vocabulary of Llama 3 would cost 4 TFLOP a pass.
-RESIDUAL_ROWS = 32768
+    key: Optional[str] = None  # its alignment-cache key (when a cache is used)
 
 
 class ResidualAlignmentTask(Task[ResidualResult]):
@@ -67,6 +64,7 @@ class ResidualAlignmentTask(Task[ResidualResult]):
     mode: str
     tied: bool
     max_rows: int = RESIDUAL_ROWS
+    cache: str = ""
 
     def arguments(self) -> Dict[str, Task]:
         return {}
@@ -78,9 +76,7 @@ class ResidualAlignmentTask(Task[ResidualResult]):
         from mergekit.io.tasks import LoaderCache
 
         arch = ARCHITECTURES[self.architecture]
-        names = [arch.embed, f"{arch.final_norm}.weight"]
-        if not self.tied:
-            names.append(arch.lm_head)
+        names = res.input_names(arch, self.tied)
 
         def load(model):
             loader = LoaderCache().get(model)
@@ -93,16 +89,19 @@ class ResidualAlignmentTask(Task[ResidualResult]):
             return out
 
         mine, theirs = load(self.model), load(self.reference)
-        rows = None
-        vocab = theirs[arch.embed].shape[0]
-        if vocab > self.max_rows:
-            pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[: self.max_rows]
-            rows = (pick.sort().values,) * 2
-        try:
-            statistic = res.embedding_statistic(theirs, mine, arch, self.tied, rows)
-        except ValueError as err:
-            raise ValueError(f"residual alignment of {self.model} to {self.reference}: {err}") from None
-        element = res.solve(arch, self.mode, statistic)
+        key = element = None
+        if self.cache:
+            key = cache.residual_key(self.mode, self.architecture, self.max_rows, mine, theirs)
+            element = cache.load_residual(cache.AlignmentCache(self.cache), key)
+        if element is None:
+            rows = _rows(theirs[arch.embed], self.max_rows)
+            try:
+                statistic = res.embedding_statistic(theirs, mine, arch, self.tied, rows)
+            except ValueError as err:
+                raise ValueError(f"residual alignment of {self.model} to {self.reference}: {err}") from None
+            element = res.solve(arch, self.mode, statistic)
+            if key is not None:
+                cache.save_residual(cache.AlignmentCache(self.cache), key, element)
         module = res.model_transforms(
             arch, self.geometry, element,
             lambda _layer, norm: mine[f"{norm}.weight"], lambda _layer, norm: theirs[f"{norm}.weight"],
@@ -112,7 +111,7 @@ class ResidualAlignmentTask(Task[ResidualResult]):
             LOG.info("residual: %s -> %s: %s (rotation explains %.1f%% beyond the best signed "
                      "permutation%s)", self.model, self.reference, element.mode,
                      100 * element.fit.explained, ", snapped" if element.fit.snapped else "")
-        return ResidualResult(element, module)
+        return ResidualResult(element, module, key)
 
 
 class PickModuleTransform(Task[LayerTransform]):
@@ -169,21 +168,32 @@ class LayerAlignmentTask(Task[LayerTransform]):
         settings = self.settings
         spec = layer_spec(self.architecture, self.geometry, settings.qk_rotation)
         arch = ARCHITECTURES[self.architecture]
+        store = key = solved = None
+        if settings.alignment_cache:
+            store = cache.AlignmentCache(settings.alignment_cache)
+            key = cache.layer_key(
+                cache.weight_solve_settings(settings.switches, settings.qk_rotation, settings.residual),
+                self.architecture, self.geometry, moving, fixed,
+                residual.key if residual is not None else None)
+            solved = cache.load_layer(store, key, spec)
         try:
             first = LayerTransform()
             if residual is not None:  # the residual stream first, then the layer's groups
                 sites = res.layer_sites(arch, self.geometry)
                 first = res.transform(arch, sites, residual.element, moving, fixed, str(self.model))
                 moving = first.apply(moving)
-            transform = first.then(
-                align_layer(spec, fixed, moving, settings.switches, label=str(self.model)))
+            if solved is None:
+                solved = align_layer(spec, fixed, moving, settings.switches, label=str(self.model))
+                if store is not None:
+                    cache.save_layer(store, key, solved)
+            transform = first.then(solved)
         except ValueError as err:
             raise ValueError(
                 f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"
             ) from None
         if settings.qk_rotation == "full" and settings.switches.rotation:
             change = attention_logit_change(
-                moving, transform.within_heads(moving), arch,
+                moving, solved.within_heads(moving), arch,
                 self.geometry, self.geometry.rope_theta or 10000.0,
             )
             LOG.warning(

@@ -1,0 +1,201 @@
+"""Saved alignments: solved transforms on disk, reused by later merges of the same models.
+
+Pure Python + torch + safetensors (no mergekit import, no pickle). An entry is two files in
+the cache folder, ``<key>.safetensors`` (the elements) and ``<key>.json`` (what they are),
+where ``key`` is a SHA-256 over everything the solve depended on: the kind of solve, the
+plugin's cache format, the settings and geometry, and the bytes of every tensor it read
+(both models), in a canonical order. An entry is therefore only ever found for exactly the
+inputs it was solved from: a changed checkpoint, setting or plugin format gives another key
+and the transform is solved again. A file that cannot be read back (truncated, edited,
+another format) is reported and solved again, never applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+
+LOG = logging.getLogger(__name__)
+FORMAT = 1  # bump when what an entry means changes
+
+
+class Fingerprint:
+    """Incremental SHA-256 over values and tensors (name, dtype, shape and raw bytes)."""
+
+    def __init__(self, kind: str):
+        self._hash = hashlib.sha256()
+        self.update("format", FORMAT)
+        self.update("kind", kind)
+
+    def update(self, name: str, value: Any) -> "Fingerprint":
+        self._hash.update(json.dumps([name, value], sort_keys=True, default=str).encode())
+        return self
+
+    def tensors(self, label: str, tensors: Mapping[str, torch.Tensor]) -> "Fingerprint":
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if tensor is None:
+                self.update(f"{label}:{name}", None)
+                continue
+            tensor = tensor.detach().contiguous()
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            self.update(f"{label}:{name}", [str(tensor.dtype), list(tensor.shape)])
+            raw = tensor.view(torch.uint8) if tensor.numel() else tensor
+            self._hash.update(memoryview(raw.numpy()).cast("B") if tensor.numel() else b"")
+        return self
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class AlignmentCache:
+    """A folder of saved alignments (``alignment_cache: DIR``)."""
+
+    def __init__(self, folder: os.PathLike):
+        self.folder = Path(folder).expanduser()
+
+    def _paths(self, key: str) -> Tuple[Path, Path]:
+        return self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
+
+    def load(self, key: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        """``(tensors, meta)`` of a complete, readable entry, else None."""
+        from safetensors.torch import load_file
+
+        tensors_path, meta_path = self._paths(key)
+        if not (tensors_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensors_path))
+            if meta.get("format") != FORMAT or meta.get("key") != key:
+                raise ValueError("format or key mismatch")
+            if sorted(tensors) != sorted(meta.get("tensors", [])):
+                raise ValueError("tensor list mismatch")
+        except Exception as err:  # never apply what we cannot read back exactly
+            LOG.warning("alignment cache entry %s in %s is unreadable (%s); solving again",
+                        key[:12], self.folder, err)
+            return None
+        return tensors, meta
+
+    def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Write an entry atomically (temporary files, then renames; json last)."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors_path, meta_path = self._paths(key)
+        body = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        info = {**meta, "format": FORMAT, "key": key, "tensors": sorted(body)}
+        for path, write in ((tensors_path, lambda p: save_file(body, p)),
+                            (meta_path, lambda p: Path(p).write_text(json.dumps(info, indent=1)))):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+
+def steps_to_tensors(steps: Iterable[Tuple[Any, torch.Tensor]], prefix: str = "") -> Tuple[Dict[str, torch.Tensor], list]:
+    """A transform's ``(symmetry, element)`` steps as named tensors plus their order."""
+    tensors, order = {}, []
+    for i, (symmetry, element) in enumerate(steps):
+        name = f"{prefix}{i}:{symmetry.name}"
+        tensors[name] = element
+        order.append(name)
+    return tensors, order
+
+
+def tensors_to_steps(tensors: Mapping[str, torch.Tensor], order: Iterable[str],
+                     symmetries: Mapping[str, Any]) -> Tuple[Tuple[Any, torch.Tensor], ...]:
+    """The inverse of :func:`steps_to_tensors`, the symmetries looked up by name (a name the
+    current spec does not know makes the entry unusable: KeyError)."""
+    return tuple((symmetries[name.split(":", 1)[1]], tensors[name]) for name in order)
+
+
+# --------------------------------------------------------------------------- what is cached
+
+
+def _fit_dict(fit) -> Optional[Dict[str, Any]]:
+    if fit is None:
+        return None
+    return {"symmetry": fit.symmetry, "gain": fit.gain, "baseline": fit.baseline,
+            "entries": fit.entries, "snapped": fit.snapped}
+
+
+def _fit(data):
+    from .spec import Fit
+
+    return None if data is None else Fit(**data)
+
+
+def weight_solve_settings(switches, qk_rotation: str, residual: str) -> Dict[str, Any]:
+    """The settings a weight-based layer solve depends on (the same for every API)."""
+    return {"alignment": "weights", "switches": [switches.permutation, switches.rotation,
+                                                 switches.scaling],
+            "qk_rotation": qk_rotation, "residual": residual}
+
+
+def layer_key(settings: Mapping[str, Any], architecture: str, geometry: Any,
+              model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+              residual_key: Optional[str]) -> str:
+    from dataclasses import asdict
+
+    fp = Fingerprint("layer").update("settings", dict(settings)).update("architecture", architecture)
+    fp.update("geometry", asdict(geometry)).update("residual", residual_key)
+    return fp.tensors("model", model).tensors("reference", reference).hexdigest()
+
+
+def save_layer(cache: AlignmentCache, key: str, transform) -> None:
+    tensors, order = steps_to_tensors(transform.steps)
+    cache.save(key, tensors, {"what": "layer", "order": order,
+                              "fits": [_fit_dict(f) for f in transform.fits]})
+
+
+def load_layer(cache: AlignmentCache, key: str, spec):
+    from .spec import LayerTransform
+
+    entry = cache.load(key)
+    if entry is None:
+        return None
+    tensors, meta = entry
+    try:
+        steps = tensors_to_steps(tensors, meta["order"], {s.name: s for s in spec.symmetries()})
+    except KeyError as err:
+        LOG.warning("alignment cache entry %s names an unknown symmetry %s; solving again", key[:12], err)
+        return None
+    return LayerTransform(steps, tuple(_fit(f) for f in meta.get("fits", [])))
+
+
+def residual_key(mode: str, architecture: str, rows: int, model: Mapping[str, torch.Tensor],
+                 reference: Mapping[str, torch.Tensor]) -> str:
+    fp = Fingerprint("residual").update("mode", mode).update("architecture", architecture)
+    fp.update("rows", rows)
+    return fp.tensors("model", model).tensors("reference", reference).hexdigest()
+
+
+def save_residual(cache: AlignmentCache, key: str, element) -> None:
+    tensors = {name: value for name, value in (("permutation", element.permutation),
+                                               ("signs", element.signs),
+                                               ("rotation", element.rotation)) if value is not None}
+    cache.save(key, tensors, {"what": "residual", "mode": element.mode, "fit": _fit_dict(element.fit)})
+
+
+def load_residual(cache: AlignmentCache, key: str):
+    from .residual import ResidualElement
+
+    entry = cache.load(key)
+    if entry is None:
+        return None
+    tensors, meta = entry
+    return ResidualElement(meta["mode"], tensors.get("permutation"), tensors.get("signs"),
+                           tensors.get("rotation"), _fit(meta.get("fit")))

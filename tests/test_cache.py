@@ -1,0 +1,110 @@
+"""Saved alignments (alignment_cache): reused only for exactly the inputs they were solved
+from, shared between merges and the state-dict API, never applied when unreadable."""
+
+import pytest
+import torch
+
+from examples.common import aligned_recipe, run_recipe
+from mergekit_symalign import cache
+from mergekit_symalign.statedict import align_state_dict
+
+from .conftest import assert_tensors_close, load, save
+
+
+class Counting:
+    """Counts the layer and residual solves (and can forbid them)."""
+
+    def __init__(self, monkeypatch, forbid=False):
+        import mergekit_symalign.residual as res
+        import mergekit_symalign.statedict as statedict
+        import mergekit_symalign.tasks as tasks
+
+        self.calls = 0
+        real_layer, real_residual = tasks.align_layer, res.solve
+
+        def layer(*a, **k):
+            self.calls += 1
+            assert not forbid, "solved although a saved alignment exists"
+            return real_layer(*a, **k)
+
+        def residual(*a, **k):
+            self.calls += 1
+            assert not forbid, "solved although a saved alignment exists"
+            return real_residual(*a, **k)
+
+        for module in (tasks, statedict):
+            monkeypatch.setattr(module, "align_layer", layer)
+        monkeypatch.setattr(res, "solve", residual)
+
+
+def recipe(family, method="task_arithmetic", skill=None, **params):
+    return aligned_recipe(f"symmetry_aligned_{method}", family["sibling_scrambled"],
+                          family["reference"], [(family["skill_scrambled"], skill or {})], **params)
+
+
+def test_a_second_merge_reuses_the_saved_alignment(family, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    first = load(run_recipe(recipe(family, residual="permutation", alignment_cache=str(folder)),
+                            tmp_path / "first"))
+    entries = sorted(p.name for p in folder.iterdir())
+    layers = family["config"].num_hidden_layers
+    assert len(entries) == 2 * (2 * layers + 2)  # (2 models x layers + 2 residuals) x 2 files
+    # another method and weights, same models and settings: nothing is solved again
+    Counting(monkeypatch, forbid=True)
+    ties = {"density": 0.5, "weight": 0.7}
+    again = load(run_recipe(recipe(family, "ties", ties, residual="permutation",
+                                   alignment_cache=str(folder)), tmp_path / "again"))
+    monkeypatch.undo()
+    fresh = load(run_recipe(recipe(family, "ties", ties, residual="permutation"), tmp_path / "fresh"))
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert not all(torch.equal(again[k], first[k]) for k in first)  # it really was ties
+
+
+def test_changed_inputs_or_settings_are_solved_again(family, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "a")
+    counter = Counting(monkeypatch)
+    run_recipe(recipe(family, alignment_cache=str(folder), scaling=False), tmp_path / "b")
+    assert counter.calls == 2 * family["config"].num_hidden_layers  # other settings: solved
+    edited = load(family["skill_scrambled"])
+    edited["model.layers.1.mlp.up_proj.weight"][0, 0] += 1e-3
+    path = save(edited, family["config"], tmp_path / "edited")
+    counter.calls = 0
+    rec = aligned_recipe("symmetry_aligned_task_arithmetic", family["sibling_scrambled"],
+                         family["reference"], [path], alignment_cache=str(folder))
+    run_recipe(rec, tmp_path / "c")
+    assert counter.calls == 1  # only the edited layer of the edited model
+
+
+def test_unreadable_entry_is_solved_again_not_applied(family, tmp_path, caplog, monkeypatch):
+    folder = tmp_path / "cache"
+    want = load(run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "a"))
+    for path in folder.glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:40])  # truncated
+    counter = Counting(monkeypatch)
+    with caplog.at_level("WARNING"):
+        got = load(run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "b"))
+    assert "unreadable" in caplog.text and counter.calls > 0
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_state_dict_api_shares_the_merge_cache(family, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    run_recipe(recipe(family, residual="permutation", alignment_cache=str(folder)), tmp_path / "a")
+    Counting(monkeypatch, forbid=True)
+    reference, model = load(family["reference"]), load(family["skill_scrambled"])
+    cached, _ = align_state_dict(reference, model, family["config"], residual="permutation",
+                                 cache=str(folder))
+    monkeypatch.undo()
+    solved, _ = align_state_dict(reference, model, family["config"], residual="permutation")
+    assert_tensors_close(cached, solved, rtol=0.0)
+
+
+def test_fingerprint_sees_every_byte():
+    a = {"w": torch.randn(4, 3), "b": torch.randn(3).to(torch.bfloat16)}
+    b = {k: v.clone() for k, v in a.items()}
+    key = cache.Fingerprint("t").tensors("m", a).hexdigest()
+    assert cache.Fingerprint("t").tensors("m", b).hexdigest() == key
+    b["b"][2] = b["b"][2] + 1
+    assert cache.Fingerprint("t").tensors("m", b).hexdigest() != key
+    assert cache.Fingerprint("t").tensors("m", {"w": a["w"].double(), "b": a["b"]}).hexdigest() != key
