@@ -88,6 +88,34 @@ def accuracy_plot(rows, targets, skill_acc) -> str:
     return report.save_figure(fig, "transfer_accuracy.png")
 
 
+def run_variants(targets, variants, out_dir: Path, tok, problems, skill_logp, texts,
+                 keep_merges: bool = False):
+    """Merge each target's skill transfer ``{target: (target, reference, skill paths)}`` with
+    every variant (recipe parameters; None = mergekit's plain task arithmetic) through
+    ``mergekit-yaml``, and score the merged models: rows for the tables."""
+    rows = []
+    for target, (target_path, reference, skill) in targets.items():
+        target_model, _ = smollm.load_pretrained(target_path)
+        for name, params in variants.items():
+            recipe = transfer_recipe(target_path, reference, skill, params)
+            out = out_dir / target / slug(name)
+            wall = run_mergekit_yaml(recipe, out_dir / target / f"{slug(name)}.yaml", out).wall_s
+            merged, _ = smollm.load_pretrained(out)
+            acc, _ = demo.skill_accuracy(merged, tok, problems)
+            kl = mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
+            keep = retention_kl(target_model, merged, tok, texts)
+            rows.append({"target": target, "variant": name, "accuracy": acc, "kl_to_skill": kl,
+                         "retention_kl": keep})
+            print(f"{target} / {name}: accuracy {acc:.3f}, KL to skill {kl:.4f}, "
+                  f"KL(target||merged) {keep:.4f} (merge wall time {wall:.1f} s, not a benchmark)",
+                  file=sys.stderr, flush=True)
+            del merged
+            if not keep_merges:
+                shutil.rmtree(out, ignore_errors=True)
+        del target_model
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo-output")
@@ -131,25 +159,8 @@ def main(argv=None):
     del sibling, reference
 
     out_dir = Path(args.workdir) / "ablation"
-    for target in targets:
-        target_model, _ = smollm.load_pretrained(paths[target])
-        for name, params in VARIANTS.items():
-            recipe = transfer_recipe(paths[target], paths["reference"], paths["skill"], params)
-            out = out_dir / target / slug(name)
-            wall = run_mergekit_yaml(recipe, out_dir / target / f"{slug(name)}.yaml", out).wall_s
-            merged, _ = smollm.load_pretrained(out)
-            acc, _ = demo.skill_accuracy(merged, tok, problems)
-            kl = mean_kl(skill_logp, demo.answer_logprobs(merged, tok, problems))
-            keep = retention_kl(target_model, merged, tok, texts)
-            rows.append({"target": target, "variant": name, "accuracy": acc, "kl_to_skill": kl,
-                         "retention_kl": keep})
-            print(f"{target} / {name}: accuracy {acc:.3f}, KL to skill {kl:.4f}, "
-                  f"KL(target||merged) {keep:.4f} (merge wall time {wall:.1f} s, not a benchmark)",
-                  file=sys.stderr, flush=True)
-            del merged
-            if not args.keep_merges:
-                shutil.rmtree(out, ignore_errors=True)
-        del target_model
+    rows += run_variants({t: (paths[t], paths["reference"], paths["skill"]) for t in targets},
+                         VARIANTS, out_dir, tok, problems, skill_logp, texts, args.keep_merges)
 
     skill_acc = next(r["accuracy"] for r in rows if r["target"] == "skill")
     caption = (
