@@ -65,8 +65,9 @@ PARAMETERS: Tuple[Parameter, ...] = (
     Parameter("calibration", str, GLOBAL, "",
               "activations only: calibration prompts (.txt, one per line, or .jsonl); "
               "empty = shipped set", scalar=True),
-    Parameter("calibration_samples", int, GLOBAL, 256,
-              "activations only: number of prompts used", scalar=True),
+    Parameter("calibration_samples", int, GLOBAL, 0,
+              "activations only: number of prompts used; 0 = as many as the model needs "
+              "(2 x intermediate_size tokens, at least 4096)", scalar=True),
     Parameter("calibration_max_tokens", int, GLOBAL, 128,
               "activations only: tokens per packed calibration row", scalar=True),
     Parameter("role", str, MODEL, "skill", "skill (default) or reference", ROLES, scalar=True),
@@ -85,7 +86,7 @@ class AlignSettings(BaseModel):
     switches: Switches = Switches()
     qk_rotation: str = "rope"
     calibration: str = ""
-    calibration_samples: int = 256
+    calibration_samples: int = 0
     calibration_max_tokens: int = 128
 
 
