@@ -43,9 +43,12 @@ from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resol
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
+    FiniteTensor,
     LayerAlignmentTask,
+    OutputFolder,
     PickLayerTransform,
     TransferTask,
+    calibration_tokens,
 )
 from .validation import (
     LayerConsistency,
@@ -55,9 +58,13 @@ from .validation import (
     check_layer_tensors,
     check_models,
     check_options,
+    check_output_path,
     check_recipe,
+    check_same_computation,
     check_same_optional_tensors,
+    check_vocabularies,
     never_aligned,
+    recipe_reference,
 )
 
 LOG = logging.getLogger(__name__)
@@ -104,20 +111,46 @@ class AlignedPlanning:
         self._alignments: Dict[Tuple, object] = {}
         self._consistency = LayerConsistency()
         self._warned_full = False
+        self.output: Optional[OutputFolder] = None  # None when planned in memory
+
+    def set_output(self, out_path: str) -> None:
+        """Where the merge will be written (from ``plan_to_disk``), and whether the folder
+        existed before: a refusal during execution removes it only if this merge made it."""
+        self.output = OutputFolder.before_merge(out_path)
 
     # ------------------------------------------------------------------ checks
 
     def check(self) -> None:
         """Every recipe check, before mergekit normalizes the config or builds a task."""
         cfg, options = self.planner.config, self.planner.options
+        name = self.method.spec.name
         check_recipe(cfg, self.method)
         check_options(options, self.method)
-        configs = {m: m.config(trust_remote_code=options.trust_remote_code)
-                   for m in cfg.referenced_models()}
-        self.arch, self.geometry = check_models(self.method.spec.name, configs)
+        models = cfg.referenced_models()  # (hooked: a missing local folder is refused)
+        if self.output is not None:
+            check_output_path(self.output.path, models, name)
+        configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
+        self.arch, self.geometry = check_models(name, configs)
+        check_same_computation(name, configs)
+        check_vocabularies(name, configs, cfg.base_model,
+                           has_tokenizer=cfg.tokenizer is not None or cfg.tokenizer_source is not None)
         check_architecture_settings(cfg, self.arch)
-        check_calibration(cfg.parameters or {})
+        reference = recipe_reference(cfg)
+        check_calibration(
+            cfg,
+            lambda path, samples, max_tokens: calibration_tokens(
+                reference, self._activation_models(reference), path, samples, max_tokens,
+                options.trust_remote_code),
+            geometry=self.geometry,
+            vocab_size=getattr(configs[reference].get_text_config(), "vocab_size", None),
+        )
         self.module = self._decoder_module()
+
+    def _activation_models(self, reference: ModelReference) -> Tuple[ModelReference, ...]:
+        """The models an activation alignment streams besides the reference (sorted)."""
+        never = never_aligned(self.planner.config)
+        return tuple(sorted((m for m in self.planner.config.referenced_models()
+                             if m != reference and m not in never), key=str))
 
     def _decoder_module(self) -> str:
         """The module of mergekit's architecture definition that is our text decoder (a
@@ -148,6 +181,12 @@ class AlignedPlanning:
     def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
         (load,) = self._gather({model: info}).arguments().values()
         return load
+
+    def _checked(self, model: ModelReference, info: WeightInfo) -> FiniteTensor:
+        """The load of ``info``, refused if it holds a NaN/Inf (checked once per load: equal
+        tasks are shared by mergekit's graph)."""
+        return FiniteTensor(tensor=self._load(model, info), model=model, name=info.name,
+                            output=self.output)
 
     @staticmethod
     def _present(model: ModelReference, info: WeightInfo) -> bool:
@@ -225,6 +264,7 @@ class AlignedPlanning:
                 settings=settings,
                 model_tensors=model_loads,
                 reference_tensors=reference_loads,
+                output=self.output,
             )
         return self._alignments[key]
 
@@ -233,16 +273,14 @@ class AlignedPlanning:
         self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
         key = (reference, settings)
         if key not in self._alignments:
-            never = never_aligned(self.planner.config)
-            models = [m for m in self.planner.config.referenced_models()
-                      if m != reference and m not in never]
             device = self.planner.options.device
             self._alignments[key] = ActivationAlignmentTask(
                 reference=reference,
-                models=tuple(sorted(models, key=str)),
+                models=self._activation_models(reference),
                 settings=settings,
                 device=device if device != "cpu" else None,
                 trust_remote_code=self.planner.options.trust_remote_code,
+                output=self.output,
             )
         source = self._alignments[key]
         if model not in source.models:
@@ -291,10 +329,12 @@ class AlignedPlanning:
             return self._alignment(m, roles.reference, layer, settings.align)
 
         def aligned_input(m):
-            load, transform = self._load(m, by_model[m]), alignment(m)
+            transform = alignment(m)
             if transform is None:
-                return load
-            return AlignTensorTask(tensor=load, alignment=transform, name=layer.name)
+                return self._checked(m, by_model[m])
+            # a layer tensor of an aligned model: its alignment task checked it as it loaded
+            return AlignTensorTask(tensor=self._load(m, by_model[m]), alignment=transform,
+                                   name=layer.name)
 
         inner = method.inner.spec
         input_params = {
@@ -309,7 +349,7 @@ class AlignedPlanning:
             # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
             # (no layer symmetry acts on them, so nothing is aligned here).
             tokenizer = cfg_reader.config.tokenizer
-            inputs = sources = PermutedVocabulary(
+            inputs = PermutedVocabulary(
                 gather_tensors=self._gather(by_model),
                 tokenizer_task=self.planner._tokenizer_task,
                 tokens=(tokenizer.tokens if tokenizer else None) or {},
@@ -317,12 +357,14 @@ class AlignedPlanning:
                 base_model=base,
                 vocabulary_axis=weight.vocabulary_axis,
             )
+            # every model's (permuted) rows, checked before the transfer saves anything
+            sources = FiniteTensor(tensor=inputs, name=weight.name, output=self.output)
         else:
             inputs = TensorDictWrapper(
                 tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
             )
             sources = TensorDictWrapper(tensors=ImmutableMap(data={
-                m: self._load(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
+                m: self._checked(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
             }))
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,
