@@ -570,11 +570,12 @@ class FitQuality:
     """How well the calibration activations determine one (model, layer) solve, and how well
     the solved element fits them.
 
-    * ``conditioning``: per rotation symmetry, the worst slot's ``sigma_min / sigma_max`` of
-      the reference x model activation cross-covariance (Procrustes is unique only when it
-      is non-singular); for 2-D plane rotations and half-turns, the worst plane's signal
-      ``|solver statistic| / (||A|| ||T||)``. Below :data:`UNDETERMINED` the solve is
-      arbitrary in the directions the data does not span.
+    * ``conditioning``: per rotation symmetry, the worst slot's ``lambda_min / lambda_max``
+      of either model's own activation covariance on the calibration tokens (the
+      Procrustes solution is unique only where the data spans every direction); for 2-D
+      plane rotations and half-turns, the worst plane's energy relative to the mean plane.
+      Below :data:`UNDETERMINED` the solve is arbitrary in the directions the data does not
+      span.
     * ``neuron_margin`` / ``tied_neurons``: the MLP matching's smallest gap between a
       neuron's match and its runner-up (scores in [-1, 2]) and how many neurons tie (gap
       below :data:`TIE`): the data cannot tell them apart.
@@ -617,21 +618,23 @@ class FitQuality:
 
 
 def _conditioning(symmetry: Symmetry, reference: Activations, model: Activations) -> float:
-    """Worst slot's determinedness of a rotation-like symmetry (see :class:`FitQuality`)."""
-    m = cross_products(symmetry, reference, model)
-    if symmetry.kind == Kind.orthogonal:
-        s = torch.linalg.svdvals(m)
-        top = s[:, 0]
-        ratio = torch.where(top > 0, s[:, -1] / top.clamp_min(1e-300), torch.zeros_like(top))
-        return float(ratio.min())
-    if symmetry.kind == Kind.plane_rotation:
-        signal = torch.hypot(m[:, 0, 0] + m[:, 1, 1], m[:, 1, 0] - m[:, 0, 1])
-    else:  # sign
-        signal = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1).abs()
-    aa = torch.diagonal(cross_products(symmetry, reference, reference), dim1=-2, dim2=-1).sum(-1)
-    tt = torch.diagonal(cross_products(symmetry, model, model), dim1=-2, dim2=-1).sum(-1)
-    norm = (aa * tt).sqrt()
-    return float(torch.where(norm > 0, signal / norm.clamp_min(1e-300), torch.zeros_like(norm)).min())
+    """How well the data determines a rotation-like symmetry (see :class:`FitQuality`),
+    from each side's own activation covariance (not the cross-covariance: two models of
+    different initializations may correlate weakly in some direction although the data
+    spans it; that is a model difference, reported by the residual, not a calibration
+    defect)."""
+    worst = float("inf")
+    for side in (reference, model):
+        c = cross_products(symmetry, side, side)  # [slots, k, k], symmetric PSD
+        if symmetry.kind == Kind.orthogonal:
+            eig = torch.linalg.eigvalsh(c).clamp_min(0)
+            top = eig[:, -1]
+            ratio = torch.where(top > 0, eig[:, 0] / top.clamp_min(1e-300), torch.zeros_like(top))
+        else:  # 2-D planes / half-turns: any signal in the plane determines them
+            energy = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
+            ratio = energy / energy.mean().clamp_min(1e-300)
+        worst = min(worst, float(ratio.min()))
+    return worst
 
 
 def _empty_slots(symmetry: Symmetry, model: Activations) -> int:
