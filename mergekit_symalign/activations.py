@@ -55,7 +55,9 @@ whose checkpoint nests them (e.g. a multimodal Gemma 3) maps the names.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -73,19 +75,24 @@ from .architectures import (
 )
 from . import residual as res
 from .calibration import check_enough_tokens
-from .groups import Site, Symmetry, gather, slot_index
+from .errors import UndeterminedAlignment
+from .groups import Kind, Site, Symmetry, cross_products, gather, slot_index
 from .spec import Block, LayerSpec, LayerTransform, Switches, align_layer
+
+LOG = logging.getLogger(__name__)
 
 GetTensor = Callable[[str], torch.Tensor]
 Activations = Dict[str, torch.Tensor]  # key -> [features, tokens]
 
 __all__ = [
     "ActivationPlan",
+    "FitQuality",
     "LayerStreamer",
     "activation_plan",
     "align_by_activations",
     "full_forward_statistics",
     "solve_layer",
+    "solve_layer_with_quality",
     "stream_statistics",
 ]
 
@@ -490,13 +497,20 @@ def full_forward_statistics(
 # --------------------------------------------------------------------------- solving
 
 
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(x.shape[0], -1).float()
-    norm = x.norm(dim=1, keepdim=True)
-    return x / norm.clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+def _cosines(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` with every row of ``t`` (``[n, ...]`` each),
+    without normalized copies of the (at 8B, gigabyte-sized) activations. All-zero rows
+    score 0."""
+    a, t = a.reshape(a.shape[0], -1).float(), t.reshape(t.shape[0], -1).float()
+    tiny = torch.finfo(torch.float32).tiny ** 0.5
+    sim = a @ t.T
+    sim /= torch.linalg.vector_norm(a, dim=1).clamp_min(tiny)[:, None]
+    sim /= torch.linalg.vector_norm(t, dim=1).clamp_min(tiny)[None, :]
+    return sim
 
 
-def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: Activations) -> torch.Tensor:
+def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: Activations,
+                            margins: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """Match the model's MLP neurons to the reference's, robust to per-neuron signed scales.
 
     The similarity of reference neuron ``i`` and model neuron ``j`` is
@@ -514,45 +528,200 @@ def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: 
 
     For an exact copy of the reference (scrambled by the group) the true match scores the
     maximum, 2, in every row. Dead neurons (all-zero rows) score 0 against everything.
+
+    ``margins`` (when given) receives, per reference neuron, its matched score minus the
+    best score of any other model neuron in its row: how clearly the data tells the match
+    apart (about 0 for neurons the calibration activations cannot distinguish).
     """
     from scipy.optimize import linear_sum_assignment
 
-    sim = _unit_rows(gather(reference[plan.gate.tensor], plan.gate)) @ \
-        _unit_rows(gather(model[plan.gate.tensor], plan.gate)).T
-    h_sim = _unit_rows(gather(reference[plan.hidden.tensor], plan.hidden)) @ \
-        _unit_rows(gather(model[plan.hidden.tensor], plan.hidden)).T
-    cost = (sim + h_sim.abs()).double().cpu()
+    sim = _cosines(gather(reference[plan.gate.tensor], plan.gate),
+                   gather(model[plan.gate.tensor], plan.gate))
+    h_sim = _cosines(gather(reference[plan.hidden.tensor], plan.hidden),
+                     gather(model[plan.hidden.tensor], plan.hidden))
+    sim += h_sim.abs_()
+    del h_sim
+    cost = sim.double().cpu()
+    del sim
     if not torch.isfinite(cost).all():
         raise FloatingPointError("mlp.neurons: non-finite activation similarity")
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     perm = torch.empty(cost.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    if margins is not None:
+        matched = cost.gather(1, perm[:, None])[:, 0]
+        if cost.shape[1] > 1:
+            top = cost.topk(2, dim=1)
+            runner_up = torch.where(top.indices[:, 0] == perm, top.values[:, 1], top.values[:, 0])
+            margins.append(matched - runner_up)
+        else:
+            margins.append(torch.full_like(matched, float("inf")))
     return perm
 
 
-def solve_layer(
+# Fit-quality thresholds (see FitQuality). Float32 activations put rounding noise at about
+# 1e-7 relative; degenerate calibration text measures 1e-9 .. 1e-8 where real text measures
+# 1e-4 .. 1e-1 (SmolLM2-135M on the shipped set).
+UNDETERMINED = 1e-6  # a rotation's sigma_min / sigma_max, or a plane's relative signal
+TIE = 1e-5  # an MLP neuron whose match beats its runner-up by less is a tie
+TIE_LIMIT = 0.01  # refuse a layer where more than this fraction of the neurons tie
+REMEDY = (
+    "The calibration activations do not determine this transform (too few distinct tokens "
+    "or contexts: repeated lines, very short or very uniform text, or text the tokenizer "
+    "does not know), so the merge would be silently wrong. Use a larger and more varied "
+    "calibration set (leave calibration unset for the shipped set, raise "
+    "calibration_samples), or alignment: weights."
+)
+
+
+@dataclass
+class FitQuality:
+    """How well the calibration activations determine one (model, layer) solve, and how well
+    the solved element fits them.
+
+    * ``conditioning``: per rotation symmetry, the worst slot's ``lambda_min / lambda_max``
+      of either model's own activation covariance on the calibration tokens (the
+      Procrustes solution is unique only where the data spans every direction); for 2-D
+      plane rotations and half-turns, the worst plane's energy relative to the mean plane.
+      Below :data:`UNDETERMINED` the solve is arbitrary in the directions the data does not
+      span.
+    * ``neuron_margin`` / ``tied_neurons``: the MLP matching's smallest gap between a
+      neuron's match and its runner-up (scores in [-1, 2]) and how many neurons tie (gap
+      below :data:`TIE`): the data cannot tell them apart.
+    * ``empty_scale_slots``: per scale symmetry, slots whose activations are all ~0 (their
+      scale falls back to 1, whatever the truth).
+    * ``residual``: per block (``mlp``, ``self_attn``, ...), ``||A - g.T|| / ||A||`` over
+      the block's recorded activations after the fit: ~1e-7 for an exact copy, larger the
+      more the models differ (not a sign of a bad calibration set by itself).
+    """
+
+    model: str
+    layer: int
+    residual: Dict[str, float] = field(default_factory=dict)
+    conditioning: Dict[str, float] = field(default_factory=dict)
+    neuron_margin: Optional[float] = None
+    tied_neurons: int = 0
+    neurons: int = 0
+    empty_scale_slots: Dict[str, int] = field(default_factory=dict)
+
+    def problems(self) -> List[str]:
+        out = [f"{name}: conditioning {value:.1e} (below {UNDETERMINED:.0e}: the calibration "
+               f"activations span too few directions)"
+               for name, value in self.conditioning.items() if not value >= UNDETERMINED]
+        if self.neurons and self.tied_neurons > TIE_LIMIT * self.neurons:
+            out.append(f"mlp.neurons: {self.tied_neurons} of {self.neurons} neurons cannot be "
+                       f"told apart from another one on the calibration activations")
+        out += [f"{name}: {count} slots without any calibration signal"
+                for name, count in self.empty_scale_slots.items() if count]
+        return out
+
+    def describe(self) -> str:
+        parts = [f"layer {self.layer} of {self.model}:"]
+        if self.residual:
+            parts.append("residual " + ", ".join(f"{k} {v:.2e}" for k, v in self.residual.items()))
+        if self.neuron_margin is not None:
+            parts.append(f"neuron margin {self.neuron_margin:.3g} ({self.tied_neurons} tied)")
+        if self.conditioning:
+            parts.append("conditioning " + ", ".join(f"{k} {v:.2e}" for k, v in self.conditioning.items()))
+        return " ".join(parts)
+
+
+def _conditioning(symmetry: Symmetry, reference: Activations, model: Activations) -> float:
+    """How well the data determines a rotation-like symmetry (see :class:`FitQuality`),
+    from each side's own activation covariance (not the cross-covariance: two models of
+    different initializations may correlate weakly in some direction although the data
+    spans it; that is a model difference, reported by the residual, not a calibration
+    defect)."""
+    worst = float("inf")
+    for side in (reference, model):
+        c = cross_products(symmetry, side, side)  # [slots, k, k], symmetric PSD
+        if symmetry.kind == Kind.orthogonal:
+            eig = torch.linalg.eigvalsh(c).clamp_min(0)
+            top = eig[:, -1]
+            ratio = torch.where(top > 0, eig[:, 0] / top.clamp_min(1e-300), torch.zeros_like(top))
+        else:  # 2-D planes / half-turns: any signal in the plane determines them
+            energy = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)
+            ratio = energy / energy.mean().clamp_min(1e-300)
+        worst = min(worst, float(ratio.min()))
+    return worst
+
+
+def _empty_slots(symmetry: Symmetry, model: Activations) -> int:
+    n = symmetry.slots
+    energy = torch.zeros(n, dtype=torch.float64)
+    for site in symmetry.sites:
+        value = model.get(site.tensor)
+        if value is not None:  # [features, tokens]: energy per feature row, then per slot
+            rows = torch.linalg.vector_norm(value, dim=1).double().pow(2).cpu()
+            energy += rows[site.index.reshape(n, -1)].sum(-1)
+    tiny = max(1e-30, 1e-20 * float(energy.max())) if n else 1e-30
+    return int((energy <= tiny).sum())
+
+
+def _residuals(solved: LayerTransform, reference: Activations, model: Activations,
+               chunk: int = 1024) -> Dict[str, float]:
+    """Relative residual per block, one activation tensor moved at a time and compared in
+    row chunks (bounded memory at 8B widths)."""
+    sums: Dict[str, List[float]] = {}
+    for key, ref in reference.items():
+        if key not in model:
+            continue
+        moved = solved.apply_one(key, model[key]) if solved.touches(key) else model[key]
+        acc = sums.setdefault(key.split(".", 1)[0], [0.0, 0.0])
+        for i in range(0, ref.shape[0], chunk):
+            a = ref[i:i + chunk]
+            acc[0] += float(torch.linalg.vector_norm(a - moved[i:i + chunk].to(a.dtype)).double() ** 2)
+            acc[1] += float(torch.linalg.vector_norm(a).double() ** 2)
+        del moved
+    return {block: math.sqrt(num / den) if den > 0 else 0.0 for block, (num, den) in sums.items()}
+
+
+def solve_layer_with_quality(
     plan: ActivationPlan,
     reference: Activations,
     model: Activations,
     switches: Switches = Switches(),
     label: str = "model",
-) -> LayerTransform:
-    """The weight-space element that maps ``model``'s layer onto ``reference``'s.
+    layer: int = 0,
+) -> Tuple[LayerTransform, FitQuality]:
+    """:func:`solve_layer`, and the :class:`FitQuality` of the solve."""
+    margins: List[torch.Tensor] = []
 
-    :func:`spec.align_layer` on the activation mirror of the weight spec (same solvers and
-    order; the MLP neurons matched by :func:`_solve_mlp_permutation`), then each solved
-    element re-attached to the weight spec's symmetry of the same name.
-    """
     def mlp_neurons(_symmetry, reference, model):
-        return _solve_mlp_permutation(plan, reference, model)
+        return _solve_mlp_permutation(plan, reference, model, margins)
 
     try:
         solved = align_layer(plan.spec, reference, model, switches, label=label,
                              solvers={"mlp.neurons": mlp_neurons})
     except ValueError as err:
         raise ValueError(f"(activations of {label}) {err}") from None
-    return LayerTransform(tuple((plan.weight_symmetry(symmetry.name), element.detach().cpu())
-                                for symmetry, element in solved.steps))
+    quality = FitQuality(model=label, layer=layer)
+    for symmetry in plan.spec.symmetries():
+        if not switches.enabled(symmetry):
+            continue
+        if symmetry.kind in (Kind.orthogonal, Kind.plane_rotation, Kind.sign):
+            quality.conditioning[symmetry.name] = _conditioning(symmetry, reference, model)
+        elif symmetry.kind == Kind.scale:
+            quality.empty_scale_slots[symmetry.name] = _empty_slots(symmetry, model)
+    if margins:
+        quality.neuron_margin = float(margins[0].abs().min())
+        quality.tied_neurons = int((margins[0].abs() < TIE).sum())
+        quality.neurons = int(margins[0].numel())
+    quality.residual = _residuals(solved, reference, model)
+    transform = LayerTransform(tuple((plan.weight_symmetry(symmetry.name), element.detach().cpu())
+                                     for symmetry, element in solved.steps))
+    return transform, quality
+
+
+def solve_layer(*args, **kwargs) -> LayerTransform:
+    """The weight-space element that maps ``model``'s layer onto ``reference``'s: the
+    transform of :func:`solve_layer_with_quality` (same arguments).
+
+    :func:`spec.align_layer` on the activation mirror of the weight spec (same solvers and
+    order; the MLP neurons matched by :func:`_solve_mlp_permutation`), then each solved
+    element re-attached to the weight spec's symmetry of the same name.
+    """
+    return solve_layer_with_quality(*args, **kwargs)[0]
 
 
 def required_tokens(plan: ActivationPlan, switches: Switches = Switches()) -> List[Tuple[int, str]]:
@@ -578,16 +747,25 @@ def align_by_activations(
     progress: bool = True,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
+    model_configs: Optional[Mapping[str, Any]] = None,
+    fit_report: Optional[List[FitQuality]] = None,
+    refuse_undetermined: bool = True,
     residual: str = "none",
 ) -> Dict[str, Dict[Any, LayerTransform]]:
     """Align every model to ``reference`` on activations: ``{model: {layer: transform}}``.
 
     ``reference`` and ``models[key]`` return weights by HF name. All models share
-    ``config``'s architecture and run on the same ``token_ids`` ``[rows, tokens]``. The
-    models are streamed in lockstep: for each layer, the reference's layer runs on its own
-    hidden states, then each model's, each solved against the reference's activations and
-    discarded. Resident at any time: one decoder layer's weights, every model's hidden
-    states, and two models' activations of one layer.
+    ``config``'s architecture and layer geometry and run on the same ``token_ids``
+    ``[rows, tokens]``; each runs its forward pass with its own config
+    (``model_configs[key]``, default ``config``: the reference's). The models are streamed
+    in lockstep: for each layer, the reference's layer runs on its own hidden states, then
+    each model's, each solved against the reference's activations and discarded. Resident
+    at any time: one decoder layer's weights, every model's hidden states, and two models'
+    activations of one layer.
+
+    Each solve's :class:`FitQuality` is logged (INFO) and appended to ``fit_report``; a
+    solve the calibration activations do not determine raises :class:`UndeterminedAlignment`
+    naming the layer, the model and the remedy (``refuse_undetermined=False``: a warning).
 
     ``residual`` (``permutation`` / ``orthogonal``): the residual stream itself, the hidden
     states entering every layer, gives one ``[D, D]`` statistic per model, accumulated layer
@@ -612,7 +790,9 @@ def align_by_activations(
         res.check_supported(plan.arch, residual, tied, _text_config(config))
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
     ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
-    streamers = {key: LayerStreamer(config, get_tensor, token_ids, name=str(key), **kw)
+    model_configs = model_configs or {}
+    streamers = {key: LayerStreamer(model_configs.get(key, config), get_tensor, token_ids,
+                                    name=str(key), **kw)
                  for key, get_tensor in models.items()}
     width = plan.geometry.hidden_size
     stats = {key: res.ResidualStatistic(width) for key in models} if residual != "none" else {}
@@ -626,10 +806,12 @@ def align_by_activations(
         for key, streamer in streamers.items():
             acts = streamer.step(plan)
             try:
-                results[key][index] = solve_layer(plan, reference_acts, acts, switches, label=key)
+                results[key][index], quality = solve_layer_with_quality(
+                    plan, reference_acts, acts, switches, label=key, layer=index)
             except ValueError as err:
                 raise ValueError(f"layer {index}: {err}") from None
             del acts
+            _report(quality, fit_report, refuse_undetermined)
         del reference_acts
     for key, statistic in stats.items():
         element = res.solve(plan.arch, residual, statistic)
@@ -645,3 +827,17 @@ def _norm_getter(get_tensor: GetTensor):
     def norm(layer, name):
         return get_tensor(f"{name}.weight" if layer is None else f"model.layers.{layer}.{name}.weight")
     return norm
+
+
+def _report(quality: FitQuality, fit_report: Optional[List[FitQuality]], refuse: bool) -> None:
+    LOG.info("activation alignment fit: %s", quality.describe())
+    if fit_report is not None:
+        fit_report.append(quality)
+    problems = quality.problems()
+    if not problems:
+        return
+    message = (f"alignment: activations, layer {quality.layer} of {quality.model}: "
+               f"{'; '.join(problems)}. {REMEDY}")
+    if refuse:
+        raise UndeterminedAlignment(message)
+    LOG.warning(message)

@@ -3,20 +3,27 @@
 Pure Python + torch; tokenizers are any objects with the Hugging Face tokenizer call API
 (``tok(texts, add_special_tokens=True)["input_ids"]`` and ``tok.get_vocab()``).
 
-The default set (``data/calibration.txt``) is a few hundred short, varied prompts written
-for this project: instructions, math word problems, arithmetic, code, prose, questions,
-lists and dialogue. Only prompt tokens are used; nothing is generated.
+The default set (``data/calibration.jsonl``, about 89k tokens with SmolLM2's tokenizer) mixes
+a few hundred short, varied prompts written for this project (instructions, math word
+problems, arithmetic, code, prose, questions, lists and dialogue) with documentation strings
+of Python's standard library (PSF License, ``data/PSF-LICENSE.txt``); it is built by
+``scripts/make_calibration.py`` and read offline. Unless ``calibration_samples`` is set, a
+merge uses as much of it as :func:`default_token_budget` asks for the model's width (twice
+``intermediate_size``: ~29k tokens for an 8B Llama, ~57k for a 70B one, 4k for SmolLM2-135M).
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.txt"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.jsonl"
+DEFAULT_MIN_TOKENS = 4096
+UNKNOWN_LIMIT = 0.5  # refuse calibration text that is mostly the tokenizer's unknown token
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -74,15 +81,22 @@ def _parse_jsonl(path: Path, content: str) -> List[str]:
     return texts
 
 
-def load_calibration(path: Optional[Union[str, Path]] = None, samples: int = 256) -> List[str]:
-    """The first ``samples`` prompts of ``path`` (default: the bundled calibration set).
+def default_token_budget(intermediate_size: int, head_dim: int = 0) -> int:
+    """Calibration tokens used when ``calibration_samples`` is 0 (the default): twice the
+    widest full-rank statistic (the MLP's ``intermediate_size`` neurons), at least 4096."""
+    return max(DEFAULT_MIN_TOKENS, 2 * int(intermediate_size), 2 * int(head_dim))
+
+
+def load_calibration(path: Optional[Union[str, Path]] = None, samples: int = 0) -> List[str]:
+    """The first ``samples`` prompts of ``path`` (default: the bundled calibration set);
+    ``samples=0``: all of them.
 
     ``.txt``: one prompt per line (blank lines skipped). ``.jsonl``: one JSON object per line
     with a ``"text"`` (or ``"prompt"``) field. Fewer prompts than ``samples`` is fine (all
     are returned); none at all is an error.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"calibration samples must be a positive integer, not {samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"calibration samples must be a positive integer (or 0: all), not {samples!r}")
     file = DEFAULT_CALIBRATION if path is None else Path(path).expanduser()
     suffix = file.suffix.lower()
     if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
@@ -97,7 +111,7 @@ def load_calibration(path: Optional[Union[str, Path]] = None, samples: int = 256
         texts = [line.strip() for line in content.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"calibration file {str(file)!r} contains no prompts (it is empty). {_REMEDY}")
-    return texts[:samples]
+    return texts[:samples] if samples else texts
 
 
 def _vocab_difference(a: Mapping[str, int], b: Mapping[str, int]) -> str:
@@ -111,6 +125,7 @@ def tokenize_calibration(
     tokenizers: Mapping[str, Any],
     texts: Sequence[str],
     max_tokens: int = 128,
+    budget: Optional[int] = None,
 ) -> torch.LongTensor:
     """Token ids ``[n, T]`` shared by every model: the prompts packed into rows.
 
@@ -120,7 +135,8 @@ def tokenize_calibration(
     special tokens (e.g. a BOS), an EOS (when the tokenizer has one) separates prompts, and
     the stream is cut into rows of exactly ``max_tokens`` tokens (no padding, so every
     position is a real token; the incomplete tail is dropped). With fewer than
-    ``max_tokens`` tokens in all, one shorter row is returned.
+    ``max_tokens`` tokens in all, one shorter row is returned. ``budget``: keep only the
+    first ``budget`` tokens (rounded up to whole rows).
     """
     if not tokenizers:
         raise ValueError("tokenize_calibration needs at least one tokenizer")
@@ -162,6 +178,20 @@ def tokenize_calibration(
             stream.append(int(eos))
     if not stream:
         raise ValueError("the calibration prompts tokenize to no tokens at all")
+    unk = getattr(first, "unk_token_id", None)
+    if unk is not None:
+        text_tokens = sum(len(row) for row in ids)
+        unknown = sum(row.count(unk) for row in ids)
+        if text_tokens and unknown > UNKNOWN_LIMIT * text_tokens:
+            raise ValueError(
+                f"{unknown / text_tokens:.0%} of the calibration tokens are the tokenizer's "
+                f"unknown token {getattr(first, 'unk_token', unk)!r}: the text is not in the "
+                f"models' vocabulary, so every model would see (nearly) the same input and the "
+                f"alignment would be undetermined. Use calibration text in the models' language "
+                f"and script (or leave calibration unset for the shipped set)."
+            )
+    if budget is not None:
+        stream = stream[: -(-int(budget) // max_tokens) * max_tokens]
     if len(stream) < max_tokens:
         return torch.tensor([stream], dtype=torch.long)
     rows = len(stream) // max_tokens
@@ -176,5 +206,40 @@ def check_enough_tokens(n_tokens: int, needed: int, what: str) -> None:
             f"the calibration set has only {n_tokens}. Raise calibration_samples (more "
             f"prompts) or use a calibration file with more or longer prompts; prompts are "
             f"packed into rows of calibration_max_tokens tokens, so only the total number of "
-            f"tokens counts (all of the bundled file is about 6,000 tokens with SmolLM2's tokenizer)."
+            f"tokens counts (leave calibration_samples unset to use as much of the file as the "
+            f"model needs; the shipped set is about 89,000 tokens with SmolLM2's tokenizer)."
         )
+
+
+def load_tokenizer(path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
+                   name: Optional[str] = None):
+    """A model's Hugging Face tokenizer, or a ValueError naming the model and the remedy."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ValueError(
+            f"model {name or path}: cannot load its tokenizer ({err}); alignment: activations "
+            f"needs each model's tokenizer to run it on the calibration text. Add the "
+            f"tokenizer files, or use alignment: weights."
+        ) from None
+
+
+@lru_cache(maxsize=4)
+def calibration_token_ids(
+    models: Tuple[Tuple[str, str, Optional[str]], ...],
+    calibration: Optional[str],
+    samples: int,
+    max_tokens: int,
+    trust_remote_code: bool = False,
+    budget: Optional[int] = None,
+) -> torch.LongTensor:
+    """The packed calibration token ids for ``models`` (``(name, path, revision)`` each),
+    checked by :func:`tokenize_calibration`. Cached, so that the plan-time check and the
+    alignment task tokenize once; callers must not modify the result."""
+    tokenizers = {name: load_tokenizer(path, revision, trust_remote_code, name)
+                  for name, path, revision in models}
+    texts = load_calibration(calibration, samples)
+    return tokenize_calibration(tokenizers, texts, max_tokens, budget)

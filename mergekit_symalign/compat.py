@@ -21,6 +21,7 @@ PLANNER_METHODS = {
     "plan_tensor": ["self", "weight", "weights_in", "models", "cfg_reader"],
     "_model_arch": ["self", "model"],
     "normalize_config": ["self"],
+    "plan_to_disk": ["self", "out_path"],
 }
 
 
@@ -33,6 +34,12 @@ def _original(cls, name):
 def _parameters(func) -> List[str]:
     func = getattr(func, "__wrapped__", func)  # functools.lru_cache on _model_arch
     return list(inspect.signature(func).parameters)
+
+
+def _lists_models_first(func) -> bool:
+    names = func.__code__.co_names
+    return "referenced_models" in names and (
+        "config" not in names or names.index("referenced_models") < names.index("config"))
 
 
 def internals_problems() -> List[str]:
@@ -62,6 +69,20 @@ def internals_problems() -> List[str]:
               lambda name=name, params=params: _parameters(_original(planner(), name)) == params)
     check("mergekit.plan.MergePlanner._plan calls normalize_config and plan_module",
           lambda: {"normalize_config", "plan_module"} <= set(_original(planner(), "_plan").__code__.co_names))
+    check("mergekit.plan.MergePlanner.plan_to_disk calls _plan and TensorWriterTask (the "
+          "output folder is created when the graph executes, not while planning)",
+          lambda: {"_plan", "TensorWriterTask"} <= set(_original(planner(), "plan_to_disk").__code__.co_names))
+    # A missing local model folder is refused in MergeConfiguration.referenced_models (the
+    # plugin's hook): run_merge reads the models' configs in get_architecture_info before
+    # planning, and that lists the models first. (run_merge itself is not read here: the
+    # canary runs while mergekit.merge is being imported.)
+    config_cls = lambda: module("mergekit.config").MergeConfiguration  # noqa: E731
+    check("mergekit.config.MergeConfiguration.referenced_models(self)",
+          lambda: _parameters(config_cls().__dict__.get("_symalign_original_referenced_models",
+                                                        config_cls().referenced_models)) == ["self"])
+    check("mergekit.architecture.get_architecture_info(config, options) lists "
+          "config.referenced_models() before reading any model config",
+          lambda: _lists_models_first(module("mergekit.architecture").get_architecture_info))
     check("mergekit.plan.MergePlanner.plan_layer calls plan_tensor",
           lambda: "plan_tensor" in _original(planner(), "plan_layer").__code__.co_names)
     check("mergekit.plan.MergePlanner has _method, _tensors, _tokenizer_task, config, options, "

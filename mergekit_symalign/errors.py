@@ -19,7 +19,13 @@ class UnsupportedArchitecture(SymAlignError):
 
 
 class NonFiniteTensorError(SymAlignError):
-    """A NaN/Inf weight in an input model."""
+    """A NaN/Inf weight in an input model (found as the tensor is loaded)."""
+
+
+class UndeterminedAlignment(SymAlignError):
+    """Calibration activations that do not determine a layer's transform (``alignment:
+    activations``): degenerate or too uniform text, so the solvers would pick an arbitrary
+    element and the merge would be silently wrong."""
 
 
 class IncompatibleMergekit(SymAlignError, RuntimeError):

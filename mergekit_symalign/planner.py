@@ -46,11 +46,14 @@ from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
     AlignVocabularyTask,
+    FiniteTensor,
     LayerAlignmentTask,
+    OutputFolder,
     PickLayerTransform,
     PickModuleTransform,
     ResidualAlignmentTask,
     TransferTask,
+    calibration_tokens,
 )
 from .validation import (
     LayerConsistency,
@@ -60,10 +63,14 @@ from .validation import (
     check_layer_tensors,
     check_models,
     check_options,
+    check_output_path,
     check_recipe,
     check_residual,
+    check_same_computation,
     check_same_optional_tensors,
+    check_vocabularies,
     never_aligned,
+    recipe_reference,
 )
 
 LOG = logging.getLogger(__name__)
@@ -122,19 +129,40 @@ class AlignedPlanning:
         self._planned: Dict[str, "Planned"] = {}
         self._consistency = LayerConsistency()
         self._warned_full = False
+        self.output: Optional[OutputFolder] = None  # None when planned in memory
+
+    def set_output(self, out_path: str) -> None:
+        """Where the merge will be written (from ``plan_to_disk``), and whether the folder
+        existed before: a refusal during execution removes it only if this merge made it."""
+        self.output = OutputFolder.before_merge(out_path)
 
     # ------------------------------------------------------------------ checks
 
     def check(self) -> None:
         """Every recipe check, before mergekit normalizes the config or builds a task."""
         cfg, options = self.planner.config, self.planner.options
+        name = self.method.spec.name
         check_recipe(cfg, self.method)
         check_options(options, self.method)
-        configs = {m: m.config(trust_remote_code=options.trust_remote_code)
-                   for m in cfg.referenced_models()}
-        self.arch, self.geometry = check_models(self.method.spec.name, configs)
+        models = cfg.referenced_models()  # (hooked: a missing local folder is refused)
+        if self.output is not None:
+            check_output_path(self.output.path, models, name)
+        configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
+        self.arch, self.geometry = check_models(name, configs)
+        activations = (cfg.parameters or {}).get("alignment") == "activations"
+        check_same_computation(name, configs, refuse=activations)
+        check_vocabularies(name, configs, cfg.base_model,
+                           has_tokenizer=cfg.tokenizer is not None or cfg.tokenizer_source is not None)
         check_architecture_settings(cfg, self.arch)
-        check_calibration(cfg.parameters or {})
+        reference = recipe_reference(cfg)
+        check_calibration(
+            cfg,
+            lambda path, samples, max_tokens: calibration_tokens(
+                reference, self._activation_models(reference), path, samples, max_tokens,
+                options.trust_remote_code),
+            geometry=self.geometry,
+            vocab_size=getattr(configs[reference].get_text_config(), "vocab_size", None),
+        )
         self.module = self._decoder_module()
         self.residual = check_residual(cfg, self.arch, configs, len(self.planner.arch_info.modules),
                                        self.method.spec.name)
@@ -145,6 +173,12 @@ class AlignedPlanning:
                 f"all untied (tie_word_embeddings: {', '.join(f'{m}: {t}' for m, t in tied.items())})."
             )
         self.tied = next(iter(tied.values()))
+
+    def _activation_models(self, reference: ModelReference) -> Tuple[ModelReference, ...]:
+        """The models an activation alignment streams besides the reference (sorted)."""
+        never = never_aligned(self.planner.config)
+        return tuple(sorted((m for m in self.planner.config.referenced_models()
+                             if m != reference and m not in never), key=str))
 
     def _decoder_module(self) -> str:
         """The module of mergekit's architecture definition that is our text decoder (a
@@ -175,6 +209,12 @@ class AlignedPlanning:
     def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
         (load,) = self._gather({model: info}).arguments().values()
         return load
+
+    def _checked(self, model: ModelReference, info: WeightInfo) -> FiniteTensor:
+        """The load of ``info``, refused if it holds a NaN/Inf (checked once per load: equal
+        tasks are shared by mergekit's graph)."""
+        return FiniteTensor(tensor=self._load(model, info), model=model, name=info.name,
+                            output=self.output)
 
     @staticmethod
     def _present(model: ModelReference, info: WeightInfo) -> bool:
@@ -268,6 +308,7 @@ class AlignedPlanning:
                 settings=settings,
                 model_tensors=model_loads,
                 reference_tensors=reference_loads,
+                output=self.output,
             )
         return self._alignments[key]
 
@@ -292,16 +333,14 @@ class AlignedPlanning:
     def _activation_source(self, reference, settings: AlignSettings) -> ActivationAlignmentTask:
         key = (reference, settings)
         if key not in self._alignments:
-            never = never_aligned(self.planner.config)
-            models = [m for m in self.planner.config.referenced_models()
-                      if m != reference and m not in never]
             device = self.planner.options.device
             self._alignments[key] = ActivationAlignmentTask(
                 reference=reference,
-                models=tuple(sorted(models, key=str)),
+                models=self._activation_models(reference),
                 settings=settings,
                 device=device if device != "cpu" else None,
                 trust_remote_code=self.planner.options.trust_remote_code,
+                output=self.output,
             )
         return self._alignments[key]
 
@@ -378,10 +417,12 @@ class AlignedPlanning:
             return self._alignment(m, roles.reference, layer, settings.align)
 
         def aligned_input(m):
-            load, transform = self._load(m, by_model[m]), alignment(m)
+            transform = alignment(m)
             if transform is None:
-                return load
-            return AlignTensorTask(tensor=load, alignment=transform, name=layer.name)
+                return self._checked(m, by_model[m])
+            # a layer tensor of an aligned model: its alignment task checked it as it loaded
+            return AlignTensorTask(tensor=self._load(m, by_model[m]), alignment=transform,
+                                   name=layer.name)
 
         inner = method.inner.spec
         input_params = {
@@ -396,7 +437,7 @@ class AlignedPlanning:
             # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
             # (only the residual-stream transform, if any, acts on them).
             tokenizer = cfg_reader.config.tokenizer
-            inputs = sources = PermutedVocabulary(
+            inputs = PermutedVocabulary(
                 gather_tensors=self._gather(by_model),
                 tokenizer_task=self.planner._tokenizer_task,
                 tokens=(tokenizer.tokens if tokenizer else None) or {},
@@ -404,15 +445,17 @@ class AlignedPlanning:
                 base_model=base,
                 vocabulary_axis=weight.vocabulary_axis,
             )
+            # every model's (permuted) rows, checked before the transfer saves anything
+            sources = FiniteTensor(tensor=inputs, name=weight.name, output=self.output)
             moved = tuple((m, alignment(m)) for m in roles.merged if alignment(m) is not None)
             if moved:  # the residual stream's transform, after mergekit's token permutation
-                inputs = AlignVocabularyTask(permuted=sources, alignments=moved, name=layer.name)
+                inputs = AlignVocabularyTask(permuted=inputs, alignments=moved, name=layer.name)
         else:
             inputs = TensorDictWrapper(
                 tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
             )
             sources = TensorDictWrapper(tensors=ImmutableMap(data={
-                m: self._load(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
+                m: self._checked(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
             }))
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,

@@ -7,6 +7,17 @@ module's namespace: ``mergekit.merge``, ``mergekit.evo.actors`` and any other co
 ``from mergekit.plan import MergePlanner`` hold the very same (hooked) class. Each hooked
 method does exactly what mergekit does unless the planner's method is a
 ``symmetry_aligned_*`` one; then planning goes to :class:`.planner.AlignedPlanning`.
+
+Two more in-place hooks, inert for other methods:
+
+* ``MergePlanner.plan_to_disk(out_path)`` tells the planning where the merge will write
+  (refused if inside an input model's folder; removed again if a refusal during execution
+  happens after mergekit's writer created it);
+* ``MergeConfiguration.referenced_models()``: ``run_merge`` reads every model's config
+  (``get_architecture_info``, before any planning), and a local folder that does not exist
+  would reach the Hub client as a repo id ("Repo id must be in the form ..."). The first
+  thing ``get_architecture_info`` does is list the recipe's models, so for our methods the
+  list is checked there: a missing folder is named as such.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import importlib
 from .compat import TARGET_VERSION
 from .errors import IncompatibleMergekit
 
-HOOKED = ("_plan", "plan_module", "plan_layer", "plan_tensor")
+HOOKED = ("_plan", "plan_module", "plan_layer", "plan_tensor", "plan_to_disk")
 
 
 def _mergekit_version() -> str:
@@ -53,6 +64,32 @@ def install() -> None:
         if method.spec.name not in known:
             registry.register(method)
     hook_planner(plan.MergePlanner)
+    hook_config(importlib.import_module("mergekit.config").MergeConfiguration)
+
+
+def hook_config(cls) -> None:
+    """``referenced_models`` of an aligned recipe refuses a local model folder that does not
+    exist (see the module docstring)."""
+    if "_symalign_original_referenced_models" in cls.__dict__:
+        return
+    original = cls.__dict__["referenced_models"]
+
+    def referenced_models(self):
+        models = original(self)
+        method = getattr(self, "merge_method", None)
+        from .methods import PREFIX
+
+        if isinstance(method, str) and method.startswith(PREFIX):
+            from .validation import check_model_paths
+
+            check_model_paths(models, method)
+        return models
+
+    referenced_models.__wrapped__ = original
+    referenced_models.__doc__ = original.__doc__
+    referenced_models.__qualname__ = f"{cls.__qualname__}.referenced_models"
+    cls.referenced_models = referenced_models
+    cls._symalign_original_referenced_models = original
 
 
 def _planning(planner):
@@ -109,8 +146,15 @@ def hook_planner(cls) -> None:
             return original["plan_tensor"](self, weight, weights_in, models, cfg_reader)
         return planning.plan_tensor(weight, weights_in, models, cfg_reader)
 
+    def plan_to_disk(self, out_path):
+        planning = _planning(self)
+        if planning is not None:
+            planning.set_output(out_path)  # checked in planning.check(), from _plan
+        return original["plan_to_disk"](self, out_path)
+
     for name, hooked in (("_plan", _plan), ("plan_module", plan_module),
-                         ("plan_layer", plan_layer), ("plan_tensor", plan_tensor)):
+                         ("plan_layer", plan_layer), ("plan_tensor", plan_tensor),
+                         ("plan_to_disk", plan_to_disk)):
         hooked.__wrapped__ = original[name]
         hooked.__doc__ = original[name].__doc__
         hooked.__qualname__ = f"{cls.__qualname__}.{name}"

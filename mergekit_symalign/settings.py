@@ -70,8 +70,9 @@ PARAMETERS: Tuple[Parameter, ...] = (
     Parameter("calibration", str, GLOBAL, "",
               "activations only: calibration prompts (.txt, one per line, or .jsonl); "
               "empty = shipped set", scalar=True),
-    Parameter("calibration_samples", int, GLOBAL, 256,
-              "activations only: number of prompts used", scalar=True),
+    Parameter("calibration_samples", int, GLOBAL, 0,
+              "activations only: number of prompts used; 0 = as many as the model needs "
+              "(2 x intermediate_size tokens, at least 4096)", scalar=True),
     Parameter("calibration_max_tokens", int, GLOBAL, 128,
               "activations only: tokens per packed calibration row", scalar=True),
     Parameter("alignment_cache", str, GLOBAL, "",
@@ -95,7 +96,7 @@ class AlignSettings(BaseModel):
     qk_rotation: str = "rope"
     residual: str = "none"
     calibration: str = ""
-    calibration_samples: int = 256
+    calibration_samples: int = 0
     calibration_max_tokens: int = 128
     alignment_cache: str = ""  # where solved alignments are saved (no effect on results)
 

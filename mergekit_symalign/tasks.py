@@ -10,14 +10,23 @@
 * :class:`AlignTensorTask` moves one tensor of a model into the reference's frame.
 * :class:`TransferTask` turns the wrapped method's output ``R + combine(S_i - R)`` into
   ``aligned(B) + combine(...)``, in the base's or the reference's coordinates.
+* :class:`FiniteTensor` refuses a NaN/Inf input tensor as it loads.
+
+Tasks that can refuse during execution carry the merge's :class:`OutputFolder`: a refusal
+removes the output folder if this merge created it (mergekit's writer creates it as the
+graph starts), so a refused merge leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+from pydantic import BaseModel
 
 from mergekit.common import ModelReference
 from mergekit.graph import Task
@@ -28,25 +37,78 @@ import logging
 from . import cache
 from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
-from .errors import NonFiniteTensorError
 from .rope import attention_logit_change
 from .settings import AlignSettings
 from .spec import LayerTransform, align_layer
 from .statedict import RESIDUAL_ROWS, _rows
+from .validation import check_finite
 
 LOG = logging.getLogger(__name__)
 
 NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
 
 
-def check_finite(tensor: torch.Tensor, model: ModelReference, name: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteTensorError(
-            f"model {model}: tensor {name} has {bad} NaN/Inf values, so it cannot be aligned "
-            f"(and would poison the merge). The checkpoint is corrupt or overflowed in its "
-            f"dtype: re-download or re-export it, or load it in a wider dtype (dtype: float32)."
-        )
+class OutputFolder(BaseModel, frozen=True):
+    """The merge's output folder, and whether it existed before the merge was planned."""
+
+    path: str
+    existed: bool
+
+    @classmethod
+    def before_merge(cls, out_path: str) -> "OutputFolder":
+        path = os.path.abspath(out_path)
+        return cls(path=path, existed=os.path.lexists(path))
+
+    def remove_if_created(self) -> None:
+        """Remove the folder if this merge created it (never one that existed before)."""
+        if not self.existed and os.path.isdir(self.path) and not os.path.islink(self.path):
+            LOG.warning("merge refused: removing the output folder %s that it created", self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def cleans_output(execute):
+    """``execute`` of a task with an ``output`` field: on any error, remove the output
+    folder this merge created, then re-raise."""
+
+    @functools.wraps(execute)
+    def run(self, *args, **kwargs):
+        try:
+            return execute(self, *args, **kwargs)
+        except BaseException:
+            if self.output is not None:
+                self.output.remove_if_created()
+            raise
+
+    return run
+
+
+class FiniteTensor(Task[Any]):
+    """Passes a loaded tensor through after :func:`.validation.check_finite` (one reduction,
+    no copy). ``tensor`` is a ``LoadTensor`` (``model`` is its model), or a task returning
+    ``{model: tensor}`` such as mergekit's ``PermutedVocabulary`` (``model`` None)."""
+
+    tensor: Task
+    model: Optional[ModelReference] = None
+    name: str
+    output: Optional[OutputFolder] = None
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"tensor": self.tensor}
+
+    def group_label(self) -> Optional[str]:
+        return self.tensor.group_label()
+
+    def priority(self) -> int:
+        return self.tensor.priority()
+
+    @cleans_output
+    def execute(self, tensor):
+        if isinstance(tensor, dict):
+            for model, value in tensor.items():
+                check_finite(value, model, self.name)
+        else:
+            check_finite(tensor, self.model, self.name)
+        return tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +198,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
     model_tensors: NamedLoads
     reference_tensors: NamedLoads
     residual: Optional[ResidualAlignmentTask] = None
+    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         args = {f"model:{rel}": load for rel, load in self.model_tensors}
@@ -153,6 +216,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
     def uses_accelerator(self) -> bool:
         return True
 
+    @cleans_output
     def execute(self, residual: Optional[ResidualResult] = None, **kwargs) -> LayerTransform:
         moving: Dict[str, torch.Tensor] = {}
         fixed: Dict[str, torch.Tensor] = {}
@@ -216,6 +280,7 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
     settings: AlignSettings
     device: Optional[str] = None
     trust_remote_code: bool = False
+    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         return {}
@@ -223,34 +288,26 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
     def priority(self) -> int:
         return 100
 
+    @cleans_output
     def execute(self) -> Dict[str, Dict[int, LayerTransform]]:
-        import transformers
         from mergekit.io.tasks import LoaderCache
 
         from .activations import align_by_activations
-        from .calibration import load_calibration, tokenize_calibration
 
-        everyone = (self.reference, *self.models)
-        tokenizers = {}
-        for model in everyone:
-            try:
-                tokenizers[str(model)] = transformers.AutoTokenizer.from_pretrained(
-                    model.model.path, revision=model.model.revision,
-                    trust_remote_code=self.trust_remote_code,
-                )
-            except Exception as err:
-                raise ValueError(
-                    f"model {model}: cannot load its tokenizer ({err}); alignment: activations "
-                    f"needs each model's tokenizer to run it on the calibration text. Add the "
-                    f"tokenizer files, or use alignment: weights."
-                ) from None
         settings = self.settings
-        texts = load_calibration(settings.calibration or None, settings.calibration_samples)
-        token_ids = tokenize_calibration(tokenizers, texts, settings.calibration_max_tokens)
+        # Tokenized (and checked) at plan time already: this is the cached result.
+        token_ids = calibration_tokens(self.reference, self.models, settings.calibration or None,
+                                       settings.calibration_samples,
+                                       settings.calibration_max_tokens, self.trust_remote_code)
 
         def source(model):
             loader = LoaderCache().get(model)
-            return lambda name: loader.get_tensor(name, device="cpu")
+
+            def get_tensor(name):
+                tensor = loader.get_tensor(name, device="cpu")
+                check_finite(tensor, model, name)
+                return tensor
+            return get_tensor
 
         config = self.reference.config(trust_remote_code=self.trust_remote_code)
         return align_by_activations(
@@ -262,7 +319,28 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             qk_rotation=settings.qk_rotation,
             device=self.device or "cpu",
             residual=settings.residual,
+            # each model runs its forward pass with its own config
+            model_configs={str(m): m.config(trust_remote_code=self.trust_remote_code)
+                           for m in self.models},
         )
+
+
+def calibration_tokens(reference: ModelReference, models, calibration: Optional[str],
+                       samples: int, max_tokens: int, trust_remote_code: bool = False) -> torch.Tensor:
+    """The calibration token ids every model of an activation alignment runs on, tokenized
+    with each model's tokenizer (which must agree); ``samples == 0``: as many prompts as
+    the reference's width needs. Cached: the plan-time check and the task share one call."""
+    from .architectures import geometry_from_config
+    from .calibration import calibration_token_ids, default_token_budget
+
+    budget = None
+    if not samples:
+        g = geometry_from_config(reference.config(trust_remote_code=trust_remote_code), str(reference))
+        budget = default_token_budget(g.intermediate_size, g.head_dim)
+    return calibration_token_ids(
+        tuple((str(m), m.model.path, m.model.revision) for m in (reference, *models)),
+        calibration, samples, max_tokens, trust_remote_code, budget,
+    )
 
 
 class PickLayerTransform(Task[LayerTransform]):

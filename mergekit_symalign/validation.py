@@ -1,21 +1,35 @@
-"""Every check of a recipe that uses an aligned method, run at plan time.
+"""Every check of a recipe that uses an aligned method, run at plan time, and the one
+check that can only run as tensors load (NaN/Inf).
 
 The planner calls these before it builds any task, so a refused merge writes nothing (the
 output folder is created only when the graph executes). Static checks read the recipe alone;
 the model checks read each model's ``config.json`` (through mergekit's ``ModelReference``)
-and, per layer, which tensors its checkpoint holds. mergekit silently ignores parameters a
-method does not declare, so for our methods a typo would silently switch a symmetry back on:
-every parameter name, place, type and choice is checked here.
+and, per layer, which tensors its checkpoint holds; with ``alignment: activations`` the
+calibration text is read and tokenized with every model's tokenizer. mergekit silently
+ignores parameters a method does not declare, so for our methods a typo would silently
+switch a symmetry back on: every parameter name, place, type and choice is checked here.
+
+During execution, :func:`check_finite` is applied to every tensor the merge reads (as it
+loads; no second pass over the checkpoints). A refusal raised then removes the output folder
+if this merge created it (:class:`.tasks.OutputFolder`).
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Tuple
+import os
+import re
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from .architectures import Architecture, Geometry, architecture_for, geometry_from_config
-from .errors import SymAlignConfigError, UnsupportedArchitecture
+import logging
+
+from .errors import NonFiniteTensorError, SymAlignConfigError, UnsupportedArchitecture
 from .settings import BY_NAME, CALIBRATION_PARAMETERS, GLOBAL, LAYER, MODEL, Parameter
+
+LOG = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- the recipe
 
@@ -144,17 +158,141 @@ def check_options(options, method) -> None:
         )
 
 
-def check_calibration(top_parameters: Mapping[str, Any]) -> None:
-    """With ``alignment: activations``, the calibration file is read (and refused) now."""
-    if (top_parameters or {}).get("alignment") != "activations":
-        return
+def calibration_settings(top_parameters: Mapping[str, Any]) -> Tuple[Optional[str], int, int]:
+    """(file or None for the shipped set, samples, tokens per row) of a recipe."""
+    top = top_parameters or {}
+    return (top.get("calibration") or None, top.get("calibration_samples", BY_NAME["calibration_samples"].default),
+            top.get("calibration_max_tokens", BY_NAME["calibration_max_tokens"].default))
+
+
+def _maybe_enabled(cfg, name: str) -> bool:
+    """May symmetry switch ``name`` be on for some layer? (unset at the top = default on)"""
+    values = [leaf for _w, params, _m, _t in parameter_scopes(cfg)
+              for leaf in _leaves((params or {}).get(name, False))]
+    return name not in (cfg.parameters or {}) or any(v is True for v in values)
+
+
+def check_calibration(cfg, tokenize: Callable[[Optional[str], int, int], "torch.Tensor"],
+                      geometry: Optional[Geometry] = None, vocab_size: Optional[int] = None):
+    """With ``alignment: activations``: read the calibration file, tokenize it with every
+    model's tokenizer (``tokenize(file, samples, max_tokens)``, which refuses differing
+    tokenizers and text that is mostly unknown tokens) and check that it has enough tokens
+    for the statistics the enabled symmetries use. Returns the token ids (or None)."""
+    top = cfg.parameters or {}
+    if top.get("alignment") != "activations":
+        return None
     from .calibration import load_calibration
 
+    path, samples, max_tokens = calibration_settings(top)
+    if samples < 0:
+        raise SymAlignConfigError(
+            f"calibration_samples must be a positive integer (or 0, the default: as many "
+            f"prompts as the model needs), got {samples}.")
+    if max_tokens < 1:
+        raise SymAlignConfigError(
+            f"calibration_max_tokens must be a positive integer, got {max_tokens}: prompts are "
+            f"packed into rows of this many tokens (128, the default, suits most models).")
     try:
-        load_calibration(top_parameters.get("calibration") or None,
-                         top_parameters.get("calibration_samples", 256))
+        load_calibration(path, samples)
+        token_ids = tokenize(path, samples, max_tokens)
     except ValueError as err:
         raise SymAlignConfigError(str(err)) from None
+    if vocab_size is not None and int(token_ids.max()) >= vocab_size:
+        raise SymAlignConfigError(
+            f"the calibration text tokenizes to token id {int(token_ids.max())}, but the models' "
+            f"vocabulary has {vocab_size} entries: their tokenizer does not match their "
+            f"embeddings. Fix the tokenizer files, or use alignment: weights."
+        )
+    if geometry is not None:
+        from .calibration import check_enough_tokens
+
+        needs = []
+        if _maybe_enabled(cfg, "permutation") or _maybe_enabled(cfg, "scaling"):
+            needs.append((geometry.intermediate_size, f"the MLP neuron correlation "
+                          f"({geometry.intermediate_size} neurons per layer)"))
+        if _maybe_enabled(cfg, "rotation"):
+            needs.append((geometry.head_dim, f"the attention head statistics (head_dim {geometry.head_dim})"))
+        for needed, what in needs:
+            try:
+                check_enough_tokens(int(token_ids.numel()), needed, what)
+            except ValueError as err:
+                raise SymAlignConfigError(str(err)) from None
+    return token_ids
+
+
+# --------------------------------------------------------------------------- paths
+
+# What the Hub accepts as a repo id; anything else can only be a local folder.
+_REPO_ID = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?")
+
+
+def _local_looking(path: str) -> bool:
+    return (not _REPO_ID.fullmatch(path) or path.startswith((".", "-")) or ".." in path
+            or "--" in path)
+
+
+def check_model_paths(models: Sequence[Any], method_name: str) -> None:
+    """A model given as a local path must exist (mergekit would otherwise ask the Hub for it
+    and fail with "Repo id must be in the form ...")."""
+    for model in models:
+        for what, ref in (("model", model.model), ("LoRA", getattr(model, "lora", None))):
+            if ref is None or os.path.exists(ref.path) or not _local_looking(ref.path):
+                continue
+            parent = os.path.dirname(os.path.abspath(ref.path))
+            hint = ("" if os.path.isdir(parent) else
+                    f" (its parent folder {parent} does not exist either)")
+            raise SymAlignConfigError(
+                f"{method_name}: the {what} folder {ref.path} does not exist{hint}. Check the "
+                f"path in the recipe (a relative path is resolved from the current directory, "
+                f"{os.getcwd()})."
+            )
+
+
+def _model_folders(model) -> List[str]:
+    return [ref.path for ref in (model.model, getattr(model, "lora", None))
+            if ref is not None and os.path.isdir(ref.path)]
+
+
+def check_output_path(out_path: str, models: Iterable[Any], method_name: str) -> None:
+    """The output folder must not be, or be inside, an input model's folder: mergekit would
+    write the merged shards and config.json over that model."""
+    out = os.path.realpath(out_path)
+    for model in models:
+        for folder in _model_folders(model):
+            real = os.path.realpath(folder)
+            if out == real or out.startswith(real.rstrip(os.sep) + os.sep):
+                where = "is the folder of" if out == real else "is inside the folder of"
+                raise SymAlignConfigError(
+                    f"{method_name}: the output path {out_path} {where} input model {model}; "
+                    f"mergekit would write the merged weights and config.json over that model. "
+                    f"Choose an output folder outside every input model's folder."
+                )
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _count_non_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+
+
+def check_finite(tensor: Optional[torch.Tensor], model, name: str) -> None:
+    """Refuse a NaN/Inf weight. One reduction over the tensor (no copy): any NaN or Inf makes
+    the sum non-finite; only then (or when a half-precision sum overflows) are the values
+    counted."""
+    if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    bad = _count_non_finite(tensor)
+    if bad:
+        raise NonFiniteTensorError(
+            f"model {model}: tensor {name} has {bad} NaN/Inf value{'s' if bad > 1 else ''} "
+            f"(of {tensor.numel()}), which would poison the merge. The checkpoint is corrupt or "
+            f"overflowed in its dtype: re-download or re-export it, or load it in a wider dtype "
+            f"(dtype: float32)."
+        )
 
 
 # --------------------------------------------------------------------------- the models
@@ -190,6 +328,82 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
                     f"Merge models of the same base family."
                 )
     return architecture_for(g0.model_type), g0
+
+
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _computation(config) -> Dict[str, Any]:
+    """The config values that change what a layer (or the head) computes, beyond the layer
+    geometry that :func:`check_models` compares: activation, norm epsilon, RoPE parameters
+    and scaling, soft-capping, attention scaling, sliding windows, biases, tied embeddings."""
+    cfg = _text(config)
+    get = lambda name: getattr(cfg, name, None)  # noqa: E731
+    out = {
+        "hidden activation": get("hidden_activation") or get("hidden_act"),
+        "norm epsilon": get("rms_norm_eps") if get("rms_norm_eps") is not None else get("layer_norm_eps"),
+        "rope_parameters / rope_scaling": get("rope_parameters") or get("rope_scaling"),
+        "attn_logit_softcapping": get("attn_logit_softcapping"),
+        "final_logit_softcapping": get("final_logit_softcapping"),
+        "query_pre_attn_scalar": get("query_pre_attn_scalar"),
+        "layer_types": get("layer_types"),
+        "attention_bias": get("attention_bias"),
+        "mlp_bias": get("mlp_bias"),
+        "use_qkv_bias": get("use_qkv_bias"),
+        "qk_layernorm": get("qk_layernorm"),
+        "tie_word_embeddings": get("tie_word_embeddings"),
+    }
+    layer_types = get("layer_types")
+    sliding = get("use_sliding_window") is not False and (
+        layer_types is None or any("sliding" in str(t) for t in layer_types))
+    out["sliding_window"] = get("sliding_window") if sliding else None
+    rope = out["rope_parameters / rope_scaling"] or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope", "yarn"):
+        out["max_position_embeddings"] = get("max_position_embeddings")
+    return out
+
+
+def check_same_computation(method_name: str, configs: Mapping[Hashable, Any], refuse: bool = True) -> None:
+    """Models whose configs differ where it changes the computation. Activation alignment
+    runs each model with its own config and compares what they compute: refused there.
+    Aligned by weights, the symmetries do not depend on these settings and mergekit merges
+    such models too (the merged model computes with the base's config): a warning names the
+    difference, since a skill measured under one setting is transferred into another."""
+    items = [(m, _computation(c)) for m, c in configs.items()]
+    first, c0 = items[0]
+    for model, c in items[1:]:
+        for field, value in c0.items():
+            if c.get(field) != value:
+                message = (
+                    f"{method_name}: models {first} and {model} differ in {field} ({value!r} vs "
+                    f"{c.get(field)!r}) in config.json, which changes what the model computes; "
+                    f"the merged model computes with the base's config, so a skill measured "
+                    f"under the other is transferred into a model that computes differently."
+                )
+                if refuse:
+                    raise SymAlignConfigError(
+                        f"{message} alignment: activations compares what the models compute: "
+                        f"merge models that share one configuration (or make the config.json "
+                        f"files agree, if the difference is a mistake), or use alignment: weights."
+                    )
+                LOG.warning(message)
+
+
+def check_vocabularies(method_name: str, configs: Mapping[Hashable, Any], base, has_tokenizer: bool) -> None:
+    """Without a tokenizer section, every model must have the base's vocabulary size."""
+    if has_tokenizer:
+        return
+    sizes = {m: getattr(_text(c), "vocab_size", None) for m, c in configs.items()}
+    want = sizes.get(base)
+    for model, size in sizes.items():
+        if want is not None and size is not None and size != want:
+            raise SymAlignConfigError(
+                f"{method_name}: vocabulary size mismatch: model {model} has {size} tokens, but "
+                f"the base model {base} has {want}, so embed_tokens and lm_head cannot be merged "
+                f"row by row. Add a tokenizer section (tokenizer: {{source: base}}) so mergekit "
+                f"maps every model's embeddings onto the base's vocabulary."
+            )
 
 
 def check_architecture_settings(cfg, arch: Architecture) -> None:
@@ -313,6 +527,16 @@ class LayerConsistency:
             )
 
 
+def recipe_reference(cfg):
+    """The model skill vectors are measured from: the ``role: reference`` model, else the
+    base (after :func:`check_recipe`, at most one)."""
+    bases = {cfg.base_model} | {s.base_model for s in cfg.slices or () if s.base_model}
+    for _where, params, model, _top in parameter_scopes(cfg):
+        if model is not None and model not in bases and (params or {}).get("role") == "reference":
+            return model
+    return cfg.base_model
+
+
 def never_aligned(cfg) -> set:
     """Models whose ``align`` is a plain false everywhere in the recipe."""
     seen: Dict[Any, set] = {}
@@ -323,8 +547,9 @@ def never_aligned(cfg) -> set:
 
 
 __all__ = [
-    "LayerConsistency", "check_activation_layers", "check_architecture_settings", "check_residual",
-    "check_calibration", "check_layer_tensors",
-    "check_models", "check_options", "check_recipe", "check_same_optional_tensors",
-    "never_aligned", "parameter_scopes",
+    "LayerConsistency", "calibration_settings", "check_activation_layers",
+    "check_architecture_settings", "check_calibration", "check_finite", "check_layer_tensors",
+    "check_model_paths", "check_models", "check_options", "check_output_path", "check_recipe",
+    "check_residual", "check_same_computation", "check_same_optional_tensors",
+    "check_vocabularies", "never_aligned", "parameter_scopes", "recipe_reference",
 ]

@@ -120,6 +120,21 @@ def family(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def family_with_tokenizers(family, tmp_path_factory):
+    """The family, each model with a word tokenizer (for alignment: activations)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tok_family")
+    out = dict(family)
+    for name in ("reference", "skill", "sibling", "reference_scrambled", "skill_scrambled",
+                 "sibling_scrambled"):
+        shutil.copytree(family[name], root / name)
+        save_word_tokenizer(root / name)
+        out[name] = str(root / name)
+    return out
+
+
 def save_word_tokenizer(path, vocab_size: int = VOCAB):
     """A WordLevel tokenizer over words w0..wN whose ids cover the tiny models' vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

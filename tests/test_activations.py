@@ -188,12 +188,23 @@ def test_free_scale_is_least_squares_and_guarded():
 
 
 def test_default_calibration_set():
-    texts = load_calibration(samples=10_000)
-    assert len(texts) >= 300
+    texts = load_calibration()
+    assert len(texts) >= 600
     assert len(set(texts)) == len(texts)
     assert all(t.strip() == t and t for t in texts)
     assert load_calibration(samples=5) == texts[:5]
-    assert DEFAULT_CALIBRATION.name == "calibration.txt"
+    assert DEFAULT_CALIBRATION.name == "calibration.jsonl"
+
+
+def test_token_budget_keeps_whole_rows_of_the_first_prompts():
+    from mergekit_symalign.calibration import default_token_budget
+
+    assert default_token_budget(80) == 4096 and default_token_budget(14336, 128) == 28672
+    toks = {"a": _tokenizer(WORDS)}
+    texts = ["the cat sat on the mat", "a dog ran to the park"] * 50
+    full = tokenize_calibration(toks, texts, max_tokens=8)
+    cut = tokenize_calibration(toks, texts, max_tokens=8, budget=20)
+    assert cut.shape == (3, 8) and torch.equal(cut, full[:3])
 
 
 def test_user_calibration_files(tmp_path):
@@ -232,7 +243,7 @@ def test_bad_calibration_files(tmp_path, case):
                 "no_field": '"text"'}[case]
     assert expected in message
     with pytest.raises(ValueError, match="positive integer"):
-        load_calibration(samples=0)
+        load_calibration(samples=-1)
 
 
 def _tokenizer(words):

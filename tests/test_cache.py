@@ -1,7 +1,6 @@
 """Saved alignments (alignment_cache): reused only for exactly the inputs they were solved
 from, shared between merges and the state-dict API, never applied when unreadable."""
 
-import pytest
 import torch
 
 from examples.common import aligned_recipe, run_recipe

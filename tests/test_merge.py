@@ -241,22 +241,6 @@ def test_aligned_merge_onto_scrambled_model_per_architecture(arch, tmp_path):
     assert close(logits(out), logits(paths["skill"]))
 
 
-@pytest.fixture(scope="module")
-def family_with_tokenizers(family, tmp_path_factory):
-    import shutil
-
-    from .conftest import save_word_tokenizer
-
-    root = tmp_path_factory.mktemp("tok_family")
-    out = dict(family)
-    for name in ("reference", "skill", "sibling", "reference_scrambled", "skill_scrambled",
-                 "sibling_scrambled"):
-        shutil.copytree(family[name], root / name)
-        save_word_tokenizer(root / name)
-        out[name] = str(root / name)
-    return out
-
-
 @pytest.mark.parametrize("frame", ["base", "reference"])
 def test_activation_alignment_through_mergekit(family_with_tokenizers, expected, tmp_path, frame):
     from .conftest import word_calibration

@@ -140,14 +140,19 @@ def test_real_model_aligned_transfer_through_mergekit(untied, tmp_path, frame):
 def test_real_model_activation_alignment_recovers_scramble(real):
     """Layer-streamed activation alignment on the shipped calibration prompts."""
     from mergekit_symalign.activations import align_by_activations
-    from mergekit_symalign.calibration import load_calibration, tokenize_calibration
+    from mergekit_symalign.calibration import (
+        default_token_budget,
+        load_calibration,
+        tokenize_calibration,
+    )
     from mergekit_symalign.statedict import transform_state_dict
 
     model, tokenizer, _ids = real
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     scrambled, _ = scramble_state_dict(sd, model.config, seed=8)
-    texts = load_calibration(samples=160)
-    token_ids = tokenize_calibration({"reference": tokenizer, "target": tokenizer}, texts, 128)
+    budget = default_token_budget(model.config.intermediate_size)  # what a merge uses by default
+    token_ids = tokenize_calibration({"reference": tokenizer, "target": tokenizer},
+                                     load_calibration(), 128, budget=budget)
     assert token_ids.numel() >= model.config.intermediate_size
     transforms = align_by_activations(sd.__getitem__, {"target": scrambled.__getitem__},
                                       model.config, token_ids, progress=False)
