@@ -38,6 +38,7 @@ from mergekit.parameter_resolver import resolve_parameters
 from mergekit.tokenizer import PermutedVocabulary
 
 from .architectures import full_qk_warning, layer_spec
+from .collect import collected, for_planning
 from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from .tasks import (
@@ -104,6 +105,9 @@ class AlignedPlanning:
         self._alignments: Dict[Tuple, object] = {}
         self._consistency = LayerConsistency()
         self._warned_full = False
+        # Report hook (.collect): a key when the merge's alignments are recorded (for the model
+        # card or `mergekit-symalign report`); alignment tasks are then built by collected().
+        self.collector: Optional[str] = for_planning(planner)
 
     # ------------------------------------------------------------------ checks
 
@@ -216,7 +220,7 @@ class AlignedPlanning:
         if key not in self._alignments:
             model_loads, reference_loads = self._pair_loads(model, reference, layer, settings)
             self._warn_full_qk(model, settings)
-            self._alignments[key] = LayerAlignmentTask(
+            task = LayerAlignmentTask(
                 model=model,
                 reference=reference,
                 layer_prefix=layer.prefixes[model],
@@ -226,11 +230,12 @@ class AlignedPlanning:
                 model_tensors=model_loads,
                 reference_tensors=reference_loads,
             )
+            self._alignments[key] = collected(self.collector, task, layer=layer.indices[model])
         return self._alignments[key]
 
     def _activation_alignment(self, model, reference, layer: LayerTensor, settings: AlignSettings):
         check_activation_layers(model, reference, layer.prefixes, layer.indices)
-        self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
+        loads = self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
         key = (reference, settings)
         if key not in self._alignments:
             never = never_aligned(self.planner.config)
@@ -247,7 +252,9 @@ class AlignedPlanning:
         source = self._alignments[key]
         if model not in source.models:
             raise SymAlignConfigError(f"model {model} was planned without alignment")
-        return PickLayerTransform(source=source, model=model, layer=layer.indices[model])
+        pick = PickLayerTransform(source=source, model=model, layer=layer.indices[model])
+        return collected(self.collector, pick, reference=reference,
+                         prefix=layer.prefixes[model], loads=loads)
 
     def _warn_full_qk(self, model, settings: AlignSettings) -> None:
         if settings.qk_rotation == "full" and not self._warned_full:

@@ -1,0 +1,226 @@
+"""The alignment report (`mergekit-symalign report`) and the per-merge collector that feeds it."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from examples.common import aligned_recipe, load_tensors, run_recipe, write_recipe
+from mergekit_symalign.cli import main
+from mergekit_symalign.methods import PREFIX
+from mergekit_symalign.report import (
+    IDENTITY_TOLERANCE,
+    markdown,
+    step_summary,
+    summarize_transform,
+)
+
+TA = PREFIX + "task_arithmetic"
+SAME_MERGE = "alignment is the identity for every layer: plain task_arithmetic gives the same merge."
+
+
+def transfer_onto(family, base, **parameters):
+    """The transfer of the skill vector onto ``family[base]``; only the base is aligned."""
+    return aligned_recipe(TA, family[base], family["reference"],
+                          [(family["skill"], {"align": False})], **parameters)
+
+
+def report(recipe, tmp_path, *args, capsys=None):
+    """``mergekit-symalign report`` in this process: (exit status, report.json or None, stdout)."""
+    path = write_recipe(recipe, tmp_path / "recipe.yml")
+    out = tmp_path / "report"
+    status = main(["report", path, str(out), "--quiet", *args])
+    printed = capsys.readouterr().out if capsys else ""
+    document = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return status, document, printed
+
+
+def test_report_on_a_scrambled_target(family, tmp_path, capsys):
+    status, doc, printed = report(transfer_onto(family, "reference_scrambled"), tmp_path,
+                                  capsys=capsys)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert (pair["model"], pair["reference"]) == (family["reference_scrambled"], family["reference"])
+    assert pair["identity"] is False and pair["residual"] is None
+    layers = family["config"].num_hidden_layers
+    assert [r["layer"] for r in pair["layers"]] == list(range(layers))
+    for r in pair["layers"]:
+        assert r["distance_before"] > 0.5
+        assert r["distance_after"] < 1e-5 * r["distance_before"]
+        assert not r["identity"] and r["seconds"] > 0
+        moved = {s["name"]: s for s in r["symmetries"]}
+        assert moved["mlp.neurons"]["moved_fraction"] > 0.5  # a random permutation
+        assert moved["attn.vo_rotation"]["max_angle_deg"] > 1
+    assert doc["identity"] is False and doc["tolerance"] == IDENTITY_TOLERANCE
+    assert doc["not_aligned"] == [family["skill"]]
+    assert "the aligned merge differs from plain task_arithmetic" in doc["verdict"][-1]
+    assert doc["verdict"][-1] in printed
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "# Alignment report" in md and doc["verdict"][0] in md
+    assert md.count("| yes |") == 0 and "mlp.neurons" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "Plots skipped" in md
+    else:
+        for png in ("distance.png", "moved.png"):
+            assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+            assert f"]({png})" in md
+
+
+def test_report_on_an_identical_copy_is_the_identity(family, tmp_path, capsys):
+    copy = shutil.copytree(family["reference"], tmp_path / "copy")
+    status, doc, printed = report(transfer_onto({**family, "copy": str(copy)}, "copy"),
+                                  tmp_path, capsys=capsys)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert pair["identity"] is True and pair["layers_moved"] == 0
+    assert all(r["distance_before"] == r["distance_after"] == 0 for r in pair["layers"])
+    assert doc["verdict"][-1] == SAME_MERGE
+    assert SAME_MERGE in printed
+
+
+def test_report_on_a_fine_tuned_sibling_moves_nothing_that_matters(family, tmp_path):
+    """Raw movement, reported honestly: on a sibling in the reference's coordinates the fitted
+    continuous elements move a little, but the distance barely changes (and the permutation
+    is the identity)."""
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    for r in pair["layers"]:
+        assert 0.9 * r["distance_before"] <= r["distance_after"] <= r["distance_before"]
+        perm = next(s for s in r["symmetries"] if s["name"] == "mlp.neurons")
+        assert perm["moved"] == 0
+    assert "plain task_arithmetic gives" in doc["verdict"][-1]
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "needs the solver's identity snap (a continuous symmetry is kept only if it explains "
+    "clearly more than fitting noise would); without it the sibling's scales and rotations "
+    "are fitted slightly off the identity"))
+def test_report_on_a_fine_tuned_sibling_says_identity(family, tmp_path):
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path)
+    assert status == 0
+    assert doc["pairs"][0]["identity"] is True
+    assert doc["verdict"][-1] == SAME_MERGE
+
+
+def test_bad_recipe_is_refused_before_anything_is_written(family, tmp_path, capsys):
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_symalign.errors import SymAlignConfigError
+    from mergekit_symalign.report import run_report
+
+    bad = transfer_onto(family, "sibling", permutaton=False)  # a typo the merge refuses
+    with pytest.raises(SymAlignConfigError) as merge_error:
+        run_recipe(bad, tmp_path / "merged")
+    with pytest.raises(SymAlignConfigError) as report_error:
+        run_report(MergeConfiguration.model_validate(bad))
+    assert str(report_error.value) == str(merge_error.value)  # refused exactly as the merge
+    status, doc, _ = report(bad, tmp_path)
+    assert status == 2 and doc is None
+    assert not (tmp_path / "report").exists()
+    assert "permutaton" in capsys.readouterr().err
+    # a plain method is not ours to report on: said so, nothing written
+    plain = {**transfer_onto(family, "sibling"), "merge_method": "task_arithmetic"}
+    status, doc, _ = report(plain, tmp_path)
+    assert status == 2 and not (tmp_path / "report").exists()
+    assert "symmetry_aligned_task_arithmetic" in capsys.readouterr().err
+
+
+def test_cli_module_and_console_script(family, tmp_path):
+    """`python -m mergekit_symalign.cli` runs the same command (a refused recipe: fast), and
+    pyproject declares the console script."""
+    path = write_recipe(transfer_onto(family, "sibling", rotaton=False), tmp_path / "bad.yml")
+    proc = subprocess.run([sys.executable, "-m", "mergekit_symalign.cli", "report", path,
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "rotaton" in proc.stderr and not (tmp_path / "out").exists()
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'mergekit-symalign = "mergekit_symalign.cli:main"' in pyproject
+
+
+def test_cache_option_is_refused_until_the_cache_exists(family, tmp_path, capsys):
+    from mergekit_symalign.settings import BY_NAME
+
+    if "alignment_cache" in BY_NAME:
+        pytest.skip("the alignment cache exists: --cache is passed through")
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path, "--cache",
+                            str(tmp_path / "cache"))
+    assert status == 2 and doc is None and "--cache" in capsys.readouterr().err
+
+
+def test_report_with_activation_alignment(family, tmp_path):
+    from .conftest import save_word_tokenizer, word_calibration
+
+    paths = {}
+    for name in ("reference", "skill", "reference_scrambled"):
+        paths[name] = str(shutil.copytree(family[name], tmp_path / name))
+        save_word_tokenizer(tmp_path / name)
+    recipe = transfer_onto(paths, "reference_scrambled", alignment="activations",
+                           calibration=word_calibration(tmp_path / "calib.txt"),
+                           calibration_samples=64, calibration_max_tokens=32)
+    status, doc, _ = report(recipe, tmp_path)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert doc["alignment"] == "activations" and not pair["identity"]
+    for r in pair["layers"]:
+        assert r["distance_after"] < 1e-3 * r["distance_before"]
+        assert r["seconds"] is None  # solved for every layer at once
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def test_transform_summary_is_generic_over_steps():
+    from mergekit_symalign.groups import Kind, rotation_2d
+    from mergekit_symalign.spec import LayerTransform, random_transform
+    from mergekit_symalign.statedict import spec_for_config
+
+    from .conftest import make_config
+
+    spec = spec_for_config(make_config("llama"))
+    moved = summarize_transform(random_transform(spec, torch.Generator().manual_seed(0)))
+    assert moved["identity"] is False
+    assert {s["name"] for s in moved["symmetries"]} == {s.name for s in spec.symmetries()}
+    assert all(s["moved"] > 0 for s in moved["symmetries"])
+
+    def identity(symmetry):
+        n, k = symmetry.slots, symmetry.coords
+        if symmetry.kind == Kind.permutation:
+            return torch.arange(n)
+        if symmetry.kind in (Kind.scale, Kind.sign):
+            return torch.ones(n, dtype=torch.float64)
+        return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
+
+    still = LayerTransform(tuple((s, identity(s)) for s in spec.symmetries()))
+    assert summarize_transform(still)["identity"] is True
+    # just above and below the tolerance
+    scale = next(s for s in spec.symmetries() if s.kind == Kind.scale)
+    nudged = identity(scale)
+    nudged[0] += 10 * IDENTITY_TOLERANCE
+    assert step_summary(scale, nudged)["moved"] == 1
+    nudged[0] = 1 + IDENTITY_TOLERANCE / 10
+    assert step_summary(scale, nudged)["moved"] == 0
+    # a rotation by angle a: ||R - I||_F / sqrt(2) = 2 sin(a / 2); reported in degrees
+    plane = next(s for s in spec.symmetries() if s.kind == Kind.plane_rotation)
+    angles = torch.zeros(plane.slots, dtype=torch.float64)
+    angles[1] = 0.5
+    summary = step_summary(plane, rotation_2d(angles))
+    assert summary["moved"] == 1 and summary["max_angle_deg"] == pytest.approx(28.6478, abs=1e-3)
+    # a kind whose element layout is unknown counts as moved ("?"), never as the identity
+    strange = LayerTransform(((scale, torch.zeros(2, 3)),))
+    assert summarize_transform(strange)["identity"] is False
+
+
+def test_markdown_of_an_empty_report():
+    from mergekit_symalign.report import build_report
+
+    doc = build_report([], method=TA, wrapped="task_arithmetic", not_aligned=["a", "b"])
+    assert "no model is aligned" in doc["verdict"][-1]
+    assert "# Alignment report" in markdown(doc)
