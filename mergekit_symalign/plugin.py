@@ -53,6 +53,9 @@ def install() -> None:
         if method.spec.name not in known:
             registry.register(method)
     hook_planner(plan.MergePlanner)
+    from .card import hook_card
+
+    hook_card()
 
 
 def _planning(planner):

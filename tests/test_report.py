@@ -1,4 +1,5 @@
-"""The alignment report (`mergekit-symalign report`) and the per-merge collector that feeds it."""
+"""The alignment report (`mergekit-symalign report`), the model card section, and the per-merge
+collector that feeds both."""
 
 import json
 import shutil
@@ -172,6 +173,69 @@ def test_report_with_activation_alignment(family, tmp_path):
     for r in pair["layers"]:
         assert r["distance_after"] < 1e-3 * r["distance_before"]
         assert r["seconds"] is None  # solved for every layer at once
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def test_model_card_names_the_plugin_and_what_alignment_did(family, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from mergekit_symalign import __version__, collect
+
+    recipe = transfer_onto(family, "reference_scrambled")
+    source = yaml.safe_dump(recipe, sort_keys=False) + "# the exact recipe, comments included\n"
+    out = tmp_path / "merged"
+    before = len(collect._COLLECTORS)
+    run_merge(MergeConfiguration.model_validate(recipe), str(out),
+              options=MergeOptions(copy_tokenizer=False, quiet=True), config_source=source)
+    card = (out / "README.md").read_text()
+    assert "mergekit-symalign" in card.split("---")[1]  # the tag in the front matter
+    assert "## Symmetry alignment (mergekit-symalign)" in card
+    assert f'pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    assert "mergekit-yaml mergekit_config.yml" in card
+    assert "arxiv.org/abs/2511.10850" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| {family['reference_scrambled']} |"))
+    assert "| no |" in row and f"{family['config'].num_hidden_layers} / " in row
+    assert "aligned merge differs from plain task_arithmetic" in card
+    assert card.count(f"| {family['reference_scrambled']} | ") == 1 + family["config"].num_hidden_layers
+    assert (out / "mergekit_config.yml").read_text() == source  # the recipe, untouched
+    assert len(collect._COLLECTORS) == before  # the merge's collector was handed back
+    # recording changes nothing in the merge
+    plain = load_tensors(run_recipe(recipe, tmp_path / "no_card"))
+    carded = load_tensors(out)
+    assert all(torch.equal(plain[k], carded[k]) for k in plain)
+
+
+def test_card_of_a_plain_method_is_mergekits(family, tmp_path):
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["reference"],
+              "models": [{"model": family["skill"], "parameters": {"weight": 1.0}}],
+              "dtype": "float32"}
+    out = run_recipe(recipe, tmp_path / "out", write_model_card=True)
+    assert "symalign" not in (Path(out) / "README.md").read_text()
+
+
+def test_card_hook_is_installed_where_run_merge_looks():
+    import mergekit.card
+    import mergekit.merge
+
+    from mergekit_symalign.card import hook_card
+
+    hook_card()  # idempotent
+    assert mergekit.merge.generate_card is mergekit.card.generate_card
+    assert mergekit.card.generate_card._symalign
+    assert not getattr(mergekit.card.generate_card.__wrapped__, "_symalign", False)
+
+
+def test_canary_names_a_moved_card_function(monkeypatch):
+    import mergekit.card
+
+    from mergekit_symalign.compat import internals_problems
+
+    monkeypatch.setattr(mergekit.card, "generate_card", lambda config, name=None: "")
+    problems = internals_problems()
+    assert problems and all("generate_card" in p for p in problems)
 
 
 # --------------------------------------------------------------------------- summaries
