@@ -30,8 +30,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import distance
-
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than
 # this fraction is reported as "already in the reference's coordinates" (what moved fits noise).
@@ -102,15 +100,37 @@ def summarize_transform(transform, tol: float = IDENTITY_TOLERANCE) -> Dict[str,
     return {"identity": all(s["moved"] == 0 for s in steps), "symmetries": steps}
 
 
+def _working(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def distances_before_after(reference: Mapping[str, torch.Tensor],
+                           before: Mapping[str, torch.Tensor],
+                           after: Mapping[str, torch.Tensor]) -> Tuple[float, float]:
+    """``||before - reference|| / ||reference||`` and the same for ``after``, over the tensors
+    the reference holds: one pass, float32 norms (no float64 copies of a layer)."""
+    ref2 = before2 = after2 = 0.0
+    for name, a in reference.items():
+        if name not in before:
+            continue
+        a = _working(a)
+        ref2 += float(torch.linalg.vector_norm(a)) ** 2
+        before2 += float(torch.linalg.vector_norm(_working(before[name]).to(a.device) - a)) ** 2
+        after2 += float(torch.linalg.vector_norm(_working(after[name]).to(a.device) - a)) ** 2
+    if ref2 <= 0:
+        return 0.0, 0.0
+    return math.sqrt(before2 / ref2), math.sqrt(after2 / ref2)
+
+
 def layer_record(model: str, reference: str, layer: int, prefix: str, transform,
                  reference_tensors: Mapping[str, torch.Tensor],
                  model_tensors: Mapping[str, torch.Tensor],
                  seconds: Optional[float] = None, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
-    """What one (model, layer) alignment did: distances before and after, and its summary."""
+    """What one (model, layer) alignment did: distances before and after, and its summary.
+    The model is moved in at least float32, as the merge moves it (rounded once, at save)."""
     summary = summarize_transform(transform, tol)
-    names = list(reference_tensors)
-    before = distance(reference_tensors, model_tensors, names)
-    after = distance(reference_tensors, transform.apply(dict(model_tensors)), names)
+    moved = transform.apply({name: _working(t) for name, t in model_tensors.items()})
+    before, after = distances_before_after(reference_tensors, model_tensors, moved)
     return {"model": model, "reference": reference, "layer": int(layer), "prefix": prefix,
             "distance_before": before, "distance_after": after, "identity": summary["identity"],
             "seconds": seconds, "symmetries": summary["symmetries"]}
@@ -483,6 +503,6 @@ def run_report(config, options=None, recipe: Optional[str] = None,
 
 
 __all__ = [
-    "IDENTITY_TOLERANCE", "build_report", "layer_record", "markdown",
+    "IDENTITY_TOLERANCE", "build_report", "distances_before_after", "layer_record", "markdown",
     "run_report", "step_summary", "summarize_transform", "verdict", "write_plots", "write_report",
 ]
