@@ -44,8 +44,7 @@ def _load_recipe(path: str, cache: Optional[str]):
                 "--cache: this version of mergekit-symalign has no saved-alignment cache yet; "
                 "run the report without --cache.")
         if isinstance(recipe, dict):
-            recipe.setdefault("parameters", {})
-            recipe["parameters"] = {**(recipe["parameters"] or {}), "alignment_cache": cache}
+            recipe["parameters"] = {**(recipe.get("parameters") or {}), "alignment_cache": cache}
     return MergeConfiguration.model_validate(recipe)
 
 
@@ -58,7 +57,8 @@ def cli() -> None:
 @click.argument("recipe")
 @click.argument("out_dir")
 @click.option("--cache", "cache", default=None, metavar="DIR",
-              help="reuse (and fill) a saved alignment in DIR, as the merge would")
+              help="reuse a saved alignment in DIR, as the merge would (passed to the recipe "
+                   "as alignment_cache; refused while this version has no cache)")
 @click.option("--tolerance", type=float, default=IDENTITY_TOLERANCE, show_default=True,
               help="how close to the identity a solved transform must be to count as moving "
                    "nothing (|s - 1| for scales, ||R - I||_F / sqrt(k) for rotations)")

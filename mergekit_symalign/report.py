@@ -105,18 +105,19 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def distances_before_after(reference: Mapping[str, torch.Tensor],
-                           before: Mapping[str, torch.Tensor],
-                           after: Mapping[str, torch.Tensor]) -> Tuple[float, float]:
-    """``||before - reference|| / ||reference||`` and the same for ``after``, over the tensors
-    the reference holds: one pass, float32 norms (no float64 copies of a layer)."""
+                           model: Mapping[str, torch.Tensor], transform) -> Tuple[float, float]:
+    """``||model - reference|| / ||reference||`` before and after ``transform`` moves the model,
+    over the tensors the reference holds. One tensor at a time (moved in at least float32, as
+    the merge moves it), float32 norms: no float64 copy and no second copy of the layer."""
     ref2 = before2 = after2 = 0.0
     for name, a in reference.items():
-        if name not in before:
+        t = model.get(name)
+        if t is None:
             continue
-        a = _working(a)
+        a, t = _working(a), _working(t).to(a.device)
         ref2 += float(torch.linalg.vector_norm(a)) ** 2
-        before2 += float(torch.linalg.vector_norm(_working(before[name]).to(a.device) - a)) ** 2
-        after2 += float(torch.linalg.vector_norm(_working(after[name]).to(a.device) - a)) ** 2
+        before2 += float(torch.linalg.vector_norm(t - a)) ** 2
+        after2 += float(torch.linalg.vector_norm(transform.apply_one(name, t) - a)) ** 2
     if ref2 <= 0:
         return 0.0, 0.0
     return math.sqrt(before2 / ref2), math.sqrt(after2 / ref2)
@@ -126,11 +127,9 @@ def layer_record(model: str, reference: str, layer: int, prefix: str, transform,
                  reference_tensors: Mapping[str, torch.Tensor],
                  model_tensors: Mapping[str, torch.Tensor],
                  seconds: Optional[float] = None, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
-    """What one (model, layer) alignment did: distances before and after, and its summary.
-    The model is moved in at least float32, as the merge moves it (rounded once, at save)."""
+    """What one (model, layer) alignment did: distances before and after, and its summary."""
     summary = summarize_transform(transform, tol)
-    moved = transform.apply({name: _working(t) for name, t in model_tensors.items()})
-    before, after = distances_before_after(reference_tensors, model_tensors, moved)
+    before, after = distances_before_after(reference_tensors, model_tensors, transform)
     return {"model": model, "reference": reference, "layer": int(layer), "prefix": prefix,
             "distance_before": before, "distance_after": after, "identity": summary["identity"],
             "seconds": seconds, "symmetries": summary["symmetries"]}
