@@ -173,6 +173,12 @@ def test_report_with_activation_alignment(family, tmp_path):
     for r in pair["layers"]:
         assert r["distance_after"] < 1e-3 * r["distance_before"]
         assert r["seconds"] is None  # solved for every layer at once
+    # the merge's card records the same alignment; recording changes no merged weight
+    carded = run_recipe(recipe, tmp_path / "carded", write_model_card=True)
+    assert f"| {paths['reference_scrambled']} | {paths['reference']} | no |" in \
+        (Path(carded) / "README.md").read_text()
+    plain, with_card = load_tensors(run_recipe(recipe, tmp_path / "plain")), load_tensors(carded)
+    assert all(torch.equal(plain[k], with_card[k]) for k in plain)
 
 
 # --------------------------------------------------------------------------- the model card
