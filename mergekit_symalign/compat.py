@@ -8,8 +8,11 @@ working, the aligned methods are not registered, and a warning says which intern
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
+from pathlib import Path
 from typing import Callable, List
 
 TARGET_VERSION = "0.1.5"
@@ -124,7 +127,47 @@ def internals_problems() -> List[str]:
     check("mergekit.graph.Task: arguments, execute, group_label, priority, uses_accelerator",
           lambda: all(hasattr(module("mergekit.graph").Task, n) for n in (
               "arguments", "execute", "group_label", "priority", "uses_accelerator")))
+    # The model card (.card) and the report (.report, .cli). mergekit.merge is read as source,
+    # not imported: the plugin installs from inside its import.
+    check("mergekit.card.generate_card(config, config_yaml, name)",
+          lambda: _parameters(module("mergekit.card").generate_card)
+          == ["config", "config_yaml", "name"])
+    check("mergekit.merge imports generate_card from mergekit.card and run_merge calls "
+          "generate_card(config=, config_yaml=, name=)", _run_merge_calls_generate_card)
+    check("mergekit.merge._model_out_config(config, arch_info, trust_remote_code)",
+          lambda: _function_args("mergekit.merge", "_model_out_config")
+          == ["config", "arch_info", "trust_remote_code"])
+    check("mergekit.options: add_merge_options, MergeOptions(device, low_cpu_memory, quiet, "
+          "write_model_card)",
+          lambda: hasattr(module("mergekit.options"), "add_merge_options")
+          and {"device", "low_cpu_memory", "quiet", "write_model_card"}
+          <= set(module("mergekit.options").MergeOptions.model_fields))
     return problems
+
+
+def _module_tree(name: str) -> ast.Module:
+    """A module's parsed source, without importing it."""
+    return ast.parse(Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8"))
+
+
+def _function(name: str, function: str) -> ast.FunctionDef:
+    return next(n for n in _module_tree(name).body
+                if isinstance(n, ast.FunctionDef) and n.name == function)
+
+
+def _function_args(name: str, function: str) -> List[str]:
+    return [a.arg for a in _function(name, function).args.args]
+
+
+def _run_merge_calls_generate_card() -> bool:
+    imported = any(isinstance(n, ast.ImportFrom) and n.module == "mergekit.card"
+                   and any(a.name == "generate_card" and a.asname is None for a in n.names)
+                   for n in _module_tree("mergekit.merge").body)
+    calls = [c for c in ast.walk(_function("mergekit.merge", "run_merge"))
+             if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+             and c.func.id == "generate_card"]
+    return imported and len(calls) == 1 and {k.arg for k in calls[0].keywords} == {
+        "config", "config_yaml", "name"}
 
 
 def wrapped_method_problems(names) -> List[str]:

@@ -38,6 +38,7 @@ from mergekit.parameter_resolver import resolve_parameters
 from mergekit.tokenizer import PermutedVocabulary
 
 from .architectures import full_qk_warning
+from .collect import collected, for_planning
 from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
@@ -130,6 +131,9 @@ class AlignedPlanning:
         self._consistency = LayerConsistency()
         self._warned_full = False
         self.output: Optional[OutputFolder] = None  # None when planned in memory
+        # Report hook (.collect): a key when the merge's alignments are recorded (for the model
+        # card or `mergekit-symalign report`); alignment tasks are then built by collected().
+        self.collector: Optional[str] = for_planning(planner)
 
     def set_output(self, out_path: str) -> None:
         """Where the merge will be written (from ``plan_to_disk``), and whether the folder
@@ -298,7 +302,7 @@ class AlignedPlanning:
         if key not in self._alignments:
             model_loads, reference_loads = self._pair_loads(model, reference, layer, settings)
             self._warn_full_qk(model, settings)
-            self._alignments[key] = LayerAlignmentTask(
+            task = LayerAlignmentTask(
                 residual=self._residual(model, reference, settings),
                 model=model,
                 reference=reference,
@@ -310,6 +314,7 @@ class AlignedPlanning:
                 reference_tensors=reference_loads,
                 output=self.output,
             )
+            self._alignments[key] = collected(self.collector, task, layer=layer.indices[model])
         return self._alignments[key]
 
     def _residual(self, model, reference, settings: AlignSettings) -> Optional[ResidualAlignmentTask]:
@@ -346,11 +351,13 @@ class AlignedPlanning:
 
     def _activation_alignment(self, model, reference, layer: LayerTensor, settings: AlignSettings):
         check_activation_layers(model, reference, layer.prefixes, layer.indices)
-        self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
+        loads = self._pair_loads(model, reference, layer, settings)  # same checks; the streamer loads
         source = self._activation_source(reference, settings)
         if model not in source.models:
             raise SymAlignConfigError(f"model {model} was planned without alignment")
-        return PickLayerTransform(source=source, model=model, layer=layer.indices[model])
+        pick = PickLayerTransform(source=source, model=model, layer=layer.indices[model])
+        return collected(self.collector, pick, reference=reference,
+                         prefix=layer.prefixes[model], loads=loads)
 
     def _warn_full_qk(self, model, settings: AlignSettings) -> None:
         if settings.qk_rotation == "full" and not self._warned_full:

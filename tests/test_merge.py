@@ -209,6 +209,9 @@ def test_mergekit_yaml_subprocess_knows_the_methods(family, expected, tmp_path):
     run_mergekit_yaml(recipe, tmp_path / "recipe.yml", tmp_path / "out", "--no-copy-tokenizer",
                       quiet=False, timeout=600)  # raises with mergekit's output if it fails
     assert close(logits(str(tmp_path / "out")), expected["skill"])
+    # the card hook is installed from the .pth path too; the recipe is written as given
+    assert "## Symmetry alignment (mergekit-symalign)" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == (tmp_path / "recipe.yml").read_text()
 
 
 def test_interpreter_start_stays_light():

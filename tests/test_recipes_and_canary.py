@@ -105,7 +105,7 @@ def test_one_planner_for_every_entry_point(family, tmp_path):
         task = stack.pop()
         found.add(type(task))
         stack.extend(task.arguments().values())
-    assert LayerAlignmentTask in found
+    assert any(issubclass(t, LayerAlignmentTask) for t in found)  # (or its collecting subclass)
     for _ in Executor(tasks).run(quiet=True):
         pass
     direct = load_file(f"{tmp_path / 'direct'}/model.safetensors")

@@ -1,0 +1,513 @@
+"""The alignment report: what alignment did, per (model, reference) pair and layer.
+
+Two halves:
+
+* pure measurement (no mergekit import): :func:`summarize_transform` says, step by step, how
+  far a solved transform is from the identity (generic over :class:`~.spec.LayerTransform`
+  steps, so a model-level residual transform is summarised by the same function);
+  :func:`layer_record` adds the layer's distance to the reference before and after. The
+  alignment tasks of a merge feed these records to a per-merge collector
+  (:mod:`.collect`); the model card (:mod:`.card`) and this report read them.
+* the report itself: :func:`run_report` plans a recipe with mergekit's own planner (so it
+  refuses exactly what the merge refuses, and streams layers through mergekit's lazy loaders),
+  executes only the alignment tasks, and :func:`write_report` writes ``report.json``,
+  ``report.md`` and PNG plots. ``mergekit-symalign report`` (:mod:`.cli`) is the command.
+
+Identity: a layer's transform is the identity when every permutation maps each slot to itself,
+every sign is +1, every scale satisfies ``|s - 1| <= tol`` and every rotation or orthogonal
+matrix ``||R - I||_F / sqrt(k) <= tol`` (``tol`` = :data:`IDENTITY_TOLERANCE` unless given).
+Such an alignment changes no weight, so the aligned merge is the plain method's merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+IDENTITY_TOLERANCE = 1e-6
+# A pair whose alignment moves weights but brings no layer closer to the reference by more than
+# this fraction is reported as "already in the reference's coordinates" (what moved fits noise).
+NOISE_REDUCTION = 0.1
+TOLERANCE_TEXT = (
+    "a layer's alignment is the identity when every permutation maps each slot to itself, "
+    "every sign is +1, every scale has |s - 1| <= {tol:g} and every rotation "
+    "||R - I||_F / sqrt(k) <= {tol:g}"
+)
+
+
+# --------------------------------------------------------------------------- one transform
+
+
+def _kind_name(symmetry) -> str:
+    kind = getattr(symmetry, "kind", None)
+    return str(getattr(kind, "value", kind))
+
+
+def step_summary(symmetry, element: torch.Tensor, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
+    """How far one step ``(symmetry, element)`` is from the identity.
+
+    Read from the element's shape, so it covers every kind (and kinds added later): an integer
+    ``[n]`` is a permutation of ``n`` slots, a float ``[n]`` one scalar per slot (scale or
+    sign), a float ``[n, k, k]`` one matrix per slot (orthogonal or plane rotation).
+    """
+    element = element.detach().cpu()
+    out: Dict[str, Any] = {"name": getattr(symmetry, "name", "?"), "kind": _kind_name(symmetry),
+                           "slots": int(element.shape[0]) if element.dim() else 1}
+    if not element.is_floating_point() and element.dim() == 1:  # a permutation
+        moved = element != torch.arange(element.shape[0])
+        out["moved"] = int(moved.sum())
+    elif element.dim() == 1:  # a scalar per slot (scale or sign)
+        value = element.double()
+        deviation = (value - 1).abs()
+        out["moved"] = int((deviation > tol).sum())
+        out["max_deviation"] = float(deviation.max()) if value.numel() else 0.0
+        if value.numel():
+            out["min"], out["max"] = float(value.min()), float(value.max())
+            out["negative"] = int((value < 0).sum())
+            magnitude = value.abs().clamp_min(1e-300)
+            out["max_abs_log"] = float(magnitude.log().abs().max())  # spread: e^x-fold at most
+    elif element.dim() == 3 and element.shape[-1] == element.shape[-2]:  # a matrix per slot
+        matrix = element.double()
+        k = matrix.shape[-1]
+        eye = torch.eye(k, dtype=matrix.dtype)
+        deviation = (matrix - eye).flatten(1).norm(dim=1) / math.sqrt(k)
+        out["moved"] = int((deviation > tol).sum())
+        out["max_deviation"] = float(deviation.max()) if matrix.shape[0] else 0.0
+        if matrix.shape[0]:
+            # principal angles: |arg| of the eigenvalues (a reflection shows as 180 degrees)
+            angles = torch.linalg.eigvals(matrix).angle().abs().amax(dim=-1).rad2deg()
+            out["max_angle_deg"] = float(angles.max())
+            out["mean_angle_deg"] = float(angles.mean())
+            out["reflections"] = int((torch.linalg.det(matrix) < 0).sum())
+    else:  # unknown layout: say so rather than guess
+        out["moved"] = None
+    if out["moved"] is not None:
+        out["moved_fraction"] = out["moved"] / out["slots"] if out["slots"] else 0.0
+    return out
+
+
+def summarize_transform(transform, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
+    """``{"identity": bool, "symmetries": [step summaries]}`` of a transform's steps (any
+    object with ``steps = ((symmetry, element), ...)``, e.g. a :class:`~.spec.LayerTransform`).
+    A step whose movement cannot be read counts as moved."""
+    steps = [step_summary(symmetry, element, tol) for symmetry, element in transform.steps]
+    return {"identity": all(s["moved"] == 0 for s in steps), "symmetries": steps}
+
+
+def _working(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def distances_before_after(reference: Mapping[str, torch.Tensor],
+                           model: Mapping[str, torch.Tensor], transform) -> Tuple[float, float]:
+    """``||model - reference|| / ||reference||`` before and after ``transform`` moves the model,
+    over the tensors the reference holds. One tensor at a time (moved in at least float32, as
+    the merge moves it), float32 norms: no float64 copy and no second copy of the layer."""
+    ref2 = before2 = after2 = 0.0
+    for name, a in reference.items():
+        t = model.get(name)
+        if t is None:
+            continue
+        a, t = _working(a), _working(t).to(a.device)
+        ref2 += float(torch.linalg.vector_norm(a)) ** 2
+        before2 += float(torch.linalg.vector_norm(t - a)) ** 2
+        after2 += float(torch.linalg.vector_norm(transform.apply_one(name, t) - a)) ** 2
+    if ref2 <= 0:
+        return 0.0, 0.0
+    return math.sqrt(before2 / ref2), math.sqrt(after2 / ref2)
+
+
+def layer_record(model: str, reference: str, layer: int, prefix: str, transform,
+                 reference_tensors: Mapping[str, torch.Tensor],
+                 model_tensors: Mapping[str, torch.Tensor],
+                 seconds: Optional[float] = None, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
+    """What one (model, layer) alignment did: distances before and after, and its summary."""
+    summary = summarize_transform(transform, tol)
+    before, after = distances_before_after(reference_tensors, model_tensors, transform)
+    # continuous elements that were fitted but no better than fitting noise (kept identity)
+    fits = [{"symmetry": f.symmetry, "explained": f.explained, "snapped": f.snapped}
+            for f in getattr(transform, "fits", ())]
+    return {"model": model, "reference": reference, "layer": int(layer), "prefix": prefix,
+            "distance_before": before, "distance_after": after, "identity": summary["identity"],
+            "seconds": seconds, "symmetries": summary["symmetries"], "fits": fits}
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def build_report(records: Iterable[Mapping[str, Any]], *, method: str, wrapped: str,
+                 alignment: str = "weights", tol: float = IDENTITY_TOLERANCE,
+                 not_aligned: Sequence[str] = (), recipe: Optional[str] = None,
+                 seconds: Optional[float] = None, versions: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """The report document (``report.json``) from the collected layer records."""
+    pairs: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
+    for record in records:
+        pairs.setdefault((record["model"], record["reference"]), []).append(record)
+    out_pairs = []
+    for (model, reference), layers in pairs.items():
+        layers = sorted(layers, key=lambda r: (r["layer"], r["prefix"]))
+        before = [r["distance_before"] for r in layers]
+        after = [r["distance_after"] for r in layers]
+        timed = [r["seconds"] for r in layers if r.get("seconds") is not None]
+        out_pairs.append({
+            "model": model,
+            "reference": reference,
+            "identity": all(r["identity"] for r in layers),
+            "layers_moved": sum(not r["identity"] for r in layers),
+            "layers_total": len(layers),
+            "distance_before_median": _median(before),
+            "distance_after_median": _median(after),
+            "distance_before_max": max(before, default=0.0),
+            "distance_after_max": max(after, default=0.0),
+            "seconds": sum(timed) if timed else None,
+            # the model-level residual-stream transform (the same in every layer's steps)
+            "residual": next(([x for x in r["symmetries"] if x["name"].startswith("residual.")]
+                              for r in layers if any(x["name"].startswith("residual.")
+                                                     for x in r["symmetries"])), None),
+            "layers": [dict(r) for r in layers],
+        })
+    report = {
+        "method": method,
+        "wrapped": wrapped,
+        "alignment": alignment,
+        "recipe": recipe,
+        "tolerance": tol,
+        "identity_definition": TOLERANCE_TEXT.format(tol=tol),
+        "identity": all(p["identity"] for p in out_pairs),
+        "pairs": out_pairs,
+        "not_aligned": list(not_aligned),
+        "seconds": seconds,
+        "versions": dict(versions or {}),
+    }
+    report["verdict"] = verdict(report)
+    return report
+
+
+def pair_kind(pair: Mapping[str, Any]) -> str:
+    """``identity``, ``noise`` (moves, but no layer gets more than :data:`NOISE_REDUCTION`
+    closer to the reference) or ``aligned``."""
+    if pair["identity"]:
+        return "identity"
+    if all(r["distance_after"] >= (1 - NOISE_REDUCTION) * r["distance_before"]
+           for r in pair["layers"]):
+        return "noise"
+    return "aligned"
+
+
+def _biggest_change(pair: Mapping[str, Any]) -> Mapping[str, Any]:
+    return max(pair["layers"], key=lambda r: r["distance_before"] - r["distance_after"])
+
+
+def pair_line(pair: Mapping[str, Any], tol: float) -> str:
+    kind = pair_kind(pair)
+    name = f"{pair['model']} -> {pair['reference']}"
+    before, after = pair["distance_before_median"], pair["distance_after_median"]
+    if kind == "identity":
+        return (f"{name}: alignment is the identity in all {pair['layers_total']} layers "
+                f"(tolerance {tol:g}): nothing moves (distance {before:.4g}).")
+    moved = f"{pair['layers_moved']} of {pair['layers_total']} layers move"
+    if kind == "noise":
+        lower = 1 - after / before if before else 0.0
+        return (f"{name}: {moved}, but the distance to the reference only goes from "
+                f"{before:.4g} to {after:.4g} (median over layers, {lower:.1%} lower): the "
+                f"coordinates already agree; what moves "
+                f"is fitted to the models' differences, not a symmetry between them.")
+    big = _biggest_change(pair)
+    return (f"{name}: {moved}; distance to the reference {before:.4g} -> {after:.4g} "
+            f"(median over layers; largest change at layer {big['layer']}: "
+            f"{big['distance_before']:.4g} -> {big['distance_after']:.4g}).")
+
+
+def verdict(report: Mapping[str, Any]) -> List[str]:
+    """The printed verdict: one line per pair, then the conclusion."""
+    tol, wrapped = report["tolerance"], report["wrapped"]
+    pairs = report["pairs"]
+    lines = [pair_line(p, tol) for p in pairs]
+    if not pairs:
+        lines.append(f"no model is aligned by this recipe (align: false everywhere): the merge "
+                     f"is plain {wrapped}.")
+    elif all(p["identity"] for p in pairs):
+        lines.append(f"alignment is the identity for every layer: plain {wrapped} gives the "
+                     f"same merge.")
+    else:
+        kinds = [pair_kind(p) for p in pairs]
+        moved = sum(p["layers_moved"] for p in pairs)
+        total = sum(p["layers_total"] for p in pairs)
+        of = f"{moved} of the {total} aligned layers ({len(pairs)} model{'s' * (len(pairs) > 1)})"
+        if "aligned" in kinds:
+            lines.append(f"alignment moves {of} and brings them closer to the reference: the "
+                         f"models' coordinates differ, and the aligned merge differs from plain "
+                         f"{wrapped}.")
+        else:
+            lines.append(f"alignment moves {of} but barely changes their distance to the "
+                         f"reference: the models already share coordinates, and plain {wrapped} "
+                         f"gives nearly the same merge.")
+    return lines
+
+
+# --------------------------------------------------------------------------- markdown and plots
+
+
+def fmt(x: Optional[float]) -> str:
+    """A distance or time, short: 3 significant digits, exponent outside [1e-3, 1e4)."""
+    if x is None:
+        return ""
+    if x == 0:
+        return "0"
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def moved_text(record: Mapping[str, Any]) -> str:
+    """``mlp.neurons 79/80, attn.vo_rotation 2/2 (max 171°), ...`` for a layer record."""
+    parts = []
+    for s in record["symmetries"]:
+        if s["moved"] == 0:
+            continue
+        if s["moved"] is None:
+            parts.append(f"{s['name']} (?)")
+            continue
+        detail = ""
+        if "max_angle_deg" in s:
+            detail = f" (max {s['max_angle_deg']:.3g}°)"
+        elif "min" in s and s["kind"] != "sign":
+            detail = f" ({fmt(s['min'])}..{fmt(s['max'])})"
+        parts.append(f"{s['name']} {s['moved']}/{s['slots']}{detail}")
+    return ", ".join(parts) or "nothing"
+
+
+def markdown(report: Mapping[str, Any], images: Sequence[Tuple[str, str]] = (),
+             note: str = "") -> str:
+    """``report.md``: verdict, a table per pair and per layer, the plots."""
+    versions = report.get("versions") or {}
+    lines = ["# Alignment report", ""]
+    what = f"`{report['method']}` (plain method: `{report['wrapped']}`), alignment: {report['alignment']}"
+    if report.get("recipe"):
+        what = f"Recipe `{report['recipe']}`: " + what
+    if versions:
+        what += "; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    lines += [what + ".", ""]
+    lines += ["**Verdict**", ""] + [f"* {line}" for line in report["verdict"]] + [""]
+    if report["pairs"]:
+        lines += ["| model | reference | identity | layers moved | distance before (median / max) "
+                  "| after (median / max) | align time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in report["pairs"]:
+            lines.append(
+                f"| `{p['model']}` | `{p['reference']}` | {'yes' if p['identity'] else 'no'} "
+                f"| {p['layers_moved']} / {p['layers_total']} "
+                f"| {fmt(p['distance_before_median'])} / {fmt(p['distance_before_max'])} "
+                f"| {fmt(p['distance_after_median'])} / {fmt(p['distance_after_max'])} "
+                f"| {fmt(p['seconds'])} |")
+        lines.append("")
+    if report.get("not_aligned"):
+        lines += ["Used as they are (`align: false`): "
+                  + ", ".join(f"`{m}`" for m in report["not_aligned"]) + ".", ""]
+    lines += [f"Distance: ||model − reference|| / ||reference|| over the layer's tensors that the "
+              f"symmetries move. Identity: {report['identity_definition']}.", ""]
+    for alt, path in images:
+        lines += [f"![{alt}]({path})", ""]
+    if note:
+        lines += [note, ""]
+    for p in report["pairs"]:
+        lines += [f"## `{p['model']}` → `{p['reference']}`", "",
+                  "| layer | distance before | after | what moved | time (s) |",
+                  "|---:|---:|---:|---|---:|"]
+        for r in p["layers"]:
+            lines.append(f"| {r['layer']} | {fmt(r['distance_before'])} | "
+                         f"{fmt(r['distance_after'])} | {moved_text(r)} | {fmt(r['seconds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _layer_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+
+
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def write_plots(report: Mapping[str, Any], out_dir: Path) -> List[Tuple[str, str]]:
+    """``distance.png`` (per-layer distance before/after) and ``moved.png`` (fraction of each
+    symmetry's slots moved, per layer); ``[(caption, file name)]``, empty without matplotlib."""
+    plt = pyplot()
+    pairs = report["pairs"]
+    if plt is None or not pairs:
+        return []
+    floor = 1e-12  # log scale: an exact recovery or identical weights sit at the floor
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, p in enumerate(pairs):
+        color = f"C{i}"
+        layers = [r["layer"] for r in p["layers"]]
+        ax.plot(layers, [max(r["distance_before"], floor) for r in p["layers"]], marker="o",
+                markersize=3, color=color, label=f"{_short(p['model'])}: before")
+        ax.plot(layers, [max(r["distance_after"], floor) for r in p["layers"]], marker="x",
+                markersize=4, linestyle="--", color=color, label=f"{_short(p['model'])}: after")
+    ax.set_yscale("log")
+    _layer_axis(ax)
+    ax.set_ylabel("||model − reference|| / ||reference||")
+    ax.set_title("distance to the reference, per layer", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "distance.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 2.8 * len(pairs)), squeeze=False)
+    for ax, p in zip(axes[:, 0], pairs):
+        names = list(dict.fromkeys(s["name"] for r in p["layers"] for s in r["symmetries"]))
+        layers = [r["layer"] for r in p["layers"]]
+        for name in names:
+            fractions = [next((s.get("moved_fraction") or 0.0 for s in r["symmetries"]
+                               if s["name"] == name), 0.0) for r in p["layers"]]
+            ax.plot(layers, fractions, marker="o", markersize=3, label=name)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("fraction moved")
+        ax.set_title(_short(p["model"], 70), fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        _layer_axis(ax)
+    fig.tight_layout()
+    fig.savefig(out_dir / "moved.png", dpi=100)
+    plt.close(fig)
+    return [("distance to the reference per layer, before and after alignment", "distance.png"),
+            ("fraction of each symmetry's slots (neurons, KV groups, RoPE planes) moved, per layer",
+             "moved.png")]
+
+
+def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
+    """Write ``report.json``, the plots and ``report.md`` into ``out_dir`` (created here)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    images = write_plots(report, out_dir)
+    note = "" if images or not report["pairs"] else (
+        "(Plots skipped: matplotlib is not installed; `pip install 'mergekit-symalign[report]'`.)")
+    (out_dir / "report.md").write_text(markdown(report, images, note))
+    for _caption, name in images:
+        paths[Path(name).stem] = str(out_dir / name)
+    return paths
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    out = {"mergekit-symalign": __version__}
+    try:
+        out["mergekit"] = version("mergekit")
+    except PackageNotFoundError:
+        pass
+    return out
+
+
+def alignment_tasks(targets) -> List[Any]:
+    """The collecting alignment tasks reachable from ``targets`` (a planned graph)."""
+    from .collect import COLLECTING
+
+    found, seen, stack = [], set(), list(targets)
+    while stack:
+        task = stack.pop()
+        if id(task) in seen:
+            continue
+        seen.add(id(task))
+        if isinstance(task, COLLECTING):
+            found.append(task)
+            continue
+        stack.extend(task.arguments().values())
+    return found
+
+
+def run_report(config, options=None, recipe: Optional[str] = None,
+               tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
+    """Align what ``config`` (a ``MergeConfiguration`` of a ``symmetry_aligned_*`` method)
+    would align, without merging; returns the report document (nothing is written).
+
+    Runs what ``mergekit.merge.run_merge`` runs up to execution (its checks, the loader
+    cache, mergekit's planner with the plugin's plan-time checks), then executes only the
+    alignment tasks of the planned graph (and the loads they need) with mergekit's executor.
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import MergeOptions, _model_out_config
+    from mergekit.merge_methods import registry
+    from mergekit.plan import MergePlanner
+
+    from . import collect
+    from .errors import SymAlignConfigError
+    from .methods import SymmetryAlignedMerge
+
+    options = options or MergeOptions()
+    method = registry.get(config.merge_method)
+    if not isinstance(method, SymmetryAlignedMerge):
+        raise SymAlignConfigError(
+            f"the report describes what a symmetry_aligned_* merge aligns; this recipe's "
+            f"merge_method is {config.merge_method}. Set merge_method: symmetry_aligned_"
+            f"{config.merge_method} to see what alignment would do to it."
+        )
+    if not config.models and not config.slices and not config.modules:
+        raise RuntimeError("No output requested")  # as run_merge
+    start = time.perf_counter()
+    arch_info = get_architecture_info(config, options)
+    loader_cache = LoaderCache()
+    loader_cache.setup(options=options)
+    cfg_out = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    for model in config.referenced_models():
+        loader_cache.get(model)
+    models = [str(m) for m in config.referenced_models()]
+    alignment = (config.parameters or {}).get("alignment", "weights")
+    key = collect.register(config, tol, for_report=True)
+    try:
+        planner = MergePlanner(config, arch_info, options=options, out_model_config=cfg_out)
+        planner._plan()  # the hooked planner: the plugin's checks, then mergekit's planning
+        tasks = alignment_tasks(task for _weight, task in planner._tensors)
+        executor = Executor(tasks, math_device=options.device,
+                            storage_device=options.device if options.low_cpu_memory else "cpu")
+        for _task, _transform in executor.run(quiet=options.quiet, desc="Aligning"):
+            pass
+        records = collect.get(key).records
+    finally:
+        collect.release(key)
+    involved = {r["model"] for r in records} | {r["reference"] for r in records}
+    return build_report(
+        records, method=method.spec.name, wrapped=method.wrapped, alignment=alignment, tol=tol,
+        not_aligned=[m for m in models if m not in involved],
+        recipe=recipe, seconds=time.perf_counter() - start, versions=versions(),
+    )
+
+
+__all__ = [
+    "IDENTITY_TOLERANCE", "build_report", "distances_before_after", "layer_record", "markdown",
+    "run_report", "step_summary", "summarize_transform", "verdict", "write_plots", "write_report",
+]

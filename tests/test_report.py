@@ -1,0 +1,292 @@
+"""The alignment report (`mergekit-symalign report`), the model card section, and the per-merge
+collector that feeds both."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from examples.common import aligned_recipe, load_tensors, run_recipe, write_recipe
+from mergekit_symalign.cli import main
+from mergekit_symalign.methods import PREFIX
+from mergekit_symalign.report import (
+    IDENTITY_TOLERANCE,
+    markdown,
+    step_summary,
+    summarize_transform,
+)
+
+TA = PREFIX + "task_arithmetic"
+SAME_MERGE = "alignment is the identity for every layer: plain task_arithmetic gives the same merge."
+
+
+def transfer_onto(family, base, **parameters):
+    """The transfer of the skill vector onto ``family[base]``; only the base is aligned."""
+    return aligned_recipe(TA, family[base], family["reference"],
+                          [(family["skill"], {"align": False})], **parameters)
+
+
+def report(recipe, tmp_path, *args, capsys=None):
+    """``mergekit-symalign report`` in this process: (exit status, report.json or None, stdout)."""
+    path = write_recipe(recipe, tmp_path / "recipe.yml")
+    out = tmp_path / "report"
+    status = main(["report", path, str(out), "--quiet", *args])
+    printed = capsys.readouterr().out if capsys else ""
+    document = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return status, document, printed
+
+
+def test_report_on_a_scrambled_target(family, tmp_path, capsys):
+    status, doc, printed = report(transfer_onto(family, "reference_scrambled"), tmp_path,
+                                  capsys=capsys)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert (pair["model"], pair["reference"]) == (family["reference_scrambled"], family["reference"])
+    assert pair["identity"] is False and pair["residual"] is None
+    layers = family["config"].num_hidden_layers
+    assert [r["layer"] for r in pair["layers"]] == list(range(layers))
+    for r in pair["layers"]:
+        assert r["distance_before"] > 0.5
+        assert r["distance_after"] < 1e-5 * r["distance_before"]
+        assert not r["identity"] and r["seconds"] > 0
+        moved = {s["name"]: s for s in r["symmetries"]}
+        assert moved["mlp.neurons"]["moved_fraction"] > 0.5  # a random permutation
+        assert moved["attn.vo_rotation"]["max_angle_deg"] > 1
+    assert doc["identity"] is False and doc["tolerance"] == IDENTITY_TOLERANCE
+    assert doc["not_aligned"] == [family["skill"]]
+    assert "the aligned merge differs from plain task_arithmetic" in doc["verdict"][-1]
+    assert doc["verdict"][-1] in printed
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "# Alignment report" in md and doc["verdict"][0] in md
+    assert md.count("| yes |") == 0 and "mlp.neurons" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "Plots skipped" in md
+    else:
+        for png in ("distance.png", "moved.png"):
+            assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+            assert f"]({png})" in md
+
+
+def test_report_on_an_identical_copy_is_the_identity(family, tmp_path, capsys):
+    copy = shutil.copytree(family["reference"], tmp_path / "copy")
+    status, doc, printed = report(transfer_onto({**family, "copy": str(copy)}, "copy"),
+                                  tmp_path, capsys=capsys)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert pair["identity"] is True and pair["layers_moved"] == 0
+    assert all(r["distance_before"] == r["distance_after"] == 0 for r in pair["layers"])
+    assert doc["verdict"][-1] == SAME_MERGE
+    assert SAME_MERGE in printed
+
+
+def test_report_on_a_fine_tuned_sibling_shows_what_was_fitted_and_kept_as_noise(family, tmp_path):
+    """On a sibling in the reference's coordinates the continuous elements were fitted, but
+    explained no more than noise would: reported with their share, and kept at the identity
+    (nothing moved, the distance unchanged)."""
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    for r in pair["layers"]:
+        assert r["distance_after"] == r["distance_before"] and not r["symmetries"]
+        assert r["fits"] and all(f["snapped"] and 0 <= f["explained"] < 0.2 for f in r["fits"])
+    assert pair["residual"] is None
+
+
+def test_report_on_a_fine_tuned_sibling_says_identity(family, tmp_path):
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path)
+    assert status == 0
+    assert doc["pairs"][0]["identity"] is True
+    assert doc["verdict"][-1] == SAME_MERGE
+
+
+def test_bad_recipe_is_refused_before_anything_is_written(family, tmp_path, capsys):
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_symalign.errors import SymAlignConfigError
+    from mergekit_symalign.report import run_report
+
+    bad = transfer_onto(family, "sibling", permutaton=False)  # a typo the merge refuses
+    with pytest.raises(SymAlignConfigError) as merge_error:
+        run_recipe(bad, tmp_path / "merged")
+    with pytest.raises(SymAlignConfigError) as report_error:
+        run_report(MergeConfiguration.model_validate(bad))
+    assert str(report_error.value) == str(merge_error.value)  # refused exactly as the merge
+    status, doc, _ = report(bad, tmp_path)
+    assert status == 2 and doc is None
+    assert not (tmp_path / "report").exists()
+    assert "permutaton" in capsys.readouterr().err
+    # a plain method is not ours to report on: said so, nothing written
+    plain = {**transfer_onto(family, "sibling"), "merge_method": "task_arithmetic"}
+    status, doc, _ = report(plain, tmp_path)
+    assert status == 2 and not (tmp_path / "report").exists()
+    assert "symmetry_aligned_task_arithmetic" in capsys.readouterr().err
+
+
+def test_cli_module_and_console_script(family, tmp_path):
+    """`python -m mergekit_symalign.cli` runs the same command (a refused recipe: fast), and
+    pyproject declares the console script."""
+    path = write_recipe(transfer_onto(family, "sibling", rotaton=False), tmp_path / "bad.yml")
+    proc = subprocess.run([sys.executable, "-m", "mergekit_symalign.cli", "report", path,
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "rotaton" in proc.stderr and not (tmp_path / "out").exists()
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'mergekit-symalign = "mergekit_symalign.cli:main"' in pyproject
+
+
+def test_cache_option_is_refused_until_the_cache_exists(family, tmp_path, capsys):
+    from mergekit_symalign.settings import BY_NAME
+
+    if "alignment_cache" in BY_NAME:
+        pytest.skip("the alignment cache exists: --cache is passed through")
+    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path, "--cache",
+                            str(tmp_path / "cache"))
+    assert status == 2 and doc is None and "--cache" in capsys.readouterr().err
+
+
+def test_report_with_activation_alignment(family, tmp_path):
+    from .conftest import save_word_tokenizer, word_calibration
+
+    paths = {}
+    for name in ("reference", "skill", "reference_scrambled"):
+        paths[name] = str(shutil.copytree(family[name], tmp_path / name))
+        save_word_tokenizer(tmp_path / name)
+    recipe = transfer_onto(paths, "reference_scrambled", alignment="activations",
+                           calibration=word_calibration(tmp_path / "calib.txt"),
+                           calibration_samples=64, calibration_max_tokens=32)
+    status, doc, _ = report(recipe, tmp_path)
+    assert status == 0
+    (pair,) = doc["pairs"]
+    assert doc["alignment"] == "activations" and not pair["identity"]
+    for r in pair["layers"]:
+        assert r["distance_after"] < 1e-3 * r["distance_before"]
+        assert r["seconds"] is None  # solved for every layer at once
+    # the merge's card records the same alignment; recording changes no merged weight
+    carded = run_recipe(recipe, tmp_path / "carded", write_model_card=True)
+    assert f"| {paths['reference_scrambled']} | {paths['reference']} | no |" in \
+        (Path(carded) / "README.md").read_text()
+    plain, with_card = load_tensors(run_recipe(recipe, tmp_path / "plain")), load_tensors(carded)
+    assert all(torch.equal(plain[k], with_card[k]) for k in plain)
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def test_model_card_names_the_plugin_and_what_alignment_did(family, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from mergekit_symalign import __version__, collect
+
+    recipe = transfer_onto(family, "reference_scrambled")
+    source = yaml.safe_dump(recipe, sort_keys=False) + "# the exact recipe, comments included\n"
+    out = tmp_path / "merged"
+    before = len(collect._COLLECTORS)
+    run_merge(MergeConfiguration.model_validate(recipe), str(out),
+              options=MergeOptions(copy_tokenizer=False, quiet=True), config_source=source)
+    card = (out / "README.md").read_text()
+    assert "mergekit-symalign" in card.split("---")[1]  # the tag in the front matter
+    assert "## Symmetry alignment (mergekit-symalign)" in card
+    assert f'pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    assert "mergekit-yaml mergekit_config.yml" in card
+    assert "arxiv.org/abs/2511.10850" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| {family['reference_scrambled']} |"))
+    assert "| no |" in row and f"{family['config'].num_hidden_layers} / " in row
+    assert "aligned merge differs from plain task_arithmetic" in card
+    assert card.count(f"| {family['reference_scrambled']} | ") == 1 + family["config"].num_hidden_layers
+    assert (out / "mergekit_config.yml").read_text() == source  # the recipe, untouched
+    assert len(collect._COLLECTORS) == before  # the merge's collector was handed back
+    # recording changes nothing in the merge
+    plain = load_tensors(run_recipe(recipe, tmp_path / "no_card"))
+    carded = load_tensors(out)
+    assert all(torch.equal(plain[k], carded[k]) for k in plain)
+
+
+def test_card_of_a_plain_method_is_mergekits(family, tmp_path):
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["reference"],
+              "models": [{"model": family["skill"], "parameters": {"weight": 1.0}}],
+              "dtype": "float32"}
+    out = run_recipe(recipe, tmp_path / "out", write_model_card=True)
+    assert "symalign" not in (Path(out) / "README.md").read_text()
+
+
+def test_card_hook_is_installed_where_run_merge_looks():
+    import mergekit.card
+    import mergekit.merge
+
+    from mergekit_symalign.card import hook_card
+
+    hook_card()  # idempotent
+    assert mergekit.merge.generate_card is mergekit.card.generate_card
+    assert mergekit.card.generate_card._symalign
+    assert not getattr(mergekit.card.generate_card.__wrapped__, "_symalign", False)
+
+
+def test_canary_names_a_moved_card_function(monkeypatch):
+    import mergekit.card
+
+    from mergekit_symalign.compat import internals_problems
+
+    monkeypatch.setattr(mergekit.card, "generate_card", lambda config, name=None: "")
+    problems = internals_problems()
+    assert problems and all("generate_card" in p for p in problems)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def test_transform_summary_is_generic_over_steps():
+    from mergekit_symalign.groups import Kind, rotation_2d
+    from mergekit_symalign.spec import LayerTransform, random_transform
+    from mergekit_symalign.statedict import spec_for_config
+
+    from .conftest import make_config
+
+    spec = spec_for_config(make_config("llama"))
+    # (seed 1: a draw in which even the 2-slot KV-head permutation is not the identity)
+    moved = summarize_transform(random_transform(spec, torch.Generator().manual_seed(1)))
+    assert moved["identity"] is False
+    assert {s["name"] for s in moved["symmetries"]} == {s.name for s in spec.symmetries()}
+    assert all(s["moved"] > 0 for s in moved["symmetries"])
+
+    def identity(symmetry):
+        n, k = symmetry.slots, symmetry.coords
+        if symmetry.kind == Kind.permutation:
+            return torch.arange(n)
+        if symmetry.kind in (Kind.scale, Kind.sign):
+            return torch.ones(n, dtype=torch.float64)
+        return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
+
+    still = LayerTransform(tuple((s, identity(s)) for s in spec.symmetries()))
+    assert summarize_transform(still)["identity"] is True
+    # just above and below the tolerance
+    scale = next(s for s in spec.symmetries() if s.kind == Kind.scale)
+    nudged = identity(scale)
+    nudged[0] += 10 * IDENTITY_TOLERANCE
+    assert step_summary(scale, nudged)["moved"] == 1
+    nudged[0] = 1 + IDENTITY_TOLERANCE / 10
+    assert step_summary(scale, nudged)["moved"] == 0
+    # a rotation by angle a: ||R - I||_F / sqrt(2) = 2 sin(a / 2); reported in degrees
+    plane = next(s for s in spec.symmetries() if s.kind == Kind.plane_rotation)
+    angles = torch.zeros(plane.slots, dtype=torch.float64)
+    angles[1] = 0.5
+    summary = step_summary(plane, rotation_2d(angles))
+    assert summary["moved"] == 1 and summary["max_angle_deg"] == pytest.approx(28.6478, abs=1e-3)
+    # a kind whose element layout is unknown counts as moved ("?"), never as the identity
+    strange = LayerTransform(((scale, torch.zeros(2, 3)),))
+    assert summarize_transform(strange)["identity"] is False
+
+
+def test_markdown_of_an_empty_report():
+    from mergekit_symalign.report import build_report
+
+    doc = build_report([], method=TA, wrapped="task_arithmetic", not_aligned=["a", "b"])
+    assert "no model is aligned" in doc["verdict"][-1]
+    assert "# Alignment report" in markdown(doc)
