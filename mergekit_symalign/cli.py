@@ -32,19 +32,10 @@ class _Failed(click.ClickException):
 def _load_recipe(path: str, cache: Optional[str]):
     from mergekit.config import MergeConfiguration
 
-    from .settings import BY_NAME
-
     with open(path, "r", encoding="utf-8") as f:
         recipe = yaml.safe_load(f.read())
-    if cache is not None:
-        # TODO(alignment cache): the speed work adds an `alignment_cache` parameter; until it
-        # exists, --cache is refused here rather than silently ignored.
-        if "alignment_cache" not in BY_NAME:
-            raise click.UsageError(
-                "--cache: this version of mergekit-symalign has no saved-alignment cache yet; "
-                "run the report without --cache.")
-        if isinstance(recipe, dict):
-            recipe["parameters"] = {**(recipe.get("parameters") or {}), "alignment_cache": cache}
+    if cache is not None and isinstance(recipe, dict):
+        recipe["parameters"] = {**(recipe.get("parameters") or {}), "alignment_cache": cache}
     return MergeConfiguration.model_validate(recipe)
 
 
@@ -57,8 +48,8 @@ def cli() -> None:
 @click.argument("recipe")
 @click.argument("out_dir")
 @click.option("--cache", "cache", default=None, metavar="DIR",
-              help="reuse a saved alignment in DIR, as the merge would (passed to the recipe "
-                   "as alignment_cache; refused while this version has no cache)")
+              help="reuse (and save) alignments in DIR, as a merge with alignment_cache: DIR "
+                   "does (a recipe's own alignment_cache is used too)")
 @click.option("--tolerance", type=float, default=IDENTITY_TOLERANCE, show_default=True,
               help="how close to the identity a solved transform must be to count as moving "
                    "nothing (|s - 1| for scales, ||R - I||_F / sqrt(k) for rotations)")

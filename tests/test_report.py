@@ -141,14 +141,26 @@ def test_cli_module_and_console_script(family, tmp_path):
     assert 'mergekit-symalign = "mergekit_symalign.cli:main"' in pyproject
 
 
-def test_cache_option_is_refused_until_the_cache_exists(family, tmp_path, capsys):
-    from mergekit_symalign.settings import BY_NAME
+def test_report_reuses_and_fills_the_merge_cache(family, tmp_path, monkeypatch):
+    """--cache DIR: the report solves once and saves; the merge with alignment_cache: DIR
+    then solves nothing (and the other way round)."""
+    import mergekit_symalign.tasks as tasks
 
-    if "alignment_cache" in BY_NAME:
-        pytest.skip("the alignment cache exists: --cache is passed through")
-    status, doc, _ = report(transfer_onto(family, "sibling"), tmp_path, "--cache",
-                            str(tmp_path / "cache"))
-    assert status == 2 and doc is None and "--cache" in capsys.readouterr().err
+    folder = tmp_path / "cache"
+    recipe = transfer_onto(family, "reference_scrambled")
+    status, first, _ = report(recipe, tmp_path / "a", "--cache", str(folder))
+    assert status == 0 and any(folder.glob("*.safetensors"))
+
+    def forbidden(*a, **k):
+        raise AssertionError("solved although a saved alignment exists")
+
+    monkeypatch.setattr(tasks, "align_layer", forbidden)
+    run_recipe({**recipe, "parameters": {**(recipe.get("parameters") or {}),
+                                         "alignment_cache": str(folder)}}, tmp_path / "merged")
+    status, again, _ = report(recipe, tmp_path / "b", "--cache", str(folder))
+    assert status == 0
+    assert [r["distance_after"] for r in again["pairs"][0]["layers"]] == \
+        [r["distance_after"] for r in first["pairs"][0]["layers"]]
 
 
 def test_report_with_activation_alignment(family, tmp_path):
