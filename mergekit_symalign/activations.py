@@ -751,6 +751,7 @@ def align_by_activations(
     fit_report: Optional[List[FitQuality]] = None,
     refuse_undetermined: bool = True,
     residual: str = "none",
+    compose: bool = True,
 ) -> Dict[str, Dict[Any, LayerTransform]]:
     """Align every model to ``reference`` on activations: ``{model: {layer: transform}}``.
 
@@ -771,7 +772,8 @@ def align_by_activations(
     states entering every layer, gives one ``[D, D]`` statistic per model, accumulated layer
     by layer; its transform is composed with every layer's (the layer solves do not depend on
     it: they see activations inside the layer) and the module level's is added under
-    :data:`residual.MODULE`.
+    :data:`residual.MODULE`. ``compose=False`` returns ``(layer transforms, residual
+    elements)`` uncomposed instead (see :func:`compose_residual`; what a cache stores).
     """
     from tqdm.auto import tqdm
 
@@ -784,7 +786,7 @@ def align_by_activations(
             full_qk_warning(key)
     results: Dict[str, Dict[Any, LayerTransform]] = {key: {} for key in models}
     if not models:
-        return results
+        return results if compose else (results, {})
     tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
     if residual != "none":
         res.check_supported(plan.arch, residual, tied, _text_config(config))
@@ -813,13 +815,29 @@ def align_by_activations(
             del acts
             _report(quality, fit_report, refuse_undetermined)
         del reference_acts
-    for key, statistic in stats.items():
-        element = res.solve(plan.arch, residual, statistic)
-        parts = res.model_transforms(plan.arch, plan.geometry, element, _norm_getter(models[key]),
+    elements = {key: res.solve(plan.arch, residual, statistic) for key, statistic in stats.items()}
+    if not compose:
+        return results, elements
+    return compose_residual(config, results, elements, models, reference)
+
+
+def compose_residual(config: Any, results: Dict[str, Dict[Any, LayerTransform]],
+                     elements: Mapping[str, Any], models: Mapping[str, GetTensor],
+                     reference: GetTensor) -> Dict[str, Dict[Any, LayerTransform]]:
+    """Every model's layer transforms preceded by its residual element's steps (which need the
+    norm weights: fetched by HF name), and the module level's added (:data:`residual.MODULE`)."""
+    if not elements:
+        return results
+    geometry = geometry_from_config(config)
+    arch = architecture_for(geometry.model_type)
+    tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
+    out = dict(results)
+    for key, element in elements.items():
+        parts = res.model_transforms(arch, geometry, element, _norm_getter(models[key]),
                                      _norm_getter(reference), sorted(results[key]), tied, str(key))
-        results[key] = {i: parts[i].then(results[key][i]) if i in results[key] else parts[i]
-                        for i in parts}
-    return results
+        out[key] = {i: parts[i].then(results[key][i]) if i in results[key] else parts[i]
+                    for i in parts}
+    return out
 
 
 def _norm_getter(get_tensor: GetTensor):

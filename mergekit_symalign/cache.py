@@ -199,3 +199,66 @@ def load_residual(cache: AlignmentCache, key: str):
     tensors, meta = entry
     return ResidualElement(meta["mode"], tensors.get("permutation"), tensors.get("signs"),
                            tensors.get("rotation"), _fit(meta.get("fit")))
+
+
+def activation_key(settings: Mapping[str, Any], token_ids: torch.Tensor,
+                   models: Iterable[Tuple[str, Mapping[str, torch.Tensor]]]) -> str:
+    """An activation alignment depends on the calibration tokens and on every weight of every
+    model (the reference first): all of it is hashed."""
+    fp = Fingerprint("activations").update("settings", dict(settings))
+    fp.tensors("tokens", {"ids": token_ids})
+    for i, (_label, tensors) in enumerate(models):
+        fp.tensors(f"model{i}", tensors)
+    return fp.hexdigest()
+
+
+def save_activations(cache: AlignmentCache, key: str, results, elements, labels) -> None:
+    """Per model (by position in ``labels``): each layer's steps, and its residual element."""
+    tensors, meta = {}, {"what": "activations", "models": {}}
+    for i, label in enumerate(labels):
+        entry = {"layers": {}, "residual": None}
+        for layer, transform in results[label].items():
+            named, order = steps_to_tensors(transform.steps, prefix=f"{i}/{layer}/")
+            tensors.update(named)
+            entry["layers"][str(layer)] = {"order": order,
+                                           "fits": [_fit_dict(f) for f in transform.fits]}
+        element = elements.get(label)
+        if element is not None:
+            for name in ("permutation", "signs", "rotation"):
+                value = getattr(element, name)
+                if value is not None:
+                    tensors[f"{i}/residual/{name}"] = value
+            entry["residual"] = {"mode": element.mode, "fit": _fit_dict(element.fit)}
+        meta["models"][str(i)] = entry
+    cache.save(key, tensors, meta)
+
+
+def load_activations(cache: AlignmentCache, key: str, labels, spec):
+    """``(results, elements)`` as :func:`save_activations` stored them, or None."""
+    from .residual import ResidualElement
+    from .spec import LayerTransform
+
+    entry = cache.load(key)
+    if entry is None:
+        return None
+    tensors, meta = entry
+    symmetries = {s.name: s for s in spec.symmetries()}
+    results, elements = {}, {}
+    try:
+        for i, label in enumerate(labels):
+            stored = meta["models"][str(i)]
+            results[label] = {
+                int(layer): LayerTransform(tensors_to_steps(tensors, info["order"], symmetries),
+                                           tuple(_fit(f) for f in info["fits"]))
+                for layer, info in stored["layers"].items()
+            }
+            if stored["residual"] is not None:
+                elements[label] = ResidualElement(
+                    stored["residual"]["mode"], tensors.get(f"{i}/residual/permutation"),
+                    tensors.get(f"{i}/residual/signs"), tensors.get(f"{i}/residual/rotation"),
+                    _fit(stored["residual"]["fit"]))
+    except KeyError as err:
+        LOG.warning("alignment cache entry %s does not match this merge (%s); solving again",
+                    key[:12], err)
+        return None
+    return results, elements

@@ -23,7 +23,7 @@ import functools
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from pydantic import BaseModel
@@ -292,7 +292,7 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
     def execute(self) -> Dict[str, Dict[int, LayerTransform]]:
         from mergekit.io.tasks import LoaderCache
 
-        from .activations import align_by_activations
+        from .activations import align_by_activations, compose_residual
 
         settings = self.settings
         # Tokenized (and checked) at plan time already: this is the cached result.
@@ -310,9 +310,25 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             return get_tensor
 
         config = self.reference.config(trust_remote_code=self.trust_remote_code)
-        return align_by_activations(
+        labels = [str(m) for m in self.models]
+        sources = {str(m): source(m) for m in self.models}
+        store = key = None
+        if settings.alignment_cache:
+            from .activations import activation_plan
+
+            store = cache.AlignmentCache(settings.alignment_cache)
+            key = cache.activation_key(
+                {**cache.weight_solve_settings(settings.switches, settings.qk_rotation,
+                                               settings.residual), "alignment": "activations"},
+                token_ids,
+                [(str(m), _all_tensors(m)) for m in (self.reference, *self.models)])
+            found = cache.load_activations(store, key, labels,
+                                           activation_plan(config, settings.qk_rotation).weight_spec)
+            if found is not None:
+                return compose_residual(config, *found, sources, source(self.reference))
+        results, elements = align_by_activations(
             source(self.reference),
-            {str(m): source(m) for m in self.models},
+            sources,
             config,
             token_ids,
             switches=settings.switches,
@@ -322,7 +338,34 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
             # each model runs its forward pass with its own config
             model_configs={str(m): m.config(trust_remote_code=self.trust_remote_code)
                            for m in self.models},
+            compose=False,
         )
+        if store is not None:
+            cache.save_activations(store, key, results, elements, labels)
+        return compose_residual(config, results, elements, sources, source(self.reference))
+
+
+class _LazyTensors(Mapping):
+    """Every tensor of a checkpoint, loaded one at a time when asked for (and not kept): the
+    cache key hashes a whole model without holding it in memory."""
+
+    def __init__(self, model: ModelReference):
+        from mergekit.io.tasks import LoaderCache
+
+        self.loader = LoaderCache().get(model)
+
+    def __getitem__(self, name):
+        return self.loader.get_tensor(name, device="cpu")
+
+    def __iter__(self):
+        return iter(sorted(self.loader.index.tensor_paths))
+
+    def __len__(self):
+        return len(self.loader.index.tensor_paths)
+
+
+def _all_tensors(model: ModelReference) -> Mapping[str, torch.Tensor]:
+    return _LazyTensors(model)
 
 
 def calibration_tokens(reference: ModelReference, models, calibration: Optional[str],

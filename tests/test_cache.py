@@ -107,3 +107,32 @@ def test_fingerprint_sees_every_byte():
     b["b"][2] = b["b"][2] + 1
     assert cache.Fingerprint("t").tensors("m", b).hexdigest() != key
     assert cache.Fingerprint("t").tensors("m", {"w": a["w"].double(), "b": a["b"]}).hexdigest() != key
+
+
+def test_activation_alignment_is_cached_too(tmp_path, monkeypatch):
+    """alignment: activations (with the residual stream): the second merge streams no model."""
+    from .conftest import make_config, make_model, perturbed, save_word_tokenizer, word_calibration
+    from mergekit_symalign.statedict import scramble_state_dict
+    import mergekit_symalign.activations as activations
+
+    config = make_config("llama")
+    ref = make_model("llama", seed=0)
+    paths = {"reference": save(ref, config, tmp_path / "reference"),
+             "skill": save(perturbed(ref, seed=1, scale=0.05), config, tmp_path / "skill"),
+             "base": save(scramble_state_dict(ref.state_dict(), config, seed=2, residual="permutation")[0],
+                          config, tmp_path / "base")}
+    for path in paths.values():
+        save_word_tokenizer(path)
+    folder = tmp_path / "cache"
+    rec = aligned_recipe("symmetry_aligned_task_arithmetic", paths["base"], paths["reference"],
+                         [paths["skill"]], alignment="activations", residual="permutation",
+                         calibration=word_calibration(tmp_path / "c.txt"), calibration_max_tokens=32,
+                         alignment_cache=str(folder))
+    first = load(run_recipe(rec, tmp_path / "a"))
+
+    def forbidden(*a, **k):
+        raise AssertionError("streamed although a saved alignment exists")
+
+    monkeypatch.setattr(activations, "LayerStreamer", forbidden)
+    again = load(run_recipe(rec, tmp_path / "b"))
+    assert all(torch.equal(again[k], first[k]) for k in first)
