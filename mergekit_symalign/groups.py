@@ -27,6 +27,7 @@ minimises ``sum over sites ||g . model - reference||^2`` within its group.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -361,7 +362,15 @@ def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
     return perm
 
 
-SKETCH_DIM = 512  # head-matching Grams: feature rows longer than this are sketched
+SKETCH_DIM = 512  # head-matching Grams: feature rows longer than SKETCH_ABOVE are sketched
+SKETCH_ABOVE = 2048
+
+
+@functools.lru_cache(maxsize=8)
+def _sketch(width: int) -> torch.Tensor:
+    """One fixed Gaussian sketch per width (seeded: the same for every model and run)."""
+    generator = torch.Generator().manual_seed(width)
+    return torch.randn(width, SKETCH_DIM, generator=generator) / math.sqrt(SKETCH_DIM)
 
 
 def _feature_values(feature: Tuple[Site, ...], tensors: Tensors, sketch: Optional[torch.Tensor]):
@@ -387,13 +396,12 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_k
     ``X^T X`` only scales, so ``cos(X_a^T X_a, X_m^T X_m) = ||X_a X_m^T||_F^2 /
     (||X_a X_a^T||_F ||X_m X_m^T||_F)`` lies in ``[0, 1]`` and is 1 for the true match of an
     exactly transformed copy. Summed over copies and features. Rows longer than
-    :data:`SKETCH_DIM` are first multiplied by one fixed random Gaussian sketch (shared by both
-    models): the true match still scores exactly 1 (the sketch acts on the other side of
-    ``X``), other pairs approximately what they would.
+    :data:`SKETCH_ABOVE` are first multiplied by one fixed random Gaussian sketch to
+    :data:`SKETCH_DIM` columns (shared by both models): the true match still scores exactly 1
+    (the sketch acts on the other side of ``X``), other pairs approximately what they would.
     """
     n = symmetry.slots
     total = torch.zeros(n, n, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(0)
     for feature in symmetry.features:
         width = None
         for site in feature:
@@ -402,9 +410,7 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_k
                 width = (width or 0) + tensor.numel() // tensor.shape[site.axis]
         if width is None:
             continue
-        sketch = None
-        if width > SKETCH_DIM:
-            sketch = torch.randn(width, SKETCH_DIM, generator=generator, dtype=torch.float32)
+        sketch = _sketch(width) if width > SKETCH_ABOVE else None
         a = _feature_values(feature, reference, sketch)
         m = _feature_values(feature, model, sketch).to(a.device)
         cross = torch.einsum("ncir,mcjr->nmcij", a, m).pow(2).sum((-1, -2))  # [n, n, c]
@@ -419,8 +425,30 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_k
 def solve_orthogonal(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """Orthogonal Procrustes per slot (reflections allowed): ``argmax tr(g T A^T)``."""
     m = cross_products(symmetry, reference, model, **kw)  # sum A T^T
-    u, _s, vh = torch.linalg.svd(m)
+    with small_linalg(m.shape[-1]):
+        u, _s, vh = torch.linalg.svd(m)
     return u @ vh
+
+
+class small_linalg:
+    """Run a small LAPACK call on one thread. Measured here: a batched SVD of three 64x64
+    matrices took 1.5 ms on one thread and 0.3 s on two while other processes used the cores
+    (OpenMP workers spinning for a busy core); for matrices this small one thread is never
+    slower."""
+
+    def __init__(self, size: int, limit: int = 1024):
+        self.active = size <= limit
+
+    def __enter__(self):
+        if self.active:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.threads)
+        return False
 
 
 def solve_plane_rotation(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
@@ -552,8 +580,16 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
              **kw) -> Tuple[float, float, int]:
     """``(gain, baseline, entries)``: how much ``element`` lowers ``sum ||g . model -
     reference||^2`` over the symmetry's (non-optional) sites (``baseline`` = the identity's
-    value, over ``entries`` scalars)."""
-    gain = baseline = 0.0
+    value, over ``entries`` scalars).
+
+    From sums the group action leaves simple, not by moving the tensors: a rotation keeps
+    ``||T||``, so its gain is ``2 (<gT, A> - <T, A>)`` from the cross products; a scale's is
+    its per-slot quartic objective at ``s`` against ``s = 1``.
+    """
+    n = symmetry.slots
+    cross = None
+    norms = torch.zeros((), dtype=torch.float64)
+    stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "yy", "ya")}
     entries = 0
     for site, a, t in _site_pairs(symmetry, reference, model, **kw):
         if site.optional:
@@ -561,13 +597,30 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
             # q/k biases are large), which a handful of parameters could "explain"; the
             # decision rests on the weights, where the noise is spread evenly.
             continue
-        moved = act(symmetry.kind, element, t, site.contragredient)
-        before = float(((t - a).double() ** 2).sum())
-        after = float(((moved - a).double() ** 2).sum())
-        gain += before - after
-        baseline += before
         entries += a.numel()
-    return gain, baseline, entries
+        norms = norms + (a.double() ** 2).sum().cpu() + (t.double() ** 2).sum().cpu()
+        if symmetry.kind == Kind.scale:
+            t2, a2 = t.reshape(n, -1), a.reshape(n, -1)
+            side = ("yy", "ya") if site.contragredient else ("xx", "xa")
+            stats[side[0]] += (t2 * t2).sum(-1).double().cpu()
+            stats[side[1]] += (t2 * a2).sum(-1).double().cpu()
+        else:
+            term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
+            cross = term if cross is None else cross + term
+    if symmetry.kind == Kind.scale:
+        s = element.double().cpu()
+        xx, xa, yy, ya = (stats[k] for k in ("xx", "xa", "yy", "ya"))
+        identity_cross = float((xa + ya).sum())
+        moved_cross = float((xa * s + ya / s).sum())
+        moved_norm = float((xx * s * s + yy / (s * s)).sum()) - float((xx + yy).sum())
+        gain = 2 * (moved_cross - identity_cross) - moved_norm
+    else:
+        if cross is None:
+            return 0.0, 0.0, 0
+        identity_cross = float(torch.diagonal(cross, dim1=-2, dim2=-1).sum())
+        gain = 2 * (float((element.double().cpu() * cross).sum()) - identity_cross)
+    baseline = float(norms) - 2 * identity_cross
+    return gain, max(baseline, 0.0), entries
 
 
 def explains_more_than_noise(symmetry: Symmetry, gain: float, baseline: float, entries: int) -> bool:

@@ -40,7 +40,7 @@ import torch
 
 from .architectures import Architecture, Geometry, _projection
 from .errors import UnsupportedArchitecture
-from .groups import Kind, Site, Symmetry, noise_limit, random_element
+from .groups import Kind, Site, Symmetry, noise_limit, random_element, small_linalg
 from .spec import Fit, LayerTransform
 
 MODES = ("none", "permutation", "orthogonal")
@@ -348,7 +348,8 @@ def solve(arch: Architecture, mode: str, statistic: ResidualStatistic) -> Residu
     permuted = ResidualElement("permutation", perm, signs)
     if mode == "permutation":
         return permuted
-    u, _s, vh = torch.linalg.svd(c)
+    with small_linalg(len(c)):
+        u, _s, vh = torch.linalg.svd(c)
     rotation = u @ vh
     total = float(aa.sum() + bb.sum())
     matched = c[torch.arange(len(perm)), perm]
