@@ -252,7 +252,7 @@ def solve_permutation(
     cancel), so a neuron rescaled by a negative or large factor is still matched to itself;
     at ``s = 1`` it is the geometric-mean version of the plain sum ``x + y``.
     """
-    from scipy.optimize import linear_sum_assignment
+    from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, match
 
     def moved_by_scale(site, contragredient):
         return scale is not None and any(
@@ -261,37 +261,14 @@ def solve_permutation(
             for s in scale.sites
         )
 
-    plain = fwd = inv = None
-
-    def add(acc, value):
-        return value if acc is None else acc + value
-
+    terms = []
     for site, a, t in _site_pairs(symmetry, anchor, target, **kw):
-        n = a.shape[0]
-        sim = a.reshape(n, -1) @ t.reshape(n, -1).T
-        if moved_by_scale(site, False):
-            fwd = add(fwd, sim)
-        elif moved_by_scale(site, True):
-            inv = add(inv, sim)
-        else:
-            plain = add(plain, sim)
-    if fwd is not None and inv is not None:
-        prod = fwd.double() * inv.double()
-        invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
-        plain = add(plain.double() if plain is not None else None, invariant)
-    else:  # scale not active on both sides: plain sum is already the right objective
-        for extra in (fwd, inv):
-            if extra is not None:
-                plain = add(plain, extra)
-    if plain is None:
-        return torch.arange(symmetry.slots)
-    cost = plain.double().cpu().numpy()
-    if not torch.isfinite(torch.from_numpy(cost)).all():
-        raise FloatingPointError(f"{symmetry.name}: non-finite similarity matrix")
-    rows, cols = linear_sum_assignment(cost, maximize=True)
-    perm = torch.empty(symmetry.slots, dtype=torch.long)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
+        role = COVARIANT if moved_by_scale(site, False) else \
+            CONTRAGREDIENT if moved_by_scale(site, True) else PLAIN
+        terms.append((a, t, role))
+    # Dense n x n similarity + scipy for small n; sketch, candidates and exact scores of
+    # candidate pairs for large n (see assignment.py).
+    return match(terms, symmetry.slots, name=symmetry.name)
 
 
 def solve_orthogonal(symmetry: Symmetry, anchor: Tensors, target: Tensors, **kw) -> torch.Tensor:
