@@ -144,6 +144,26 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
     return torch.einsum("nij,ncjr->ncir", element.to(values.dtype), values)
 
 
+def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, site: Site):
+    """:func:`act` on a site that covers its axis, without the ``[n, c, k, rest]`` copy and
+    the transposes of gather/scatter (same arithmetic, same result); ``None`` if not
+    applicable."""
+    if kind not in (Kind.permutation, Kind.scale, Kind.sign) or not _covers_axis(tensor, site):
+        return None
+    n, c, k = site.index.shape
+    element = element.to(tensor.device)
+    if kind == Kind.permutation:  # new slot i takes old slot perm[i], copies and coords along
+        within = torch.arange(c * k, device=tensor.device)
+        return tensor.index_select(site.axis, (element[:, None] * (c * k) + within).reshape(-1))
+    work = _working(tensor)
+    factor = element.to(work.dtype)
+    if kind == Kind.scale and site.contragredient:
+        factor = 1.0 / factor
+    shape = [1] * tensor.dim()
+    shape[site.axis] = -1
+    return (work * factor.repeat_interleave(c * k).view(shape)).to(tensor.dtype)
+
+
 def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors) -> Dict[str, torch.Tensor]:
     """Move every tensor ``symmetry`` acts on; tensors it does not touch are returned as is."""
     out = dict(tensors)
@@ -151,8 +171,11 @@ def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors) -> Dict[s
         tensor = out.get(site.tensor)
         if tensor is None:
             continue
-        moved = act(symmetry.kind, element, gather(_working(tensor), site), site.contragredient)
-        out[site.tensor] = scatter(tensor, site, moved)
+        moved = _act_along_axis(symmetry.kind, element, tensor, site)
+        if moved is None:
+            moved = act(symmetry.kind, element, gather(_working(tensor), site), site.contragredient)
+            moved = scatter(tensor, site, moved)
+        out[site.tensor] = moved
     return out
 
 
