@@ -66,7 +66,7 @@ CANDIDATES = 8
 SKETCH_DIM = 64
 #: Of those, the dimensions used by the all-pairs candidate search (its cost is
 #: ``n^2 x 2 SEARCH_DIM`` flops plus a top-k over ``n^2`` proxies).
-SEARCH_DIM = 64
+SEARCH_DIM = 32
 #: A candidate is scored exactly when its sketched similarity plus ``MARGIN`` (conservative)
 #: standard errors reaches the exact similarity of its row's best estimate.
 MARGIN = 3.0
@@ -80,9 +80,12 @@ DENSE_IF_UNCERTAIN = 0.05
 
 Term = Tuple[torch.Tensor, torch.Tensor, str]
 
-_ROWS_PER_BLOCK = 128  # proxy rows per block: [128, n] float32 (7 MiB at n = 14336)
+# Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
+# hold up far better than 128-row blocks when other processes compete for the cores.
+_ROWS_PER_BLOCK = 512
 _GROUPS = 16  # interleaved column groups of the blocked top-k
 _PAIRS_PER_CHUNK = 1024  # gathered feature rows per chunk of exact pair scoring
+_BLOCKED_ABOVE = 4096  # the dense path computes larger similarity matrices in row blocks
 
 
 def match(
@@ -160,9 +163,15 @@ def dense_similarity(terms: Sequence[Term], n: int) -> Optional[torch.Tensor]:
 
 
 def _dense(terms: Sequence[Term], n: int, name: str) -> torch.Tensor:
+    """Dense similarity + scipy. Up to ``_BLOCKED_ABOVE`` slots exactly the former code; above,
+    the same similarities are computed in row blocks into one float64 matrix (the former code
+    held up to ~6 ``n x n`` matrices: ~10 GB at n = 14336)."""
     from scipy.optimize import linear_sum_assignment
 
-    sim = dense_similarity(terms, n)
+    if n <= _BLOCKED_ABOVE:
+        sim = dense_similarity(terms, n)
+    else:
+        sim = _exact_rows(_split(terms), torch.arange(n, device=terms[0][0].device))
     if sim is None:
         return torch.arange(n)
     cost = sim.double().cpu().numpy()
@@ -510,17 +519,20 @@ def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info
 
 
 def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
-    """Exact similarities ``[r, n]`` (float64) of anchor ``rows`` to every target slot."""
+    """Exact similarities ``[r, n]`` (float64) of anchor ``rows`` to every target slot, computed
+    in row blocks (no float32 ``n x n`` temporaries)."""
     plain, cov, contra = split
+    any_t = (plain or cov)[0][1]
+    out = torch.empty(rows.numel(), any_t.shape[0], dtype=torch.float64, device=any_t.device)
 
     def summed(pairs, r):
         total = None
         for a, t in pairs:
-            sim = (a.index_select(0, r) @ t.T).double()
+            run = _as_range(r)
+            sim = ((a[run] if run is not None else a.index_select(0, r)) @ t.T).double()
             total = sim if total is None else total.add_(sim)
         return total
 
-    out = []
     for s in range(0, rows.numel(), _ROWS_PER_BLOCK):
         r = rows[s:s + _ROWS_PER_BLOCK]
         sim = summed(plain, r)
@@ -528,8 +540,8 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
             prod = summed(cov, r).mul_(summed(contra, r))
             invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
             sim = invariant if sim is None else sim.add_(invariant)
-        out.append(sim)
-    return torch.cat(out)
+        out[s:s + r.numel()] = sim
+    return out
 
 
 def _rowwise_best(n, rows, cols, values) -> Optional[torch.Tensor]:

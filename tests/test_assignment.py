@@ -307,3 +307,19 @@ def test_apply_along_axis_is_bit_identical_to_gather_act_scatter(dtype):
             assert torch.equal(fast[name], slow[name]), (sym.name, name)
         layer = fast
 
+
+def test_blocked_dense_similarity_for_large_n(monkeypatch):
+    """Above _BLOCKED_ABOVE the dense path builds the similarity in row blocks (one float64
+    n x n matrix instead of ~6): same permutation as the former code."""
+    n, m = 300, 24
+    anchor = _mlp(n, m, seed=24)
+    target, _ = _planted(anchor, seed=25, noise=1.5)
+    terms = _terms(anchor, target)
+    blocks = _spy(monkeypatch, "_exact_rows")
+    monkeypatch.setattr(assignment, "_BLOCKED_ABOVE", 100)
+    monkeypatch.setattr(assignment, "_ROWS_PER_BLOCK", 64)
+    expected, cost = _reference(terms, n)
+    found = match(terms, n, dense_below=n)
+    assert blocks and torch.equal(found, expected)
+    blocked = assignment._exact_rows(assignment._split(terms), torch.arange(n))
+    assert torch.allclose(blocked, torch.from_numpy(cost), rtol=1e-5, atol=1e-3)
