@@ -169,7 +169,7 @@ def layer_benchmark(args, spec, anchor, gen):
 
 
 def lap_benchmark(args):
-    """Dense solvers on a planted 14336 problem (the similarity of a noisy permuted copy, 256
+    """Dense solvers on a planted problem (the similarity of a noisy permuted copy, 256
     features) and on uniform random costs."""
     import numpy as np
     from scipy.optimize import linear_sum_assignment
@@ -179,7 +179,7 @@ def lap_benchmark(args):
     except ImportError:
         lap = None
         print("\nlapx is not installed: only scipy is timed")
-    n = 14336
+    n = args.lap_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 256, generator=gen)
     sigma = torch.randperm(n, generator=gen)
@@ -207,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--skip-dense", action="store_true", help="do not time the dense path")
     parser.add_argument("--skip-layer", action="store_true")
     parser.add_argument("--lap", action="store_true", help="also time dense LAP solvers")
+    parser.add_argument("--lap-size", type=int, default=14336, help="n of the --lap problems")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
