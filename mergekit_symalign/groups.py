@@ -168,6 +168,29 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
     return torch.einsum("nij,ncjr->ncir", element.to(values.dtype), values)
 
 
+def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, site: Site,
+                    delta: bool = False):
+    """:func:`act` on a site that covers its axis, without the ``[n, c, k, rest]`` copy and
+    the transposes of gather/scatter (same arithmetic, same result); ``None`` if not
+    applicable."""
+    if kind not in (Kind.permutation, Kind.scale, Kind.sign) or not _covers_axis(tensor, site):
+        return None
+    if kind == Kind.scale and site.offset and not delta:  # act() shifts by the offset first
+        return None
+    n, c, k = site.index.shape
+    element = element.to(tensor.device)
+    if kind == Kind.permutation:  # new slot i takes old slot perm[i], copies and coords along
+        within = torch.arange(c * k, device=tensor.device)
+        return tensor.index_select(site.axis, (element[:, None] * (c * k) + within).reshape(-1))
+    work = _working(tensor)
+    factor = element.to(work.dtype)
+    if kind == Kind.scale and site.contragredient:
+        factor = 1.0 / factor
+    shape = [1] * tensor.dim()
+    shape[site.axis] = -1
+    return (work * factor.repeat_interleave(c * k).view(shape)).to(tensor.dtype)
+
+
 def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
           delta: bool = False) -> Dict[str, torch.Tensor]:
     """Move every tensor ``symmetry`` acts on; tensors it does not touch are returned as is.
@@ -177,9 +200,12 @@ def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
         tensor = out.get(site.tensor)
         if tensor is None:
             continue
-        moved = act(symmetry.kind, element, gather(_working(tensor), site), site.contragredient,
-                    site.offset, delta)
-        out[site.tensor] = scatter(tensor, site, moved)
+        moved = _act_along_axis(symmetry.kind, element, tensor, site, delta)
+        if moved is None:
+            moved = act(symmetry.kind, element, gather(_working(tensor), site),
+                        site.contragredient, site.offset, delta)
+            moved = scatter(tensor, site, moved)
+        out[site.tensor] = moved
     return out
 
 
@@ -309,6 +335,7 @@ def solve_permutation(
     """
     if symmetry.features:
         return assign(gram_similarity(symmetry, reference, model, **kw), symmetry)
+    from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, match
 
     def moved_by_scale(site, contragredient):
         return scale is not None and any(
@@ -317,6 +344,22 @@ def solve_permutation(
             for s in scale.sites
         )
 
+    if symmetry.block_size:  # within-block matching (query heads): small, dense
+        similarity = _dense_similarity(symmetry, reference, model, moved_by_scale, **kw)
+        return torch.arange(symmetry.slots) if similarity is None else assign(similarity, symmetry)
+    terms = []
+    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
+        role = COVARIANT if moved_by_scale(site, False) else \
+            CONTRAGREDIENT if moved_by_scale(site, True) else PLAIN
+        terms.append((a, t, role))
+    # Dense n x n similarity + scipy for small n; sketch, candidates and exact scores of
+    # candidate pairs for large n (see assignment.py).
+    return match(terms, symmetry.slots, name=symmetry.name)
+
+
+def _dense_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, moved_by_scale,
+                      **kw) -> Optional[torch.Tensor]:
+    """The ``[n, n]`` similarity of :func:`solve_permutation`, built densely."""
     plain = fwd = inv = None
 
     def add(acc, value):
@@ -339,9 +382,7 @@ def solve_permutation(
         for extra in (fwd, inv):
             if extra is not None:
                 plain = add(plain, extra)
-    if plain is None:
-        return torch.arange(symmetry.slots)
-    return assign(plain, symmetry)
+    return plain  # None: no site present
 
 
 def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:

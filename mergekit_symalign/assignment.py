@@ -1,0 +1,583 @@
+"""Maximum-similarity matching of permutation slots, without the dense n x n matrix for large n.
+
+Pure torch + scipy (no mergekit import). :func:`match` takes the per-site features that
+:func:`mergekit_symalign.groups.solve_permutation` gathers, as ``(reference [n, m], model [n, m],
+role)`` terms, and returns ``perm`` with ``perm[i]`` = the model slot matched to reference slot
+``i``. The similarity of reference slot ``i`` and model slot ``j`` is
+
+* ``P + X + Y`` (``P``, ``X``, ``Y``: summed inner products ``<a_i, t_j>`` of the plain,
+  covariant and contragredient terms) when the terms of one of the two scaled roles are
+  missing, and
+* ``P + 2 sign(X Y) sqrt(|X Y|)`` when both are present: ``X Y`` does not change when the
+  model slot is rescaled by any ``s != 0`` (covariant rows by ``s``, contragredient ones by
+  ``1/s``), so a neuron rescaled by a negative or large factor still matches its twin.
+
+Small ``n`` (``n <= dense_below``): the dense ``n x n`` similarity and scipy's
+``linear_sum_assignment``, exactly as before this module existed (bit for bit).
+
+Large ``n`` (a Llama-3.1-8B MLP has 14336 neurons; its dense similarity is ~5 TFLOP):
+
+1. *sketch*: the terms of each role are projected by seeded Gaussian matrices ``[m, d]``
+   shared by reference and model; inner products of sketches estimate ``P``, ``X``, ``Y``;
+2. *search*: a proxy of all ``n^2`` pairs, two ``n x n x d`` matmuls in row blocks:
+   ``P + w_i w_j |cos(u_i, u_j) + cos(v_i, v_j)|`` with ``w = sqrt(|u| |v|)`` (``u``, ``v``:
+   covariant and contragredient sketches). It ignores the scale, sign included, equals the
+   objective for a rescaled copy and bounds it from above
+   (``|c_u + c_v| >= 2 sqrt(c_u c_v)``). The top ``candidates`` slots of each row, plus the
+   diagonal (identity) pair, form the candidate graph;
+3. *exact* scores: each row's best sketched candidate is scored exactly (gathers of full
+   features, no ``n x n`` matrix), then every candidate whose sketched score plus ``margin``
+   standard errors reaches that value;
+4. *certify*: a row is certain when the ``k``-th proxy plus ``CERTIFY_MARGIN`` standard errors
+   stays below its best exact score (no slot outside the candidates can win); uncertain rows
+   are scored exactly against every slot, and if more than ``DENSE_IF_UNCERTAIN`` of the rows
+   are uncertain (models that are no near-permutation of each other) the dense path runs;
+5. if every row's best scored pair is a distinct model slot, that is the answer (optimal on
+   the candidate graph); otherwise every candidate is scored and a sparse assignment (scipy's
+   LAPJVsp) is solved on the graph; if it has no perfect matching (only possible with
+   ``include_identity=False``), the dense path runs.
+
+The large-``n`` path is exact on the candidate graph, not on all pairs: it returns the dense
+optimum when the rows' best pairs are distinct and certified, which is what planted
+permutations (a copy of the reference moved by the group) and near-identical pairs (same-base
+fine-tunes) give, by a wide margin. ``info`` (a dict, optional) receives the path taken,
+counts and per-stage seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+PLAIN = "plain"
+COVARIANT = "covariant"  # rows a per-slot scale ``s`` multiplies (that scale is solved next)
+CONTRAGREDIENT = "contragredient"  # the matching rows/columns, divided by ``s``
+ROLES = (PLAIN, COVARIANT, CONTRAGREDIENT)
+
+#: ``n <= DENSE_BELOW``: dense similarity + scipy, bit-identical to the pre-sketch solver
+#: (SmolLM2-135M's MLP has 1536 neurons; a dense 2048^2 problem takes well under a second).
+DENSE_BELOW = 2048
+#: Sketch candidates kept per reference row on the large-n path.
+CANDIDATES = 8
+#: Dimensions of the Gaussian sketch of each role (plain, covariant, contragredient).
+SKETCH_DIM = 64
+#: Of those, the dimensions used by the all-pairs candidate search (its cost is
+#: ``n^2 x 2 SEARCH_DIM`` flops plus a top-k over ``n^2`` proxies).
+SEARCH_DIM = 32
+#: A candidate is scored exactly when its sketched similarity plus ``MARGIN`` (conservative)
+#: standard errors reaches the exact similarity of its row's best estimate.
+MARGIN = 3.0
+#: A row is certified when no slot outside its top-k candidates can beat its best scored pair
+#: unless the sketch erred by more than ``CERTIFY_MARGIN`` standard errors.
+CERTIFY_MARGIN = 2.0
+#: Rows that cannot be certified are scored exactly against every slot (``r x n x m`` flops
+#: each, and ``n`` edges each in the sparse assignment). If more than this fraction of rows is
+#: uncertain, the sketch is too coarse for the pair of models: use the dense path instead.
+DENSE_IF_UNCERTAIN = 0.05
+
+Term = Tuple[torch.Tensor, torch.Tensor, str]
+
+# Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
+# hold up far better than 128-row blocks when other processes compete for the cores.
+_ROWS_PER_BLOCK = 512
+_GROUPS = 16  # interleaved column groups of the blocked top-k
+_PAIRS_PER_CHUNK = 1024  # gathered feature rows per chunk of exact pair scoring
+_BLOCKED_ABOVE = 4096  # the dense path computes larger similarity matrices in row blocks
+# Elements per chunk of the column-layout dot products (16 MiB of float32): 1 Mi-element chunks
+# are faster on an idle machine but several times slower when other processes share the cores.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def match(
+    terms: Sequence[Term],
+    n: int,
+    *,
+    dense_below: Optional[int] = None,
+    candidates: Optional[int] = None,
+    sketch_dim: Optional[int] = None,
+    search_dim: Optional[int] = None,
+    margin: Optional[float] = None,
+    seed: int = 0,
+    include_identity: bool = True,
+    name: str = "permutation",
+    info: Optional[Dict] = None,
+) -> torch.Tensor:
+    """``perm`` (``LongTensor[n]``) maximising the summed combined similarity of matched slots.
+
+    ``terms``: ``(reference_features, model_features, role)`` with features ``[n, ...]``
+    (flattened to ``[n, m]``; strided views are fine) and ``role`` one of :data:`ROLES`.
+    Options left at ``None`` take the module's constants (:data:`DENSE_BELOW`,
+    :data:`CANDIDATES`, :data:`SKETCH_DIM`, :data:`SEARCH_DIM`, :data:`MARGIN`) at call time.
+    ``include_identity=False`` leaves the diagonal out of the candidate graph (for tests: the
+    graph may then have no perfect matching). Raises ``FloatingPointError`` (message prefixed
+    by ``name``) on non-finite similarities.
+    """
+    dense_below = DENSE_BELOW if dense_below is None else dense_below
+    candidates = CANDIDATES if candidates is None else candidates
+    sketch_dim = SKETCH_DIM if sketch_dim is None else sketch_dim
+    search_dim = SEARCH_DIM if search_dim is None else search_dim
+    margin = MARGIN if margin is None else margin
+    info = {} if info is None else info
+    terms = [(a.reshape(n, -1), t.reshape(n, -1), role) for a, t, role in terms]
+    for _a, _t, role in terms:
+        if role not in ROLES:
+            raise ValueError(f"unknown term role {role!r}; expected one of {ROLES}")
+    if not terms:
+        info["path"] = "empty"
+        return torch.arange(n)
+    k = min(candidates, n)
+    if n <= dense_below or k < 1:
+        info["path"] = "dense"
+        return _dense(terms, n, name)
+    d_search = max(1, min(search_dim, sketch_dim))
+    return _sparse(terms, n, k, sketch_dim, d_search, margin, seed, include_identity, name, info)
+
+
+# --------------------------------------------------------------------------- dense (exact)
+
+
+def dense_similarity(terms: Sequence[Term], n: int) -> Optional[torch.Tensor]:
+    """The full ``n x n`` combined similarity, computed exactly as ``solve_permutation`` did."""
+    plain = fwd = inv = None
+
+    def add(acc, value):
+        return value if acc is None else acc + value
+
+    for a, t, role in terms:
+        sim = a.reshape(n, -1) @ t.reshape(n, -1).T
+        if role == COVARIANT:
+            fwd = add(fwd, sim)
+        elif role == CONTRAGREDIENT:
+            inv = add(inv, sim)
+        else:
+            plain = add(plain, sim)
+    if fwd is not None and inv is not None:
+        prod = fwd.double() * inv.double()
+        invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
+        plain = add(plain.double() if plain is not None else None, invariant)
+    else:  # scale not active on both sides: plain sum is already the right objective
+        for extra in (fwd, inv):
+            if extra is not None:
+                plain = add(plain, extra)
+    return plain
+
+
+def _dense(terms: Sequence[Term], n: int, name: str) -> torch.Tensor:
+    """Dense similarity + scipy. Up to ``_BLOCKED_ABOVE`` slots exactly the former code; above,
+    the same similarities are computed in row blocks into one float64 matrix (the former code
+    held up to ~6 ``n x n`` matrices: ~10 GB at n = 14336)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if n <= _BLOCKED_ABOVE:
+        sim = dense_similarity(terms, n)
+    else:
+        sim = _exact_rows(_split(terms), torch.arange(n, device=terms[0][0].device))
+    if sim is None:
+        return torch.arange(n)
+    cost = sim.double().cpu().numpy()
+    if not torch.isfinite(torch.from_numpy(cost)).all():
+        raise FloatingPointError(f"{name}: non-finite similarity matrix")
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    perm = torch.empty(n, dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return perm
+
+
+# --------------------------------------------------------------------------- sketches
+
+
+class _Sketch:
+    """Seeded Gaussian sketches of one role's terms, for reference (``a``) and model (``t``).
+
+    ``<a[i], t[j]>`` estimates the role's summed ``<a_i, t_j>`` without bias, with variance
+    ``(|a_i|^2 |t_j|^2 + <a_i, t_j>^2) / d`` (measured on the sketches' own norms below).
+    """
+
+    def __init__(self, pairs, d: int, gen: torch.Generator):
+        self.a = self.t = None
+        for a, t in pairs:
+            r = torch.randn(a.shape[1], d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+            r = r.to(device=a.device, dtype=a.dtype)
+            sa, st = (a @ r).float(), (t @ r).float()
+            self.a = sa if self.a is None else self.a.add_(sa)
+            self.t = st if self.t is None else self.t.add_(st)
+        self.norm_a, self.norm_t = self.a.norm(dim=1), self.t.norm(dim=1)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.a).all() and torch.isfinite(self.t).all())
+
+    def pairs(self, cand: torch.Tensor):
+        """Estimates ``[n, c]`` for model slots ``cand[n, c]``, and their Cauchy-Schwarz bound."""
+        est = torch.einsum("nd,ncd->nc", self.a, self.t[cand])
+        return est, self.norm_a[:, None] * self.norm_t[cand]
+
+
+def _split(terms: Sequence[Term]):
+    """(plain, covariant, contragredient) term lists; one-sided scaled terms count as plain."""
+    by_role = {role: [(a, t) for a, t, r in terms if r == role] for role in ROLES}
+    if not (by_role[COVARIANT] and by_role[CONTRAGREDIENT]):
+        plain = [(a, t) for a, t, _ in terms]  # the objective is the plain sum of all terms
+        return plain, [], []
+    return by_role[PLAIN], by_role[COVARIANT], by_role[CONTRAGREDIENT]
+
+
+def _unit(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return x / norm.clamp_min(torch.finfo(x.dtype).tiny ** 0.5)[:, None]
+
+
+def _proxy_features(p: Optional[_Sketch], u: Optional[_Sketch], v: Optional[_Sketch], d: int):
+    """Features whose products give the proxy ``p_a p_t^T + |q_a q_t^T|`` on ``d`` sketch dims.
+
+    ``q = sqrt(|u| |v|) (u/|u| + v/|v|)``: ``|<q_a, q_t>|`` estimates
+    ``w_i w_j |cos_u + cos_v|`` (``w = sqrt(|u| |v|)``), which is the exact
+    ``2 sqrt(|X Y|)`` for a rescaled copy and, like it, ignores the scale and its sign.
+    """
+    p_a = p_t = q_a = q_t = None
+    if p is not None:
+        p_a, p_t = p.a[:, :d].contiguous(), p.t[:, :d].contiguous()
+    if u is not None:
+        sides = []
+        for su, sv in ((u.a[:, :d], v.a[:, :d]), (u.t[:, :d], v.t[:, :d])):
+            nu, nv = su.norm(dim=1), sv.norm(dim=1)
+            sides.append((nu * nv).sqrt()[:, None] * (_unit(su, nu) + _unit(sv, nv)))
+        q_a, q_t = sides
+    return p_a, p_t, q_a, q_t
+
+
+def _top_candidates(p_a, p_t, q_a, q_t, n: int, k: int):
+    """Top-``k`` model slots per reference row of ``p_a p_t^T + |q_a q_t^T|`` (and their proxies,
+    best first), computed in row blocks.
+
+    Top-k of a block via group maxima (``torch.topk`` over all ``n`` columns costs ~4x more):
+    the columns are split into ``_GROUPS`` interleaved groups of width ``w``; the ``k`` best
+    elements of a row lie in its ``k`` groups with the largest maxima, so a top-k over the
+    ``w`` group maxima and then over those groups' ``k * _GROUPS`` columns is exact.
+    """
+    device = (p_a if p_a is not None else q_a).device
+    c = _GROUPS if n >= 4 * _GROUPS * k else 1
+    w = -(-n // c)  # padded width: c * w >= n columns, the padding set to -inf
+    pad = c * w - n
+
+    def padded(x):
+        return torch.cat([x, x.new_zeros(pad, x.shape[1])]).T.contiguous() if x is not None else None
+
+    p_tt, q_tt = padded(p_t), padded(q_t)
+    idx = torch.empty(n, k, dtype=torch.long, device=device)
+    vals = torch.empty(n, k, device=device)
+    rows = min(_ROWS_PER_BLOCK, n)
+    buf = torch.empty(rows, c * w, device=device)
+    offsets = torch.arange(c, device=device) * w
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        b = buf[: e - s]
+        if q_tt is not None:
+            torch.mm(q_a[s:e], q_tt, out=b)
+            b.abs_()
+            if p_tt is not None:
+                b.addmm_(p_a[s:e], p_tt)
+        else:
+            torch.mm(p_a[s:e], p_tt, out=b)
+        if pad:
+            b[:, n:] = -math.inf
+        if c == 1:
+            torch.topk(b, k, dim=1, out=(vals[s:e], idx[s:e]))
+            continue
+        best_groups = torch.topk(b.view(e - s, c, w).amax(1), k, dim=1, sorted=False).indices
+        cols = (best_groups[:, :, None] + offsets).reshape(e - s, k * c)
+        top = torch.topk(b.gather(1, cols), k, dim=1)
+        vals[s:e] = top.values
+        idx[s:e] = cols.gather(1, top.indices)
+    return idx, vals
+
+
+# --------------------------------------------------------------------------- exact pair scores
+
+
+def _column_layout(a: torch.Tensor, t: torch.Tensor) -> bool:
+    """Are ``a``/``t`` ``[n, m]`` transposed views of contiguous ``[m, n]`` (e.g. down_proj)?"""
+    return a.shape[1] > 1 and a.stride(0) == 1 and t.stride(0) == 1 and \
+        a.T.is_contiguous() and t.T.is_contiguous()
+
+
+def _as_range(rows: torch.Tensor) -> Optional[slice]:
+    """``rows`` as a slice when it is a run of consecutive indices (no gather needed)."""
+    if rows.numel() == 0:
+        return None
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    if stop - start == rows.numel() and bool((rows.diff() == 1).all()):
+        return slice(start, stop)
+    return None
+
+
+def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``<a[rows[p]], t[cols[p]]>`` for every pair ``p`` (float64), without an ``n x n`` matrix."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=a.device)
+    if rows.numel() == 0:
+        return out
+    if _column_layout(a, t):  # gather along the storage rows, a few of them at a time
+        a_s, t_s = a.T, t.T  # [m, n]
+        m = a_s.shape[0]
+        for s in range(0, rows.shape[0], 16 * _PAIRS_PER_CHUNK):
+            e = min(rows.shape[0], s + 16 * _PAIRS_PER_CHUNK)
+            r, c = rows[s:e], cols[s:e]
+            run = _as_range(r)
+            step = max(1, _CHUNK_ELEMENTS // (e - s))
+            acc = torch.zeros(e - s, dtype=torch.float64, device=a.device)
+            for k0 in range(0, m, step):
+                k1 = min(m, k0 + step)
+                picked = t_s[k0:k1].index_select(1, c)
+                picked.mul_(a_s[k0:k1, run] if run is not None else a_s[k0:k1].index_select(1, r))
+                acc += picked.sum(0).double()
+            out[s:e] = acc
+        return out
+    for s in range(0, rows.shape[0], _PAIRS_PER_CHUNK):
+        e = min(rows.shape[0], s + _PAIRS_PER_CHUNK)
+        run = _as_range(rows[s:e])
+        ag = a[run] if run is not None else a.index_select(0, rows[s:e])
+        tg = t.index_select(0, cols[s:e])
+        out[s:e] = torch.einsum("pm,pm->p", ag, tg).double()
+    return out
+
+
+def _diagonal_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``<a[i], t[i]>`` for every slot (float64)."""
+    if _column_layout(a, t):
+        a_s, t_s = a.T, t.T
+        m, n = a_s.shape
+        step = max(1, _CHUNK_ELEMENTS // n)
+        acc = torch.zeros(n, dtype=torch.float64, device=a.device)
+        for k0 in range(0, m, step):
+            k1 = min(m, k0 + step)
+            acc += (a_s[k0:k1] * t_s[k0:k1]).sum(0).double()
+        return acc
+    return torch.einsum("nm,nm->n", a, t).double()
+
+
+def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> torch.Tensor:
+    """Exact combined similarity of pairs ``(rows, cols)`` (both ``None``: the diagonal)."""
+    plain, cov, contra = split
+
+    def summed(pairs):
+        total = None
+        for a, t in pairs:
+            dots = _diagonal_dots(a, t) if rows is None else _pair_dots(a, t, rows, cols)
+            total = dots if total is None else total + dots
+        return total
+
+    total = summed(plain)
+    if cov:
+        prod = summed(cov) * summed(contra)
+        invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
+        total = invariant if total is None else total + invariant
+    return total
+
+
+# --------------------------------------------------------------------------- the large-n path
+
+
+def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info) -> torch.Tensor:
+    certify_margin = CERTIFY_MARGIN
+    times = info.setdefault("seconds", {})
+    clock = [time.perf_counter()]
+
+    def lap(stage):
+        now = time.perf_counter()
+        times[stage] = times.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
+    def refuse():
+        return FloatingPointError(f"{name}: non-finite similarity matrix")
+
+    split = _split(terms)
+    plain, cov, contra = split
+    device = terms[0][0].device
+    gen = torch.Generator().manual_seed(seed)
+    p = _Sketch(plain, d, gen) if plain else None
+    u = _Sketch(cov, d, gen) if cov else None
+    v = _Sketch(contra, d, gen) if contra else None
+    # A NaN/Inf feature makes its row's Gaussian sketch non-finite (almost surely).
+    if not all(s.finite() for s in (p, u, v) if s is not None):
+        raise refuse()
+    lap("sketch")
+
+    search = _proxy_features(p, u, v, d_search)
+    idx, proxy = _top_candidates(*search, n, k)
+    lap("candidates")
+
+    # Candidate graph: top-k per row, plus the diagonal (a duplicate of a top-k entry is masked).
+    arange = torch.arange(n, device=device)
+    cand = torch.cat([idx, arange[:, None]], 1) if include_identity else idx
+    valid = torch.ones_like(cand, dtype=torch.bool)
+    if include_identity:
+        valid[:, -1] = ~(idx == arange[:, None]).any(1)
+    # The sketched objective of every candidate and a conservative standard error of it.
+    estimate = torch.zeros(cand.shape, device=device)
+    bound = torch.zeros(cand.shape, device=device)
+    if p is not None:
+        est, cs = p.pairs(cand)
+        estimate += est
+        bound += cs
+    if u is not None:
+        (x, cx), (y, cy) = u.pairs(cand), v.pairs(cand)
+        xy = x * y
+        estimate += 2 * torch.sign(xy) * xy.abs().sqrt()
+        bound += 2 * (cx * cy).sqrt()
+    error = bound * math.sqrt(2.0 / d)
+    estimate = torch.where(valid, estimate, -math.inf)
+    lap("candidate_estimates")
+
+    # Round 1: exact score of each row's best estimate; then of every candidate whose
+    # estimate is within ``margin`` standard errors of that exact score.
+    top = estimate.argmax(1)
+    top_col = cand.gather(1, top[:, None])[:, 0]
+    on_diag = top_col == arange
+    top_exact = torch.empty(n, dtype=torch.float64, device=device)
+    if int(on_diag.sum()) > n // 4:
+        top_exact[on_diag] = _exact(split, None, None)[on_diag]
+    elif on_diag.any():
+        r = arange[on_diag]
+        top_exact[on_diag] = _exact(split, r, r)
+    if (~on_diag).any():
+        r = arange[~on_diag]
+        top_exact[~on_diag] = _exact(split, r, top_col[~on_diag])
+    if not torch.isfinite(top_exact).all():
+        raise refuse()
+    lap("exact_top")
+
+    scored = torch.zeros_like(valid)
+    scored[arange, top] = True
+    contender = (estimate.double() + margin * error.double() >= top_exact[:, None]) & valid & ~scored
+    rows_c, slots_c = torch.nonzero(contender, as_tuple=True)
+    cols_c = cand[rows_c, slots_c]
+    exact_c = _exact(split, rows_c, cols_c)
+    if not torch.isfinite(exact_c).all():
+        raise refuse()
+    scored |= contender
+    lap("exact_contenders")
+    rows, cols, values = [arange, rows_c], [top_col, cols_c], [top_exact, exact_c]
+
+    # Certify each row: could a model slot outside its top-k beat the best scored pair? The
+    # proxy bounds the exact similarity from above (|cos_u + cos_v| >= 2 sqrt(cos_u cos_v)),
+    # so not unless the k-th proxy plus ``CERTIFY_MARGIN`` standard errors (of a pair of
+    # typical, i.e. RMS, model norm) reaches that pair's value.
+    best = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+    best.scatter_reduce_(0, rows_c, exact_c, "amax")
+    best = torch.maximum(best, top_exact)
+    spread = torch.zeros(n, device=device)
+    for f_a, f_t in zip(search[::2], search[1::2]):
+        if f_a is not None:
+            spread += f_a.norm(dim=1) * f_t.square().sum(1).mean().sqrt()
+    reach = proxy[:, -1].double() + certify_margin * math.sqrt(2.0 / d_search) * spread.double()
+    uncertain = best < reach
+    n_uncertain = int(uncertain.sum())
+    info.update(path="rowwise", n=n, candidates=k, sketch_dim=d, search_dim=d_search,
+                contenders=int(rows_c.numel()), uncertain_rows=n_uncertain)
+    if n_uncertain > DENSE_IF_UNCERTAIN * n:
+        info.update(path="dense_uncertain", exact_pairs=n * n)
+        perm = _dense(terms, n, name)
+        lap("dense_uncertain")
+        return perm
+    if n_uncertain:
+        # Those rows are scored exactly against every model slot; all of it joins the graph.
+        r_u = arange[uncertain]
+        full = _exact_rows(split, r_u)
+        if not torch.isfinite(full).all():
+            raise refuse()
+        keep = ~uncertain[rows[0]], ~uncertain[rows[1]]
+        rows = [rows[0][keep[0]], rows[1][keep[1]], r_u[:, None].expand(-1, n).reshape(-1)]
+        cols = [cols[0][keep[0]], cols[1][keep[1]], arange.repeat(n_uncertain)]
+        values = [values[0][keep[0]], values[1][keep[1]], full.reshape(-1)]
+        scored[uncertain] = True  # nothing left to score in those rows
+        lap("exact_uncertain_rows")
+    rows, cols, values = (torch.cat(x).cpu() for x in (rows, cols, values))
+    info["exact_pairs"] = int(rows.numel())
+    perm = _rowwise_best(n, rows, cols, values)
+    lap("rowwise")
+    if perm is not None:
+        return perm
+
+    # Collisions: score every candidate exactly and solve the sparse assignment on them.
+    rest_r, rest_s = torch.nonzero(valid & ~scored, as_tuple=True)
+    rest_c = cand[rest_r, rest_s]
+    exact_rest = _exact(split, rest_r, rest_c)
+    if not torch.isfinite(exact_rest).all():
+        raise refuse()
+    lap("exact_rest")
+    rows = torch.cat([rows, rest_r.cpu()])
+    cols = torch.cat([cols, rest_c.cpu()])
+    values = torch.cat([values, exact_rest.cpu()])
+    info["exact_pairs"] += int(rest_r.numel())
+    perm = _sparse_assignment(n, rows, cols, values)
+    lap("sparse_assignment")
+    if perm is None:
+        info["path"] = "dense_fallback"
+        perm = _dense(terms, n, name)
+        lap("dense_fallback")
+        return perm
+    info["path"] = "sparse"
+    return perm
+
+
+def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
+    """Exact similarities ``[r, n]`` (float64) of reference ``rows`` to every model slot, computed
+    in row blocks (no float32 ``n x n`` temporaries)."""
+    plain, cov, contra = split
+    any_t = (plain or cov)[0][1]
+    out = torch.empty(rows.numel(), any_t.shape[0], dtype=torch.float64, device=any_t.device)
+
+    def summed(pairs, r):
+        total = None
+        for a, t in pairs:
+            run = _as_range(r)
+            sim = ((a[run] if run is not None else a.index_select(0, r)) @ t.T).double()
+            total = sim if total is None else total.add_(sim)
+        return total
+
+    for s in range(0, rows.numel(), _ROWS_PER_BLOCK):
+        r = rows[s:s + _ROWS_PER_BLOCK]
+        sim = summed(plain, r)
+        if cov:
+            prod = summed(cov, r).mul_(summed(contra, r))
+            invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
+            sim = invariant if sim is None else sim.add_(invariant)
+        out[s:s + r.numel()] = sim
+    return out
+
+
+def _rowwise_best(n, rows, cols, values) -> Optional[torch.Tensor]:
+    """Each row's best scored column, if those columns are all distinct (else ``None``)."""
+    best = torch.full((n,), -math.inf, dtype=torch.float64)
+    best.scatter_reduce_(0, rows, values, reduce="amax")
+    # Among a row's tied best pairs take the first scored.
+    total = rows.numel()
+    position = torch.where(values == best[rows], torch.arange(total), total)
+    first = torch.full((n,), total, dtype=torch.long).scatter_reduce_(0, rows, position, "amin")
+    if (first == total).any():
+        return None
+    perm = cols[first]
+    if torch.unique(perm).numel() != n:
+        return None
+    return perm
+
+
+def _sparse_assignment(n, rows, cols, values) -> Optional[torch.Tensor]:
+    """Maximum-weight perfect matching on the scored pairs (``None`` if there is none)."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    _, first = np.unique((rows * n + cols).numpy(), return_index=True)
+    r, c, v = rows.numpy()[first], cols.numpy()[first], values.numpy()[first]
+    # LAPJVsp needs non-zero weights; a constant shift does not change a perfect matching.
+    weights = v - v.min() + 1.0
+    graph = csr_matrix((weights, (r, c)), shape=(n, n))
+    try:
+        row_ind, col_ind = min_weight_full_bipartite_matching(graph, maximize=True)
+    except ValueError:  # no perfect matching on these pairs
+        return None
+    perm = torch.empty(n, dtype=torch.long)
+    perm[torch.as_tensor(row_ind, dtype=torch.long)] = torch.as_tensor(col_ind, dtype=torch.long)
+    return perm
