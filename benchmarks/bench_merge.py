@@ -1,25 +1,38 @@
 """Wall time and peak RSS: mergekit's plain task_arithmetic vs the aligned method, same run.
 
-    .venv/bin/python benchmarks/bench_merge.py [--workdir bench-output] [--repeats 2]
+    .venv/bin/python benchmarks/bench_merge.py [--suites smollm2 8b-layer 1b] [--repeats 3]
     .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
 
-Models: the real SmolLM2-135M-Instruct (reference), a perturbed copy (skill) and the reference
-under a random exact symmetry (target). Each merge runs `mergekit-yaml` in its own process
-(peak RSS = that process's ru_maxrss); runs alternate plain/aligned to share machine noise.
-`--layer-only` times the alignment of one layer at Llama-3.1-8B's shapes (hidden 4096,
-32/8 heads, MLP 14336, random weights), per symmetry, on CPU (and CUDA when available).
+Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's ru_maxrss);
+runs alternate between the methods so that they share the machine's noise; each figure is
+the median over the repeats, with the range. Suites:
 
-Results go to docs/performance.md unless --no-docs: the whole-merge table and a bar chart to
-region `merge_cost` (`merge_cost_cuda` with --cuda), the per-symmetry layer tables to regions
-`layer_8b_cpu` and `layer_8b_cuda`.
+* ``smollm2``: the real SmolLM2-135M-Instruct (reference), a perturbed copy (skill) and a
+  perturbed copy under a random exact symmetry of its layers (target): plain, aligned by
+  weights, + ``residual: permutation``, by activations, and a second merge with other
+  weights reusing a saved alignment (``alignment_cache``, filled by one untimed run first).
+* ``8b-layer``: a one-layer model with Llama-3.1-8B's layer shapes (hidden 4096, 32/8 heads,
+  MLP 14336, vocabulary 512), random bfloat16 weights, target = a perturbed sibling under a
+  random exact symmetry (neurons, heads, V/O, Q/K planes and scales).
+* ``1b``: a synthetic Llama-3.2-1B-shaped model (hidden 2048, 16 layers, MLP 8192, 32/8
+  heads, vocabulary 2048), bfloat16, built the same way.
+
+Synthetic models are generated here, never downloaded. `--layer-only` times the alignment of
+one 8B-shaped layer per symmetry, in-process, on CPU (and CUDA when available).
+
+Results go to docs/performance.md unless --no-docs: region ``merge_cost_<suite>`` (with a bar
+chart), ``layer_8b_cpu`` / ``layer_8b_cuda`` for --layer-only; ``_cuda`` suffix with --cuda.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +52,7 @@ from examples.common import (  # noqa: E402
 )
 
 PAGE = "performance.md"
+SUITES = ("smollm2", "8b-layer", "1b")
 
 CHILD = """
 import resource, sys, time
@@ -52,33 +66,80 @@ finally:
           file=sys.stderr)
 """
 
+SYNTHETIC = {  # LlamaConfig fields of the generated models
+    "8b-layer": dict(hidden_size=4096, num_hidden_layers=1, intermediate_size=14336,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=512,
+                     rope_theta=500000.0, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=2048,
+               rope_theta=500000.0, tie_word_embeddings=True),
+}
 
-def build_models(workdir: Path):
-    from examples import smollm
+
+def _save(state, config, path: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config.torch_dtype = dtype
+    config.save_pretrained(path)
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / ".complete").write_text("")
+
+
+def build_models(workdir: Path, suite: str):
+    """reference, skill (perturbed reference), target (perturbed reference under a random
+    exact symmetry); cached in ``workdir/<suite>``."""
     from mergekit_symalign.statedict import scramble_state_dict
 
-    paths = {n: workdir / n for n in ("reference", "skill", "target")}
-    if all(smollm.is_saved(p) for p in paths.values()):
+    root = workdir / suite
+    paths = {n: root / n for n in ("reference", "skill", "target")}
+    if all((p / ".complete").is_file() for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
-    model, tokenizer = smollm.load_smollm2(torch.float32)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if suite == "smollm2":
+        from examples import smollm
+
+        model, _tokenizer = smollm.load_smollm2(torch.float32)
+        config, dtype = model.config, torch.float32
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        del model
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config, dtype = LlamaConfig(**SYNTHETIC[suite]), torch.bfloat16
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+        g = torch.Generator().manual_seed(0)
+        sd = {k: (1.0 + 0.1 * torch.randn(s, generator=g)) if "norm" in k
+              else 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+        if config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     skill = perturbed(sd, seed=0, scale=0.01)
-    target, _ = scramble_state_dict(sd, model.config, seed=1)
+    target, _ = scramble_state_dict(perturbed(sd, seed=2, scale=0.01), config, seed=1)
     for name, weights in (("reference", sd), ("skill", skill), ("target", target)):
-        model.load_state_dict(weights)
-        smollm.save_pretrained(model, tokenizer, paths[name])
+        _save(weights, config, paths[name], dtype)
     return {k: str(v) for k, v in paths.items()}
 
 
-def recipes(paths, dtype):
-    def aligned(**parameters):  # the skill model is the reference's fine-tune: not aligned
+def recipes(paths, dtype, suite: str, cache: Path):
+    """name -> (recipe, untimed warm-up recipe or None)."""
+    def aligned(weight=1.0, **parameters):  # the skill is the reference's fine-tune: not aligned
         return aligned_recipe(ALIGNED_TASK_ARITHMETIC, paths["target"], paths["reference"],
-                              [(paths["skill"], {"align": False})], dtype=dtype, **parameters)
+                              [(paths["skill"], {"align": False, "weight": weight})],
+                              dtype=dtype, **parameters)
 
-    return {"task_arithmetic (plain)": plain_transfer_recipe(paths["target"], paths["reference"],
-                                                             paths["skill"], dtype),
-            "symmetry_aligned (weights)": aligned(),
-            "symmetry_aligned (activations)": aligned(alignment="activations")}
+    out = {"task_arithmetic (plain)": (plain_transfer_recipe(paths["target"], paths["reference"],
+                                                             paths["skill"], dtype), None),
+           "aligned (weights)": (aligned(), None)}
+    if suite == "smollm2":
+        out["aligned (weights, residual: permutation)"] = (aligned(residual="permutation"), None)
+        out["aligned (activations)"] = (aligned(alignment="activations"), None)
+        out["aligned (weights), second merge reusing alignment_cache"] = (
+            aligned(weight=0.5, alignment_cache=str(cache)),
+            aligned(weight=1.0, alignment_cache=str(cache)))
+    return out
 
 
 def run_one(recipe, workdir: Path, extra):
@@ -91,50 +152,77 @@ def run_one(recipe, workdir: Path, extra):
         return float(seconds), int(maxrss_kb) / 1024
 
 
-def layer_bytes(paths):
+def layer_mib(paths):
     from safetensors import safe_open
 
     with safe_open(f"{paths['reference']}/model.safetensors", "pt") as f:
-        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".layers.0." in k)
-    return total * 4 / 2**20
+        keys = [k for k in f.keys() if ".layers.0." in k]
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+        itemsize = 4 if f.get_slice(keys[0]).get_dtype() == "F32" else 2
+    return total * itemsize / 2**20
 
 
-def merge_benchmark(args):
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def merge_benchmark(args, suite: str):
     workdir = Path(args.workdir).resolve()  # absolute: mergekit asks the Hub about "a/b" paths
     workdir.mkdir(parents=True, exist_ok=True)
-    paths = build_models(workdir)
+    t = time.perf_counter()
+    paths = build_models(workdir, suite)
+    print(f"[{suite}] models ready in {time.perf_counter() - t:.0f} s", flush=True)
+    dtype = "float32" if suite == "smollm2" else "bfloat16"
     extra = ["--cuda"] if args.cuda else []
-    results = {name: [] for name in recipes(paths, args.dtype)}
+    cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
+    plan = recipes(paths, dtype, suite, cache)
+    for name, (_recipe, warm) in plan.items():
+        if warm is not None:
+            run_one(warm, workdir, extra)  # fills the cache
+    results = {name: [] for name in plan}
     for _ in range(args.repeats):
-        for name, recipe in recipes(paths, args.dtype).items():
+        for name, (recipe, _warm) in plan.items():
             results[name].append(run_one(recipe, workdir, extra))
+            print(f"  {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MiB",
+                  flush=True)
     rows = []
     for name, runs in results.items():
-        rows.append((name, min(r[0] for r in runs), max(r[1] for r in runs)))
-    _, t0, m0 = rows[0]
-    lb = layer_bytes(paths)
+        times, rss = [r[0] for r in runs], [r[1] for r in runs]
+        rows.append({"name": name, "t": statistics.median(times), "t_min": min(times),
+                     "t_max": max(times), "rss": statistics.median(rss), "rss_min": min(rss),
+                     "rss_max": max(rss)})
+    lb = layer_mib(paths)
     device = "cuda" if args.cuda else "cpu"
-    header = (f"SmolLM2-135M-Instruct, dtype {args.dtype}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__}, {device}; best of {args.repeats}; one layer = {lb:.1f} MiB fp32")
+    what = {"smollm2": "SmolLM2-135M-Instruct, float32",
+            "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
+            "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16"}[suite]
+    header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
+              f"one layer = {lb:.1f} MiB")
+    t0, m0 = rows[0]["t"], rows[0]["rss"]
     lines = ["| method | wall time (s) | peak RSS (MiB) | time vs plain | RSS vs plain |",
              "|---|---:|---:|---:|---|"]
-    for name, t, m in rows:
-        lines.append(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x "
-                     f"({m - m0:+.0f} MiB = {(m - m0) / lb:+.1f} layers) |")
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['t']:.1f} ({r['t_min']:.1f}–{r['t_max']:.1f}) | "
+            f"{r['rss']:.0f} ({r['rss_min']:.0f}–{r['rss_max']:.0f}) | {r['t'] / t0:.2f}x | "
+            f"{r['rss'] / m0:.2f}x ({r['rss'] - m0:+.0f} MiB = {(r['rss'] - m0) / lb:+.1f} layers) |")
     table = "\n".join(lines)
     print(header)
-    print(table)
-    out = {"rows": rows, "layer_mib": lb}
-    (workdir / "bench.json").write_text(json.dumps(out, indent=1))
+    print(table, flush=True)
+    (workdir / f"bench-{suite}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
+                                                            indent=1))
     if args.no_docs:
         return
     suffix = "_cuda" if args.cuda else ""
     title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
-             f"(SmolLM2-135M-Instruct, {args.dtype}, {device}, best of {args.repeats})")
-    image = cost_plot(rows, title, f"merge_cost{suffix}.png")
-    path = report.update_page(PAGE, f"merge_cost{suffix}",
-                              f"{header}:\n\n{table}\n\n![Merge cost relative to plain task_arithmetic]({image})\n")
-    print(f"\nwrote {path} and docs/{image}")
+             f"({what}, {device}, median of {args.repeats})")
+    image = cost_plot([(r["name"], r["t"], r["rss"]) for r in rows], title,
+                      f"merge_cost_{suite}{suffix}.png")
+    path = report.update_page(PAGE, f"merge_cost_{suite}{suffix}",
+                              f"{header}:\n\n{table}\n\n![Merge cost relative to plain "
+                              f"task_arithmetic]({image})\n")
+    print(f"wrote {path} and docs/{image}")
 
 
 def cost_plot(rows, title, name) -> str:
@@ -165,7 +253,7 @@ def layer_benchmark(args):
     from mergekit_symalign.groups import apply, solve
     from mergekit_symalign.spec import random_transform
 
-    g = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 32, 500000.0)
+    g = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
     spec = layer_spec("llama", g)
     gen = torch.Generator().manual_seed(0)
     shapes = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
@@ -217,8 +305,8 @@ def layer_table(where: str, timings, total: float, err: float) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="bench-output")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--layer-only", action="store_true")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
@@ -226,7 +314,8 @@ def main(argv=None):
     if args.layer_only:
         layer_benchmark(args)
     else:
-        merge_benchmark(args)
+        for suite in args.suites:
+            merge_benchmark(args, suite)
 
 
 if __name__ == "__main__":
