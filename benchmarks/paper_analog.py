@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,14 +80,25 @@ def schedules(scale: float) -> Dict[str, tw.Schedule]:
 # --------------------------------------------------------------------------- the family
 
 
-def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: set) -> Dict[str, Path]:
-    """Train (or reuse) one seed's models; every model is a saved Llama checkpoint."""
+FAMILY = ("base", "reference", "skill", "target", "base-other-init", "target-other-init",
+          "target-scrambled")
+
+
+def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: set,
+                 config=None, models: Sequence[str] = FAMILY) -> Dict[str, Path]:
+    """Train (or reuse) one seed's models; every model is a saved Llama checkpoint.
+
+    ``config``: the models' ``LlamaConfig`` (default :func:`toyworld.model_config`, the
+    paper analog's); ``models``: build only these (a parent must be among them or cached)."""
     from transformers import LlamaForCausalLM
 
     plan = schedules(scale)
-    paths = {n: root / n for n in ("base", "reference", "skill", "target", "base-other-init",
-                                   "target-other-init", "target-scrambled")}
+    paths = {n: root / n for n in FAMILY}
     note = {"version": BUILD_VERSION, "seed": seed, "scale": scale}
+    shape = lambda c: {k: getattr(c, k) for k in (  # noqa: E731
+        "hidden_size", "intermediate_size", "num_hidden_layers")}
+    if config is not None and shape(config) != shape(tw.model_config()):
+        note["shape"] = shape(config)  # other shapes are cached apart; old caches stay valid
 
     def cached(name):
         marker = paths[name] / "build.json"
@@ -114,16 +125,16 @@ def build_family(root: Path, seed: int, scale: float, world: tw.World, exclude: 
          plan["target"], seed + 3),
     ]
     for name, parent, sample, schedule, train_seed in jobs:
-        if cached(name):
+        if name not in models or cached(name):
             continue
         if isinstance(parent, int):
             torch.manual_seed(parent)
-            model = LlamaForCausalLM(tw.model_config())
+            model = LlamaForCausalLM(config if config is not None else tw.model_config())
         else:
             model = load(parent)
         losses = tw.train(model, sample, schedule, train_seed, exclude, desc=f"seed {seed} {name}")
         save(model, name, losses)
-    if not cached("target-scrambled"):
+    if "target-scrambled" in models and not cached("target-scrambled"):
         # The target moved by a random element of its exact symmetry group: the same
         # function in other coordinates (what an independent training run may well produce).
         from mergekit_symalign.statedict import scramble_state_dict

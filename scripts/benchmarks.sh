@@ -12,6 +12,7 @@ PY=.venv/bin/python
 if [ "${1:-}" = "--quick" ]; then
   $PY benchmarks/paper_analog.py --seeds 1 --scale 0.02 --problems 20 --workdir bench-output/quick --no-docs
   $PY benchmarks/bench_merge.py --suites smollm2 --repeats 1 --no-docs
+  $PY benchmarks/independent_init.py --quick --workdir bench-output/quick-independent-init --no-docs
   exit 0
 fi
 # timings first, while nothing else runs
@@ -24,3 +25,4 @@ $PY benchmarks/layer_distances.py --sibling demo-output/models/sibling   # docs/
 $PY benchmarks/transfer_ablation.py                 # docs/transfer.md
 $PY benchmarks/residual_transfer.py                 # docs/transfer.md: targets with moved heads and residual stream
 $PY benchmarks/paper_analog.py --seeds 3            # docs/paper-analog.md
+$PY benchmarks/independent_init.py --seeds 3 --widths 64:3 128:3 256:2   # docs/independent-init.md (about 2 h more on 1 thread: it trains wider models)

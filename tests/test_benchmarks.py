@@ -87,3 +87,99 @@ def test_paper_analog_pipeline_smoke(tmp_path):
         by[("same base", "target")]["kl_skill"], abs=1e-4)
     # paper_analog's report reads the saved results back without retraining
     paper_analog.main(["--workdir", str(work), "--from-results", "--no-docs", "--problems", "5"])
+
+
+# --------------------------------------------------------------------------- independent inits
+
+
+def _toy_pair(seed=0, width=32):
+    """A random toy model with non-trivial norm weights, and the same function under a random
+    exact symmetry of every layer and of the residual stream (rotated, norms folded)."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_symalign.statedict import scramble_state_dict
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tw.model_config(hidden=width, intermediate=3 * width)).eval()
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (v + 0.3 * torch.rand(v.shape, generator=g) if "norm" in k else v).clone()
+          for k, v in model.state_dict().items()}
+    scrambled, _ = scramble_state_dict(sd, model.config, seed=seed + 1, residual="orthogonal")
+    return model, sd, scrambled
+
+
+@pytest.mark.parametrize("residual", ["none", "permutation", "orthogonal"])
+def test_one_pass_weight_matching_is_the_packages(residual):
+    """The benchmark's weight matching with no re-solve is align_state_dict, tensor by tensor."""
+    import independent_init as ii
+
+    from mergekit_symalign.statedict import align_state_dict
+
+    model, a, _ = _toy_pair(1)
+    b = {k: v.clone() for k, v in _toy_pair(2)[1].items()}  # another init: a real problem
+    mine, _ = ii.weight_matching(a, b, model.config, residual)
+    theirs, _ = align_state_dict(a, b, model.config, residual=residual)
+    assert set(mine) == set(theirs)
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], atol=0, rtol=0)
+
+
+def test_iterative_weight_matching_is_exact_and_undoes_a_scramble():
+    """Re-solving the residual stream from every layer's readers and writers (in the layers'
+    aligned coordinates) keeps the model's function and still finds the true transform."""
+    import independent_init as ii
+
+    model, sd, scrambled = _toy_pair(3)
+    ids = torch.randint(3, len(tw.VOCAB), (2, 17), generator=torch.Generator().manual_seed(0))
+    trace = []
+    aligned, _ = ii.weight_matching(sd, scrambled, model.config, "orthogonal", rounds=2, trace=trace)
+    assert [t["round"] for t in trace] == [0, 1, 2]
+    assert trace[-1]["distance"] < 1e-5 and ii.relative_distance(sd, aligned) < 1e-5
+    with torch.no_grad():
+        model.load_state_dict(scrambled)
+        before = model(ids).logits
+        model.load_state_dict(aligned)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_barrier_is_the_excess_over_the_endpoints_line():
+    import independent_init as ii
+
+    alphas = [0, 0.25, 0.5, 0.75, 1]
+    assert ii.barrier(alphas, [1.0, 1.5, 2.5, 2.2, 2.0]) == pytest.approx(1.0)
+    assert ii.barrier(alphas, [1.0, 1.25, 1.5, 1.75, 2.0]) == pytest.approx(0.0)
+    assert ii.parse_widths(["128", "256:2"], 3) == [(128, 3), (256, 2)]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_independent_init_pipeline_smoke(tmp_path):
+    """Tiny schedules, one width with the transfer: every variant's path ends at the same loss
+    as the plain one (the aligned endpoint computes B's function), and mergekit's aligned
+    transfer computes what the state-dict formula computes."""
+    import independent_init as ii
+
+    work = tmp_path / "work"
+    ii.main(["--quick", "--widths", "32", "--transfer-widths", "32", "--points", "3",
+             "--threads", "1", "--workdir", str(work), "--no-docs"])
+    saved = json.loads((work / "results.json").read_text())
+    (pair,) = saved["pairs"]
+    assert set(pair["variants"]) == set(ii.FUSION)
+    plain = pair["variants"]["plain"]["losses"]
+    for name, row in pair["variants"].items():
+        assert len(row["losses"]) == 3
+        assert row["losses"][0] == plain[0]  # alpha = 0 is model A itself
+        assert row["losses"][-1] == pytest.approx(plain[-1], abs=1e-4), name
+        assert row["barrier"] >= 0
+    fit = pair["residual_fit"]  # the one-pass rotation's keep-or-snap decision, recorded
+    assert fit["mode"] in ("permutation", "orthogonal") and fit["entries"] == 2 * 32 * fit["vocab"]
+    assert (fit["mode"] == "orthogonal") == (fit["gain_share"] > fit["threshold"])
+    assert set(pair["parts"]) == set(ii.PARTS_VARIANTS)
+    rows = saved["transfer"]
+    got = {(r["setting"], r["variant"]) for r in rows}
+    assert {("other init", v) for v in ii.TRANSFER} <= got
+    assert {("same base", v) for v in ii.SAME_BASE} <= got
+    checks = [r["statedict_check_kl"] for r in rows if "statedict_check_kl" in r]
+    assert checks and max(checks) < 1e-5
+    # the report reads the saved results back without training or measuring
+    ii.main(["--workdir", str(work), "--from-results", "--no-docs"])
