@@ -639,11 +639,14 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
             # decision rests on the weights, where the noise is spread evenly.
             continue
         entries += a.numel()
-        norms = norms + (a.double() ** 2).sum().cpu() + (t.double() ** 2).sum().cpu()
+        # Sums of squares per slot in the working dtype (no float64 copy of the tensors: a
+        # third of an 8B layer's alignment time went to such copies), accumulated in float64.
+        t2, a2 = t.reshape(n, -1), a.reshape(n, -1)
+        t_sq = (t2 * t2).sum(-1).double().cpu()
+        norms = norms + (a2 * a2).sum(-1).double().sum().cpu() + t_sq.sum()
         if symmetry.kind == Kind.scale:
-            t2, a2 = t.reshape(n, -1), a.reshape(n, -1)
             side = ("yy", "ya") if site.contragredient else ("xx", "xa")
-            stats[side[0]] += (t2 * t2).sum(-1).double().cpu()
+            stats[side[0]] += t_sq
             stats[side[1]] += (t2 * a2).sum(-1).double().cpu()
         else:
             term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
