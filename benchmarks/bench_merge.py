@@ -76,10 +76,12 @@ SYNTHETIC = {  # LlamaConfig fields of the generated models
 }
 
 
-def _save(state, config, path: Path, dtype: torch.dtype) -> None:
+def _save(state, config, path: Path, dtype: torch.dtype, tokenizer=None) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:  # alignment: activations runs each model on calibration text
+        tokenizer.save_pretrained(path)
     config.torch_dtype = dtype
     config.save_pretrained(path)
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
@@ -101,14 +103,15 @@ def build_models(workdir: Path, suite: str):
     if suite == "smollm2":
         from examples import smollm
 
-        model, _tokenizer = smollm.load_smollm2(torch.float32)
+        model, tokenizer = smollm.load_smollm2(torch.float32)
         config, dtype = model.config, torch.float32
         sd = {k: v.clone() for k, v in model.state_dict().items()}
         del model
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config, dtype = LlamaConfig(**SYNTHETIC[suite]), torch.bfloat16
+        config, dtype, tokenizer = LlamaConfig(**SYNTHETIC[suite]), torch.bfloat16, None
+        config.architectures = ["LlamaForCausalLM"]
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
         g = torch.Generator().manual_seed(0)
@@ -119,7 +122,7 @@ def build_models(workdir: Path, suite: str):
     skill = perturbed(sd, seed=0, scale=0.01)
     target, _ = scramble_state_dict(perturbed(sd, seed=2, scale=0.01), config, seed=1)
     for name, weights in (("reference", sd), ("skill", skill), ("target", target)):
-        _save(weights, config, paths[name], dtype)
+        _save(weights, config, paths[name], dtype, tokenizer)
     return {k: str(v) for k, v in paths.items()}
 
 
