@@ -335,7 +335,7 @@ def solve_permutation(
     """
     if symmetry.features:
         return assign(gram_similarity(symmetry, reference, model, **kw), symmetry)
-    from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, match
+    from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, dense_similarity, match
 
     def moved_by_scale(site, contragredient):
         return scale is not None and any(
@@ -344,45 +344,17 @@ def solve_permutation(
             for s in scale.sites
         )
 
-    if symmetry.block_size:  # within-block matching (query heads): small, dense
-        similarity = _dense_similarity(symmetry, reference, model, moved_by_scale, **kw)
-        return torch.arange(symmetry.slots) if similarity is None else assign(similarity, symmetry)
     terms = []
     for site, a, t in _site_pairs(symmetry, reference, model, **kw):
         role = COVARIANT if moved_by_scale(site, False) else \
             CONTRAGREDIENT if moved_by_scale(site, True) else PLAIN
         terms.append((a, t, role))
+    if symmetry.block_size:  # within-block matching (query heads): small, dense, per block
+        similarity = dense_similarity(terms, symmetry.slots)
+        return torch.arange(symmetry.slots) if similarity is None else assign(similarity, symmetry)
     # Dense n x n similarity + scipy for small n; sketch, candidates and exact scores of
     # candidate pairs for large n (see assignment.py).
     return match(terms, symmetry.slots, name=symmetry.name)
-
-
-def _dense_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, moved_by_scale,
-                      **kw) -> Optional[torch.Tensor]:
-    """The ``[n, n]`` similarity of :func:`solve_permutation`, built densely."""
-    plain = fwd = inv = None
-
-    def add(acc, value):
-        return value if acc is None else acc + value
-
-    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
-        n = a.shape[0]
-        sim = a.reshape(n, -1) @ t.reshape(n, -1).T
-        if moved_by_scale(site, False):
-            fwd = add(fwd, sim)
-        elif moved_by_scale(site, True):
-            inv = add(inv, sim)
-        else:
-            plain = add(plain, sim)
-    if fwd is not None and inv is not None:
-        prod = fwd.double() * inv.double()
-        invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
-        plain = add(plain.double() if plain is not None else None, invariant)
-    else:  # scale not active on both sides: plain sum is already the right objective
-        for extra in (fwd, inv):
-            if extra is not None:
-                plain = add(plain, extra)
-    return plain  # None: no site present
 
 
 def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
