@@ -72,6 +72,7 @@ from .architectures import (
     full_qk_warning,
     geometry_from_config,
     layer_spec,
+    text_config,
 )
 from . import residual as res
 from .calibration import check_enough_tokens
@@ -98,10 +99,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- activation spec
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass(frozen=True, eq=False)
@@ -329,7 +326,7 @@ class LayerStreamer:
 
         self.name, self.get_tensor = name, get_tensor
         self.device, self.dtype = torch.device(device), dtype
-        cfg = copy.deepcopy(_text_config(config))
+        cfg = copy.deepcopy(text_config(config))
         cfg.use_cache = False
         with torch.device("meta"):
             self.model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -482,7 +479,7 @@ def full_forward_statistics(
     """The same activations, recorded by hooks on a full in-memory HF model (for tests)."""
     plan = activation_plan(model.config, qk_rotation)
     base = model.base_model
-    token_ids = _check_token_ids(token_ids, getattr(_text_config(model.config), "vocab_size", None))
+    token_ids = _check_token_ids(token_ids, getattr(text_config(model.config), "vocab_size", None))
     device = next(model.parameters()).device
     recorders = [_Recorder(layer, plan) for layer in base.layers]
     try:
@@ -778,7 +775,7 @@ def align_by_activations(
     from tqdm.auto import tqdm
 
     plan = activation_plan(config, qk_rotation, "reference")
-    token_ids = _check_token_ids(token_ids, getattr(_text_config(config), "vocab_size", None))
+    token_ids = _check_token_ids(token_ids, getattr(text_config(config), "vocab_size", None))
     for needed, what in required_tokens(plan, switches):
         check_enough_tokens(token_ids.numel(), needed, what)
     if qk_rotation == "full" and switches.rotation:
@@ -787,9 +784,9 @@ def align_by_activations(
     results: Dict[str, Dict[Any, LayerTransform]] = {key: {} for key in models}
     if not models:
         return results if compose else (results, {})
-    tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
+    tied = bool(getattr(text_config(config), "tie_word_embeddings", False))
     if residual != "none":
-        res.check_supported(plan.arch, residual, tied, _text_config(config))
+        res.check_supported(plan.arch, residual, tied, text_config(config))
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
     ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
     model_configs = model_configs or {}
@@ -830,7 +827,7 @@ def compose_residual(config: Any, results: Dict[str, Dict[Any, LayerTransform]],
         return results
     geometry = geometry_from_config(config)
     arch = architecture_for(geometry.model_type)
-    tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
+    tied = bool(getattr(text_config(config), "tie_word_embeddings", False))
     out = dict(results)
     for key, element in elements.items():
         parts = res.model_transforms(arch, geometry, element, _norm_getter(models[key]),

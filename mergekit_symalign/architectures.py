@@ -150,8 +150,13 @@ def _rope_parameters(cfg: Any) -> Dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config: a multimodal config's text part, else the config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(cfg)
     model_type = getattr(cfg, "model_type", None)
     arch = architecture_for(model_type, model)
     for flag, reason in arch.refuse_if:

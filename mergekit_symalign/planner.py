@@ -37,7 +37,7 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDi
 from mergekit.parameter_resolver import resolve_parameters
 from mergekit.tokenizer import PermutedVocabulary
 
-from .architectures import full_qk_warning
+from .architectures import full_qk_warning, text_config
 from .collect import collected, for_planning
 from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
@@ -165,7 +165,7 @@ class AlignedPlanning:
                 reference, self._activation_models(reference), path, samples, max_tokens,
                 options.trust_remote_code),
             geometry=self.geometry,
-            vocab_size=getattr(configs[reference].get_text_config(), "vocab_size", None),
+            vocab_size=getattr(text_config(configs[reference]), "vocab_size", None),
         )
         self.module = self._decoder_module()
         self.residual = check_residual(cfg, self.arch, configs, len(self.planner.arch_info.modules),

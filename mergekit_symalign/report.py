@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .groups import _working  # the solver's working dtype: the distances see what it sees
+
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than
 # this fraction is reported as "already in the reference's coordinates" (what moved fits noise).
@@ -98,10 +100,6 @@ def summarize_transform(transform, tol: float = IDENTITY_TOLERANCE) -> Dict[str,
     A step whose movement cannot be read counts as moved."""
     steps = [step_summary(symmetry, element, tol) for symmetry, element in transform.steps]
     return {"identity": all(s["moved"] == 0 for s in steps), "symmetries": steps}
-
-
-def _working(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def distances_before_after(reference: Mapping[str, torch.Tensor],

@@ -16,15 +16,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from . import residual as res
-from .architectures import Architecture, architecture_for, geometry_from_config, layer_spec, split_layer_name
+from .architectures import (
+    Architecture,
+    architecture_for,
+    geometry_from_config,
+    layer_spec,
+    split_layer_name,
+    text_config,
+)
 from .spec import LayerSpec, LayerTransform, Switches, align_layer, random_transform
 
 MODULE = res.MODULE
 Key = Union[int, str]
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _by_layer(arch, state_dict: Mapping[str, torch.Tensor]):
@@ -50,7 +53,7 @@ def _module_tensors(arch: Architecture, state_dict, prefix: str) -> Dict[str, to
 
 
 def tied_embeddings(config: Any, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> bool:
-    cfg = _text_config(config)
+    cfg = text_config(config)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     if getattr(config, "tie_word_embeddings", None) is not None:
         tied = bool(config.tie_word_embeddings)
@@ -156,7 +159,7 @@ def scramble_state_dict(
     arch = architecture_for(geometry.model_type)
     transforms: Dict[Key, LayerTransform] = {}
     if residual != "none":
-        res.check_supported(arch, residual, tied_embeddings(config), _text_config(config))
+        res.check_supported(arch, residual, tied_embeddings(config), text_config(config))
         element = res.random_residual(arch, geometry.hidden_size, residual, generator)
         unit = {k: (torch.ones_like(v) - res.norm_offset(arch)) if "norm" in k.rsplit(".", 2)[-2]
                 else v for k, v in state_dict.items()}
@@ -190,7 +193,7 @@ def align_state_dict(
     current = dict(model)
     if residual != "none":
         tied = tied_embeddings(config)
-        res.check_supported(arch, residual, tied, _text_config(config))
+        res.check_supported(arch, residual, tied, text_config(config))
         prefix = _module_prefix(_by_layer(arch, model))
         names = res.input_names(arch, tied)
         mine = {n: model[prefix + n] for n in names if prefix + n in model}

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapp
 
 import torch
 
-from .architectures import Architecture, Geometry, architecture_for, geometry_from_config
+from .architectures import Architecture, Geometry, architecture_for, geometry_from_config, text_config
 import logging
 
 from .errors import NonFiniteTensorError, SymAlignConfigError, UnsupportedArchitecture
@@ -330,15 +330,11 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
     return architecture_for(g0.model_type), g0
 
 
-def _text(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _computation(config) -> Dict[str, Any]:
     """The config values that change what a layer (or the head) computes, beyond the layer
     geometry that :func:`check_models` compares: activation, norm epsilon, RoPE parameters
     and scaling, soft-capping, attention scaling, sliding windows, biases, tied embeddings."""
-    cfg = _text(config)
+    cfg = text_config(config)
     get = lambda name: getattr(cfg, name, None)  # noqa: E731
     out = {
         "hidden activation": get("hidden_activation") or get("hidden_act"),
@@ -394,7 +390,7 @@ def check_vocabularies(method_name: str, configs: Mapping[Hashable, Any], base, 
     """Without a tokenizer section, every model must have the base's vocabulary size."""
     if has_tokenizer:
         return
-    sizes = {m: getattr(_text(c), "vocab_size", None) for m, c in configs.items()}
+    sizes = {m: getattr(text_config(c), "vocab_size", None) for m, c in configs.items()}
     want = sizes.get(base)
     for model, size in sizes.items():
         if want is not None and size is not None and size != want:
@@ -440,8 +436,7 @@ def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], mod
             check_supported(arch, mode, tied_embeddings(config), config, str(model))
         except UnsupportedArchitecture as err:
             raise SymAlignConfigError(str(err)) from None
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        vocab[model] = getattr(text, "vocab_size", None)
+        vocab[model] = getattr(text_config(config), "vocab_size", None)
     if top.get("alignment", "weights") == "weights" and len(set(vocab.values())) > 1:
         sizes = ", ".join(f"{m}: {v}" for m, v in vocab.items())
         raise SymAlignConfigError(
