@@ -255,7 +255,7 @@ def test_canary_names_a_moved_card_function(monkeypatch):
 
 
 def test_transform_summary_is_generic_over_steps():
-    from mergekit_symalign.groups import Kind, rotation_2d
+    from mergekit_symalign.groups import Kind, identity_element, rotation_2d
     from mergekit_symalign.spec import LayerTransform, random_transform
     from mergekit_symalign.statedict import spec_for_config
 
@@ -268,19 +268,11 @@ def test_transform_summary_is_generic_over_steps():
     assert {s["name"] for s in moved["symmetries"]} == {s.name for s in spec.symmetries()}
     assert all(s["moved"] > 0 for s in moved["symmetries"])
 
-    def identity(symmetry):
-        n, k = symmetry.slots, symmetry.coords
-        if symmetry.kind == Kind.permutation:
-            return torch.arange(n)
-        if symmetry.kind in (Kind.scale, Kind.sign):
-            return torch.ones(n, dtype=torch.float64)
-        return torch.eye(k, dtype=torch.float64).expand(n, k, k).clone()
-
-    still = LayerTransform(tuple((s, identity(s)) for s in spec.symmetries()))
+    still = LayerTransform(tuple((s, identity_element(s)) for s in spec.symmetries()))
     assert summarize_transform(still)["identity"] is True
     # just above and below the tolerance
     scale = next(s for s in spec.symmetries() if s.kind == Kind.scale)
-    nudged = identity(scale)
+    nudged = identity_element(scale)
     nudged[0] += 10 * IDENTITY_TOLERANCE
     assert step_summary(scale, nudged)["moved"] == 1
     nudged[0] = 1 + IDENTITY_TOLERANCE / 10
