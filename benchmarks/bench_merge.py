@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,15 +181,18 @@ def merge_benchmark(args, suite: str):
     extra = ["--cuda"] if args.cuda else []
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
     plan = recipes(paths, dtype, suite, cache)
-    for name, (_recipe, warm) in plan.items():
-        if warm is not None:
-            run_one(warm, workdir, extra)  # fills the cache
     results = {name: [] for name in plan}
-    for _ in range(args.repeats):
-        for name, (recipe, _warm) in plan.items():
-            results[name].append(run_one(recipe, workdir, extra))
-            print(f"  {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MiB",
-                  flush=True)
+    try:
+        for name, (_recipe, warm) in plan.items():
+            if warm is not None:
+                run_one(warm, workdir, extra)  # fills the cache
+        for _ in range(args.repeats):
+            for name, (recipe, _warm) in plan.items():
+                results[name].append(run_one(recipe, workdir, extra))
+                print(f"  {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MiB",
+                      flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     rows = []
     for name, runs in results.items():
         times, rss = [r[0] for r in runs], [r[1] for r in runs]

@@ -87,14 +87,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
-    opts = demo.parse_args(["--workdir", args.workdir, "--eval-problems", str(args.eval_problems),
-                            "--threads", str(args.threads)])
-    torch.set_num_threads(opts.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    paths = {k: Path(v) for k, v in demo.build_family(opts)["paths"].items()}
+    opts, paths = ablation.demo_family(args.workdir, args.eval_problems, args.threads)
     work = Path(args.workdir) / "residual"
     models = {name: untied(paths[name], work / f"{name}-untied") for name in ("reference", "skill", "sibling")}
     targets = {}

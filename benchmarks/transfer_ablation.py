@@ -116,6 +116,19 @@ def run_variants(targets, variants, out_dir: Path, tok, problems, skill_logp, te
     return rows
 
 
+def demo_family(workdir: str, eval_problems: int, threads: int):
+    """The demo's options and its SmolLM2 family's model paths (built once, then reused),
+    with torch's threads set and transformers quiet."""
+    opts = demo.parse_args(["--workdir", workdir, "--eval-problems", str(eval_problems),
+                            "--threads", str(threads)])
+    torch.set_num_threads(opts.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return opts, {k: Path(v) for k, v in demo.build_family(opts)["paths"].items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo-output")
@@ -127,15 +140,8 @@ def main(argv=None):
                         help="keep the merged weights (default: keep only their recipes)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
-    opts = demo.parse_args(["--workdir", args.workdir, "--eval-problems", str(args.eval_problems),
-                            "--threads", str(args.threads)])
-    torch.set_num_threads(opts.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    opts, paths = demo_family(args.workdir, args.eval_problems, args.threads)
     targets = [args.target] if args.target else list(demo.TARGETS)
-    paths = {k: Path(v) for k, v in demo.build_family(opts)["paths"].items()}
     problems = demo.eval_problems(opts.eval_problems, opts.seed)
     rng = random.Random(1234)
     texts = [demo.sibling_sentence(rng) for _ in range(RETENTION_TEXTS)]
