@@ -82,6 +82,13 @@ DENSE_IF_UNCERTAIN = 0.05
 
 Term = Tuple[torch.Tensor, torch.Tensor, str]
 
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """At least float32. Features may come in the checkpoint's dtype (bf16 views of the
+    weights, no whole-tensor copies); every product below reads them through this, one chunk
+    or gathered block at a time."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 # Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
 # hold up far better than 128-row blocks when other processes compete for the cores.
 _ROWS_PER_BLOCK = 512
@@ -110,7 +117,8 @@ def match(
     """``perm`` (``LongTensor[n]``) maximising the summed combined similarity of matched slots.
 
     ``terms``: ``(reference_features, model_features, role)`` with features ``[n, ...]``
-    (flattened to ``[n, m]``; strided views are fine) and ``role`` one of :data:`ROLES`.
+    (flattened to ``[n, m]``; strided views and low-precision dtypes are fine: products are
+    computed in at least float32) and ``role`` one of :data:`ROLES`.
     Options left at ``None`` take the module's constants (:data:`DENSE_BELOW`,
     :data:`CANDIDATES`, :data:`SKETCH_DIM`, :data:`SEARCH_DIM`, :data:`MARGIN`) at call time.
     ``include_identity=False`` leaves the diagonal out of the candidate graph (for tests: the
@@ -174,7 +182,7 @@ def _dense(terms: Sequence[Term], n: int, name: str) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment
 
     if n <= _BLOCKED_ABOVE:
-        sim = dense_similarity(terms, n)
+        sim = dense_similarity([(_work(a), _work(t), role) for a, t, role in terms], n)
     else:
         sim = _exact_rows(_split(terms), torch.arange(n, device=terms[0][0].device))
     if sim is None:
@@ -202,8 +210,8 @@ class _Sketch:
         self.a = self.t = None
         for a, t in pairs:
             r = torch.randn(a.shape[1], d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-            r = r.to(device=a.device, dtype=a.dtype)
-            sa, st = (a @ r).float(), (t @ r).float()
+            r = r.to(device=a.device, dtype=torch.promote_types(a.dtype, torch.float32))
+            sa, st = _sketched(a, r).float(), _sketched(t, r).float()
             self.a = sa if self.a is None else self.a.add_(sa)
             self.t = st if self.t is None else self.t.add_(st)
         self.norm_a, self.norm_t = self.a.norm(dim=1), self.t.norm(dim=1)
@@ -215,6 +223,23 @@ class _Sketch:
         """Estimates ``[n, c]`` for model slots ``cand[n, c]``, and their Cauchy-Schwarz bound."""
         est = torch.einsum("nd,ncd->nc", self.a, self.t[cand])
         return est, self.norm_a[:, None] * self.norm_t[cand]
+
+
+def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x @ r`` in ``r``'s dtype; a low-precision ``x`` is converted a block at a time (rows,
+    or storage rows of a transposed view such as down_proj's columns)."""
+    if x.dtype == r.dtype:
+        return x @ r
+    n, m = x.shape
+    if _column_layout(x, x):  # x = storage.T, storage [m, n] contiguous: sum over row blocks
+        storage = x.T
+        step = max(1, _CHUNK_ELEMENTS // n)
+        out = torch.zeros(n, r.shape[1], dtype=r.dtype, device=x.device)
+        for k0 in range(0, m, step):
+            out.addmm_(storage[k0:k0 + step].to(r.dtype).T, r[k0:k0 + step])
+        return out
+    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    return torch.cat([x[s:s + step].to(r.dtype) @ r for s in range(0, n, step)])
 
 
 def _split(terms: Sequence[Term]):
@@ -330,16 +355,16 @@ def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch
             acc = torch.zeros(e - s, dtype=torch.float64, device=a.device)
             for k0 in range(0, m, step):
                 k1 = min(m, k0 + step)
-                picked = t_s[k0:k1].index_select(1, c)
-                picked.mul_(a_s[k0:k1, run] if run is not None else a_s[k0:k1].index_select(1, r))
+                picked = _work(t_s[k0:k1].index_select(1, c))
+                picked = picked.mul_(a_s[k0:k1, run] if run is not None else a_s[k0:k1].index_select(1, r))
                 acc += picked.sum(0).double()
             out[s:e] = acc
         return out
     for s in range(0, rows.shape[0], _PAIRS_PER_CHUNK):
         e = min(rows.shape[0], s + _PAIRS_PER_CHUNK)
         run = _as_range(rows[s:e])
-        ag = a[run] if run is not None else a.index_select(0, rows[s:e])
-        tg = t.index_select(0, cols[s:e])
+        ag = _work(a[run] if run is not None else a.index_select(0, rows[s:e]))
+        tg = _work(t.index_select(0, cols[s:e]))
         out[s:e] = torch.einsum("pm,pm->p", ag, tg).double()
     return out
 
@@ -353,9 +378,14 @@ def _diagonal_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(n, dtype=torch.float64, device=a.device)
         for k0 in range(0, m, step):
             k1 = min(m, k0 + step)
-            acc += (a_s[k0:k1] * t_s[k0:k1]).sum(0).double()
+            acc += (_work(a_s[k0:k1]) * t_s[k0:k1]).sum(0).double()
         return acc
-    return torch.einsum("nm,nm->n", a, t).double()
+    if a.dtype == _work(a[:0]).dtype:
+        return torch.einsum("nm,nm->n", a, t).double()
+    n, m = a.shape
+    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    return torch.cat([torch.einsum("nm,nm->n", _work(a[s:s + step]), _work(t[s:s + step])).double()
+                      for s in range(0, n, step)])
 
 
 def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> torch.Tensor:
@@ -534,7 +564,13 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
         total = None
         for a, t in pairs:
             run = _as_range(r)
-            sim = ((a[run] if run is not None else a.index_select(0, r)) @ t.T).double()
+            rows_a = _work(a[run] if run is not None else a.index_select(0, r))
+            if t.dtype == rows_a.dtype:
+                sim = (rows_a @ t.T).double()
+            else:  # a low-precision model side: converted a block of slots at a time
+                step = max(1, _CHUNK_ELEMENTS // max(t.shape[1], 1))
+                sim = torch.cat([rows_a @ _work(t[j:j + step]).T for j in range(0, t.shape[0], step)],
+                                dim=1).double()
             total = sim if total is None else total.add_(sim)
         return total
 

@@ -27,8 +27,10 @@ minimises ``sum over sites ||g . model - reference||^2`` within its group.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, Iterable, Mapping, Optional, Tuple
@@ -63,6 +65,12 @@ class Site:
     def __post_init__(self):
         if self.index.dim() != 3:
             raise ValueError(f"site index for {self.tensor} must be [slots, copies, coords]")
+
+    @functools.cached_property
+    def is_arange(self) -> bool:
+        """Are the positions ``0, 1, 2, ...`` in slot, copy, coordinate order?"""
+        flat = self.index.reshape(-1)
+        return bool((flat == torch.arange(flat.numel())).all())
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,11 +124,17 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+#: Elements (16 MiB of float32) per slot chunk when statistics are gathered from, or a
+#: continuous element is applied to, a large tensor: float32 working copies of one chunk at a
+#: time instead of whole tensors. The allocator reuses chunk-sized buffers, where every
+#: tensor-sized temporary was fresh memory the kernel had to fault in and zero: in a bf16
+#: merge of an 8B-shaped layer that was about 6 million page faults and 12 s of system time.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def _covers_axis(tensor: torch.Tensor, site: Site) -> bool:
     """Does the site list every position of its axis in order (no copy needed)?"""
-    flat = site.index.reshape(-1)
-    n = tensor.shape[site.axis]
-    return flat.numel() == n and bool((flat == torch.arange(n)).all())
+    return site.index.numel() == tensor.shape[site.axis] and site.is_arange
 
 
 def gather(tensor: torch.Tensor, site: Site) -> torch.Tensor:
@@ -141,6 +155,38 @@ def scatter(tensor: torch.Tensor, site: Site, values: torch.Tensor) -> torch.Ten
     if _covers_axis(tensor, site):
         return values.contiguous()
     return tensor.index_copy(site.axis, site.index.reshape(-1).to(tensor.device), values)
+
+
+def slot_chunks(tensor: torch.Tensor, site: Site, limit: Optional[int] = None):
+    """``(start, stop)`` ranges of the site's slots whose values hold about ``limit``
+    (default :data:`CHUNK_ELEMENTS`) elements each; one range when the whole site fits."""
+    n, c, k = site.index.shape
+    per_slot = c * k * (tensor.numel() // max(tensor.shape[site.axis], 1))
+    step = max(1, (limit or CHUNK_ELEMENTS) // max(per_slot, 1))
+    return [(start, min(n, start + step)) for start in range(0, n, step)] or [(0, 0)]
+
+
+def gather_slots(tensor: torch.Tensor, site: Site, start: int, stop: int) -> torch.Tensor:
+    """:func:`gather` of slots ``start:stop`` only, in the working dtype (a float32 copy of
+    those slots of a low-precision tensor; a view where no copy is needed)."""
+    n, c, k = site.index.shape
+    if _covers_axis(tensor, site):  # slot s holds positions [s c k, (s + 1) c k)
+        picked = tensor.narrow(site.axis, start * c * k, (stop - start) * c * k)
+    else:
+        picked = tensor.index_select(site.axis, site.index[start:stop].reshape(-1).to(tensor.device))
+    return _working(picked.movedim(site.axis, 0)).reshape(stop - start, c, k, -1)
+
+
+def _scatter_slots(out: torch.Tensor, site: Site, start: int, stop: int, values: torch.Tensor) -> None:
+    """Write ``values`` (slots ``start:stop`` of ``site``) into ``out`` in place."""
+    moved_shape = list(out.movedim(site.axis, 0).shape)
+    moved_shape[0] = values.shape[0] * values.shape[1] * values.shape[2]
+    values = values.reshape(moved_shape).movedim(0, site.axis)
+    n, c, k = site.index.shape
+    if _covers_axis(out, site):
+        out.narrow(site.axis, start * c * k, moved_shape[0]).copy_(values)
+    else:
+        out.index_copy_(site.axis, site.index[start:stop].reshape(-1).to(out.device), values.to(out.dtype))
 
 
 # --------------------------------------------------------------------------- group actions
@@ -169,10 +215,10 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
 
 
 def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, site: Site,
-                    delta: bool = False):
+                    delta: bool = False, inplace: bool = False):
     """:func:`act` on a site that covers its axis, without the ``[n, c, k, rest]`` copy and
     the transposes of gather/scatter (same arithmetic, same result); ``None`` if not
-    applicable."""
+    applicable. ``inplace``: a scale or sign may overwrite ``tensor``."""
     if kind not in (Kind.permutation, Kind.scale, Kind.sign) or not _covers_axis(tensor, site):
         return None
     if kind == Kind.scale and site.offset and not delta:  # act() shifts by the offset first
@@ -182,25 +228,57 @@ def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, sit
     if kind == Kind.permutation:  # new slot i takes old slot perm[i], copies and coords along
         within = torch.arange(c * k, device=tensor.device)
         return tensor.index_select(site.axis, (element[:, None] * (c * k) + within).reshape(-1))
-    work = _working(tensor)
-    factor = element.to(work.dtype)
+    work_dtype = torch.promote_types(tensor.dtype, torch.float32)
+    factor = element.to(work_dtype)
     if kind == Kind.scale and site.contragredient:
         factor = 1.0 / factor
     shape = [1] * tensor.dim()
     shape[site.axis] = -1
-    return (work * factor.repeat_interleave(c * k).view(shape)).to(tensor.dtype)
+    factor = factor.repeat_interleave(c * k).view(shape)
+    if work_dtype == tensor.dtype:
+        return tensor.mul_(factor) if inplace else tensor * factor
+    # A low-precision tensor: converted a chunk of positions at a time, written in its dtype.
+    out = torch.empty_like(tensor)
+    positions = tensor.shape[site.axis]
+    step = max(1, CHUNK_ELEMENTS // max(tensor.numel() // max(positions, 1), 1))
+    for start in range(0, positions, step):
+        length = min(step, positions - start)
+        part = tensor.narrow(site.axis, start, length).to(work_dtype)
+        out.narrow(site.axis, start, length).copy_(part * factor.narrow(site.axis, start, length))
+    return out
+
+
+def _act_by_slots(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, site: Site,
+                  delta: bool = False, inplace: bool = False) -> torch.Tensor:
+    """:func:`act` + :func:`scatter` a chunk of slots at a time (every kind but permutations,
+    whose slots move across chunks): float32 working copies of one chunk, not of the tensor.
+    ``inplace``: write into ``tensor`` (each chunk is computed in full before it is written)."""
+    if inplace:
+        out = tensor
+    else:
+        out = torch.empty_like(tensor) if _covers_axis(tensor, site) else tensor.clone()
+    for start, stop in slot_chunks(tensor, site):
+        values = gather_slots(tensor, site, start, stop)
+        moved = act(kind, element[start:stop], values, site.contragredient, site.offset, delta)
+        _scatter_slots(out, site, start, stop, moved)
+    return out
 
 
 def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
-          delta: bool = False) -> Dict[str, torch.Tensor]:
+          delta: bool = False, inplace: bool = False) -> Dict[str, torch.Tensor]:
     """Move every tensor ``symmetry`` acts on; tensors it does not touch are returned as is.
-    ``delta``: the tensors are differences of two models (see :func:`act`)."""
+    ``delta``: the tensors are differences of two models (see :func:`act`). ``inplace``: the
+    tensors are the caller's temporaries, which scales, signs and rotations may overwrite
+    (a tensor in the working dtype only; permutations always make a new tensor)."""
     out = dict(tensors)
     for site in symmetry.sites:
         tensor = out.get(site.tensor)
         if tensor is None:
             continue
-        moved = _act_along_axis(symmetry.kind, element, tensor, site, delta)
+        own = inplace and tensor.dtype == torch.promote_types(tensor.dtype, torch.float32)
+        moved = _act_along_axis(symmetry.kind, element, tensor, site, delta, own)
+        if moved is None and symmetry.kind != Kind.permutation:
+            moved = _act_by_slots(symmetry.kind, element, tensor, site, delta, own)
         if moved is None:
             moved = act(symmetry.kind, element, gather(_working(tensor), site),
                         site.contragredient, site.offset, delta)
@@ -274,8 +352,8 @@ def rotation_2d(angle: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- statistics
 
 
-def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
-    """Yield ``(site, reference_values, model_values)`` for each site present in both models."""
+def _checked_sites(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
+    """Yield ``(site, reference_tensor, model_tensor)`` for each site present in both models."""
     for site in symmetry.sites:
         a, t = reference.get(site.tensor), model.get(site.tensor)
         if a is None and t is None:
@@ -292,23 +370,99 @@ def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: s
                 f"tensor {site.tensor!r} has shape {tuple(t.shape)} in {label} but "
                 f"{tuple(a.shape)} in the reference"
             )
+        yield site, a, t
+
+
+def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
+    """Yield ``(site, reference_values, model_values)`` (whole sites, working dtype) for each
+    site present in both models."""
+    for site, a, t in _checked_sites(symmetry, reference, model, label):
         a, t = gather(_working(a), site), gather(_working(t), site)
         if site.offset:
             a, t = a + site.offset, t + site.offset
         yield site, a, t
 
 
+def _site_chunks(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
+    """Yield ``(site, slots, reference_values, model_values)`` a chunk of slots at a time
+    (``slots`` a slice; values ``[stop - start, c, k, rest]`` in the working dtype)."""
+    for site, a, t in _checked_sites(symmetry, reference, model, label):
+        for start, stop in slot_chunks(a, site):
+            va, vt = gather_slots(a, site, start, stop), gather_slots(t, site, start, stop)
+            if site.offset:
+                va, vt = va + site.offset, vt + site.offset
+            yield site, slice(start, stop), va, vt
+
+
+@dataclass
+class SiteSums:
+    """The per-slot sums (float64, CPU) that a continuous symmetry's solver and its fit test
+    need, from one pass over its sites: ``solve`` over every site, ``fit`` over the
+    non-optional ones (see :func:`fit_gain`), ``entries`` scalars in those.
+
+    Rotations and signs: ``cross`` (``sum A T^T``, ``[n, k, k]``); the fit also ``tt`` and
+    ``aa`` (``||T||^2``, ``||A||^2`` per slot). Scales: ``xx``, ``xa``, ``xaa`` (``<T, T>``,
+    ``<T, A>``, ``<A, A>`` over covariant sites) and ``yy``, ``ya``, ``yaa`` (contragredient).
+    """
+
+    solve: Dict[str, torch.Tensor]
+    fit: Dict[str, torch.Tensor]
+    entries: int = 0
+    fitted_sites: int = 0
+
+
+_SCALE_SUMS = ("xx", "xa", "xaa", "yy", "ya", "yaa")
+
+
+def site_sums(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model",
+              fit: bool = True) -> SiteSums:
+    """:class:`SiteSums` of ``symmetry`` between the models (``fit=False``: the solver's only)."""
+    n, k = symmetry.slots, symmetry.coords
+    scale = symmetry.kind == Kind.scale
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float64)
+
+    def bucket(for_fit):
+        if scale:
+            return {key: zeros(n) for key in _SCALE_SUMS}
+        return {"cross": zeros(n, k, k), **({"tt": zeros(n), "aa": zeros(n)} if for_fit else {})}
+
+    sums = SiteSums(bucket(False), bucket(True) if fit else {})
+    seen = set()
+    for site, slots, a, t in _site_chunks(symmetry, reference, model, label):
+        buckets = [sums.solve]
+        if fit and not site.optional:
+            # Biases: few entries that can carry much of a fine-tune's change (real Qwen2 q/k
+            # biases are large), which a handful of parameters could "explain"; the decision
+            # rests on the weights, where the noise is spread evenly.
+            buckets.append(sums.fit)
+            sums.entries += a.numel()
+            seen.add(id(site))
+        rows = slots.stop - slots.start
+        if scale:
+            t2, a2 = t.reshape(rows, -1), a.reshape(rows, -1)
+            keys = ("yy", "ya", "yaa") if site.contragredient else ("xx", "xa", "xaa")
+            values = [(t2 * t2).sum(-1), (t2 * a2).sum(-1), (a2 * a2).sum(-1)]
+            for bucket_ in buckets:
+                for key, value in zip(keys, values):
+                    bucket_[key][slots] += value.double().cpu()
+            continue
+        term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
+        for bucket_ in buckets:
+            bucket_["cross"][slots] += term
+        if len(buckets) > 1:
+            sums.fit["tt"][slots] += t.reshape(rows, -1).square().sum(-1).double().cpu()
+            sums.fit["aa"][slots] += a.reshape(rows, -1).square().sum(-1).double().cpu()
+    sums.fitted_sites = len(seen)
+    return sums
+
+
 def cross_products(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """``sum over sites and copies of A[n] T[n]^T`` as ``[n, k, k]`` float64."""
-    n, k = symmetry.slots, symmetry.coords
-    total = None
-    for _site, a, t in _site_pairs(symmetry, reference, model, **kw):
-        # a, t: [n, c, k, rest] -> contract copies and rest
-        term = torch.einsum("ncir,ncjr->nij", a, t).double()
-        total = term if total is None else total + term
-    if total is None:
-        return torch.zeros(n, k, k, dtype=torch.float64)
-    return total
+    if symmetry.kind == Kind.scale:
+        raise ValueError(f"{symmetry.name}: cross products are for rotations and signs")
+    return site_sums(symmetry, reference, model, fit=False, **kw).solve["cross"]
 
 
 # --------------------------------------------------------------------------- solvers
@@ -319,6 +473,7 @@ def solve_permutation(
     reference: Tensors,
     model: Tensors,
     scale: Optional[Symmetry] = None,
+    sketches: Optional[Tuple["RowSketches", "RowSketches"]] = None,
     **kw,
 ) -> torch.Tensor:
     """Linear assignment maximising the summed similarity of matched slots.
@@ -331,10 +486,11 @@ def solve_permutation(
     at ``s = 1`` it is the geometric-mean version of the plain sum ``x + y``.
 
     A symmetry with ``features`` (whole heads) is matched on :func:`gram_similarity`
-    instead; one with ``block_size`` is solved block by block.
+    instead (``sketches``: see :class:`RowSketches`); one with ``block_size`` is solved block
+    by block.
     """
     if symmetry.features:
-        return assign(gram_similarity(symmetry, reference, model, **kw), symmetry)
+        return assign(gram_similarity(symmetry, reference, model, sketches=sketches), symmetry)
     from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, dense_similarity, match
 
     def moved_by_scale(site, contragredient):
@@ -345,12 +501,18 @@ def solve_permutation(
         )
 
     terms = []
-    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
+    for site, a, t in _checked_sites(symmetry, reference, model, **kw):
+        # In the checkpoint's dtype (views where the site covers its axis): the matcher
+        # converts what it reads a chunk at a time (assignment.py).
+        a, t = gather(a, site), gather(t, site)
+        if site.offset:
+            a, t = _working(a) + site.offset, _working(t) + site.offset
         role = COVARIANT if moved_by_scale(site, False) else \
             CONTRAGREDIENT if moved_by_scale(site, True) else PLAIN
         terms.append((a, t, role))
     if symmetry.block_size:  # within-block matching (query heads): small, dense, per block
-        similarity = dense_similarity(terms, symmetry.slots)
+        similarity = dense_similarity([(_working(a), _working(t), r) for a, t, r in terms],
+                                      symmetry.slots)
         return torch.arange(symmetry.slots) if similarity is None else assign(similarity, symmetry)
     # Dense n x n similarity + scipy for small n; sketch, candidates and exact scores of
     # candidate pairs for large n (see assignment.py).
@@ -401,7 +563,85 @@ def _feature_values(feature: Tuple[Site, ...], tensors: Tensors, sketch: Optiona
     return values
 
 
-def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_kw) -> torch.Tensor:
+def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> torch.Tensor:
+    """``[positions along axis, SKETCH_DIM]``: each position's values (all other axes,
+    flattened) times ``block``; a low-precision tensor is converted a chunk at a time."""
+    moved = tensor.movedim(axis, 0)
+    moved = moved.reshape(moved.shape[0], -1)
+    block = block.to(device=tensor.device, dtype=torch.promote_types(tensor.dtype, torch.float32))
+    if moved.dtype == block.dtype:
+        return moved @ block
+    step = max(1, CHUNK_ELEMENTS // max(moved.shape[1], 1))
+    return torch.cat([moved[p:p + step].to(block.dtype) @ block for p in range(0, moved.shape[0], step)])
+
+
+class RowSketches:
+    """Sketched positions of one model's layer tensors (:func:`_sketch_positions`), shared
+    by the head-matching symmetries of one layer alignment: the KV heads and then the query
+    heads are matched on the same sketches of q_proj's rows and o_proj's columns, which are
+    most of the cost of matching heads at 8B shapes.
+
+    Entries belong to a tensor object (held weakly); :meth:`follow` carries an entry along a
+    permutation of its positions that moved the tensor (the KV-head permutation moves q
+    rows and o columns before the query heads are matched), and drops any other entry whose
+    tensor was replaced.
+    """
+
+    def __init__(self):
+        self._entries: Dict[tuple, tuple] = {}  # (name, axis, width, offset) -> (ref, sketched)
+
+    def positions(self, name: str, tensor: torch.Tensor, axis: int, sketch: torch.Tensor,
+                  offset: int, rest: int) -> torch.Tensor:
+        key = (name, axis, sketch.shape[0], offset)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        value = _sketch_positions(tensor, axis, sketch[offset:offset + rest])
+        self._entries[key] = (weakref.ref(tensor), value)
+        return value
+
+    def follow(self, symmetry: Symmetry, element: torch.Tensor, before: Tensors, after: Tensors) -> None:
+        for key, (ref, value) in list(self._entries.items()):
+            name, axis = key[0], key[1]
+            old, new = before.get(name), after.get(name)
+            if old is new or ref() is not old:
+                continue
+            sites = [site for site in symmetry.sites if site.tensor == name]
+            moved = None
+            if symmetry.kind == Kind.permutation and len(sites) == 1 and sites[0].axis == axis:
+                moved = _act_along_axis(Kind.permutation, element, value,
+                                        dataclasses.replace(sites[0], axis=0))
+            if moved is None or new is None:
+                del self._entries[key]
+            else:
+                self._entries[key] = (weakref.ref(new), moved)
+
+
+def _sketched_feature(feature: Tuple[Site, ...], tensors: Tensors, sketch: torch.Tensor,
+                      cache: Optional[RowSketches]) -> torch.Tensor:
+    """``_feature_values(feature, tensors, sketch)`` as a sum over the feature's sites of
+    their positions' sketches (the concatenation times the sketch is that sum), from
+    ``cache`` where it has them."""
+    total, offset = None, 0
+    cache = cache if cache is not None else RowSketches()
+    for site in feature:
+        tensor = tensors.get(site.tensor)
+        if tensor is None:
+            if site.optional:
+                continue
+            raise KeyError(f"tensor {site.tensor!r} is missing")
+        rest = tensor.numel() // tensor.shape[site.axis]
+        rows = cache.positions(site.tensor, tensor, site.axis, sketch, offset, rest)
+        if site.offset:  # (values + offset) @ block
+            rows = rows + site.offset * sketch[offset:offset + rest].sum(0).to(rows)
+        part = gather(rows, dataclasses.replace(site, axis=0))
+        total = part if total is None else total + part
+        offset += rest
+    return total
+
+
+def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
+                    sketches: Optional[Tuple[RowSketches, RowSketches]] = None, **_kw) -> torch.Tensor:
     """``[n, n]`` similarity of slots, invariant to any orthogonal map or scale of each
     feature's rows (per slot and copy).
 
@@ -412,9 +652,15 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_k
     :data:`SKETCH_ABOVE` are first multiplied by one fixed random Gaussian sketch to
     :data:`SKETCH_DIM` columns (shared by both models): the true match still scores exactly 1
     (the sketch acts on the other side of ``X``), other pairs approximately what they would.
+    ``sketches`` (reference's, model's) share those products between symmetries.
+
+    With ``block_size``, only pairs inside a block are scored (the rest stay 0: they can
+    never be matched).
     """
     n = symmetry.slots
+    block = symmetry.block_size or n
     total = torch.zeros(n, n, dtype=torch.float64)
+    ref_cache, model_cache = sketches if sketches is not None else (None, None)
     for feature in symmetry.features:
         width = None
         for site in feature:
@@ -423,24 +669,38 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors, **_k
                 width = (width or 0) + tensor.numel() // tensor.shape[site.axis]
         if width is None:
             continue
-        sketch = _sketch(width) if width > SKETCH_ABOVE else None
-        a = _feature_values(feature, reference, sketch)
-        m = _feature_values(feature, model, sketch).to(a.device)
-        cross = torch.einsum("ncir,mcjr->nmcij", a, m).pow(2).sum((-1, -2))  # [n, n, c]
-        norm_a = torch.einsum("ncir,ncjr->ncij", a, a).pow(2).sum((-1, -2)).sqrt()
-        norm_m = torch.einsum("ncir,ncjr->ncij", m, m).pow(2).sum((-1, -2)).sqrt()
-        den = norm_a[:, None, :] * norm_m[None, :, :]
-        score = torch.where(den > 0, cross / den.clamp_min(1e-300), torch.zeros_like(cross))
-        total += score.sum(-1).double().cpu()
+        if width > SKETCH_ABOVE:
+            a = _sketched_feature(feature, reference, _sketch(width), ref_cache)
+            m = _sketched_feature(feature, model, _sketch(width), model_cache).to(a.device)
+        else:
+            a = _feature_values(feature, reference, None)
+            m = _feature_values(feature, model, None).to(a.device)
+        _n, c, k, r = a.shape
+        # ||X_a X_m^T||_F^2 = <X_a^T X_a, X_m^T X_m>_F: through the k x k products or the
+        # r x r Grams, whichever is cheaper.
+        by_grams = 2 * k * r * r + block * r * r < block * k * k * r
+        if by_grams:
+            gram_a = torch.einsum("ncir,ncis->ncrs", a, a)
+            gram_m = torch.einsum("ncir,ncis->ncrs", m, m)
+            norm_a, norm_m = gram_a.pow(2).sum((-1, -2)).sqrt(), gram_m.pow(2).sum((-1, -2)).sqrt()
+        else:
+            norm_a = torch.einsum("ncir,ncjr->ncij", a, a).pow(2).sum((-1, -2)).sqrt()
+            norm_m = torch.einsum("ncir,ncjr->ncij", m, m).pow(2).sum((-1, -2)).sqrt()
+        for start in range(0, n, block):
+            part = slice(start, start + block)
+            if by_grams:
+                cross = torch.einsum("ncrs,mcrs->nmc", gram_a[part], gram_m[part])
+            else:
+                cross = torch.einsum("ncir,mcjr->nmcij", a[part], m[part]).pow(2).sum((-1, -2))
+            den = norm_a[part, None, :] * norm_m[None, part, :]
+            score = torch.where(den > 0, cross / den.clamp_min(1e-300), torch.zeros_like(cross))
+            total[part, part] += score.sum(-1).double().cpu()
     return total
 
 
 def solve_orthogonal(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """Orthogonal Procrustes per slot (reflections allowed): ``argmax tr(g T A^T)``."""
-    m = cross_products(symmetry, reference, model, **kw)  # sum A T^T
-    with small_linalg(m.shape[-1]):
-        u, _s, vh = torch.linalg.svd(m)
-    return u @ vh
+    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
 
 
 class small_linalg:
@@ -466,17 +726,12 @@ class small_linalg:
 
 def solve_plane_rotation(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """Closed-form optimal rotation in SO(2) per slot (2-D Kabsch without reflections)."""
-    m = cross_products(symmetry, reference, model, **kw)  # sum A T^T, [n, 2, 2]
-    # tr(R(theta) M^T) = cos(theta) (M00 + M11) + sin(theta) (M10 - M01)
-    angle = torch.atan2(m[:, 1, 0] - m[:, 0, 1], m[:, 0, 0] + m[:, 1, 1])
-    return rotation_2d(angle)
+    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
 
 
 def solve_sign(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """+1 or -1 per slot, whichever correlates the model with the reference."""
-    m = cross_products(symmetry, reference, model, **kw)
-    trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
-    return torch.where(trace < 0, -1.0, 1.0).double()
+    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
 
 
 def quartic_scale(
@@ -521,19 +776,25 @@ def quartic_scale(
 
 
 def solve_scale(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
-    n = symmetry.slots
-    stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "ya", "yy", "aa")}
-    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
-        t, a = t.reshape(n, -1), a.reshape(n, -1)
-        self_sq = (t * t).sum(-1).double()
-        cross = (t * a).sum(-1).double()
-        if site.contragredient:
-            stats["yy"] += self_sq.cpu()
-            stats["ya"] += cross.cpu()
-        else:
-            stats["xx"] += self_sq.cpu()
-            stats["xa"] += cross.cpu()
-            stats["aa"] += (a * a).sum(-1).double().cpu()
+    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
+
+
+def _solve_from_sums(symmetry: Symmetry, sums: SiteSums) -> torch.Tensor:
+    """The continuous solvers, from :func:`site_sums` (``sums.solve``)."""
+    stats, n = sums.solve, symmetry.slots
+    if symmetry.kind == Kind.orthogonal:
+        m = stats["cross"]  # sum A T^T
+        with small_linalg(m.shape[-1]):
+            u, _s, vh = torch.linalg.svd(m)
+        return u @ vh
+    if symmetry.kind == Kind.plane_rotation:
+        m = stats["cross"]  # [n, 2, 2]
+        # tr(R(theta) M^T) = cos(theta) (M00 + M11) + sin(theta) (M10 - M01)
+        angle = torch.atan2(m[:, 1, 0] - m[:, 0, 1], m[:, 0, 0] + m[:, 1, 1])
+        return rotation_2d(angle)
+    if symmetry.kind == Kind.sign:
+        trace = torch.diagonal(stats["cross"], dim1=-2, dim2=-1).sum(-1)
+        return torch.where(trace < 0, -1.0, 1.0).double()
     if not any(site.contragredient for site in symmetry.sites):
         # Free scale: only one side is observed (e.g. an MLP neuron's activation h, whose
         # 1/s side sits in down_proj's weights, not in any activation). The least-squares
@@ -544,7 +805,7 @@ def solve_scale(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) ->
         # scaled copy, 1 for two equally sized neurons, and the inverse of the swapped
         # problem's answer. Fall back to 1 for a (near-)zero slot, a (near-)zero or
         # non-finite ratio, and a non-positive one when the scale must be positive.
-        xx, xa, aa = stats["xx"], stats["xa"], stats["aa"]
+        xx, xa, aa = stats["xx"], stats["xa"], stats["xaa"]
         tiny = max(1e-30, 1e-20 * float(xx.max())) if n else 1e-30
         safe_xx = torch.where(xx > tiny, xx, torch.ones_like(xx))
         ratio = torch.sign(xa) * (aa / safe_xx).sqrt()
@@ -553,8 +814,7 @@ def solve_scale(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) ->
         if not symmetry.signed:
             ok &= ratio > 0
         return torch.where(ok, ratio, torch.ones_like(ratio))
-    stats.pop("aa")
-    return quartic_scale(signed=symmetry.signed, **stats)
+    return quartic_scale(stats["xx"], stats["xa"], stats["ya"], stats["yy"], signed=symmetry.signed)
 
 
 SOLVERS = {
@@ -569,6 +829,7 @@ def solve(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch
     if symmetry.kind == Kind.permutation:
         return solve_permutation(symmetry, reference, model, **kw)
     kw.pop("scale", None)
+    kw.pop("sketches", None)
     return SOLVERS[symmetry.kind](symmetry, reference, model, **kw)
 
 
@@ -599,44 +860,38 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
     ``||T||``, so its gain is ``2 (<gT, A> - <T, A>)`` from the cross products; a scale's is
     its per-slot quartic objective at ``s`` against ``s = 1``.
     """
-    n = symmetry.slots
-    cross = None
-    norms = torch.zeros((), dtype=torch.float64)
-    stats = {key: torch.zeros(n, dtype=torch.float64) for key in ("xx", "xa", "yy", "ya")}
-    entries = 0
-    for site, a, t in _site_pairs(symmetry, reference, model, **kw):
-        if site.optional:
-            # Biases: few entries that can carry much of a fine-tune's change (real Qwen2
-            # q/k biases are large), which a handful of parameters could "explain"; the
-            # decision rests on the weights, where the noise is spread evenly.
-            continue
-        entries += a.numel()
-        # Sums of squares per slot in the working dtype (no float64 copy of the tensors: a
-        # third of an 8B layer's alignment time went to such copies), accumulated in float64.
-        t2, a2 = t.reshape(n, -1), a.reshape(n, -1)
-        t_sq = (t2 * t2).sum(-1).double().cpu()
-        norms = norms + (a2 * a2).sum(-1).double().sum().cpu() + t_sq.sum()
-        if symmetry.kind == Kind.scale:
-            side = ("yy", "ya") if site.contragredient else ("xx", "xa")
-            stats[side[0]] += t_sq
-            stats[side[1]] += (t2 * a2).sum(-1).double().cpu()
-        else:
-            term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
-            cross = term if cross is None else cross + term
+    return gain_from_sums(symmetry, element, site_sums(symmetry, reference, model, **kw))
+
+
+def gain_from_sums(symmetry: Symmetry, element: torch.Tensor, sums: SiteSums) -> Tuple[float, float, int]:
+    """:func:`fit_gain` from :func:`site_sums` (``sums.fit``)."""
+    stats = sums.fit
+    if not sums.fitted_sites:
+        return 0.0, 0.0, 0
     if symmetry.kind == Kind.scale:
         s = element.double().cpu()
         xx, xa, yy, ya = (stats[k] for k in ("xx", "xa", "yy", "ya"))
+        norms = float((xx + yy + stats["xaa"] + stats["yaa"]).sum())
         identity_cross = float((xa + ya).sum())
         moved_cross = float((xa * s + ya / s).sum())
         moved_norm = float((xx * s * s + yy / (s * s)).sum()) - float((xx + yy).sum())
         gain = 2 * (moved_cross - identity_cross) - moved_norm
     else:
-        if cross is None:
-            return 0.0, 0.0, 0
+        cross = stats["cross"]
+        norms = float((stats["tt"] + stats["aa"]).sum())
         identity_cross = float(torch.diagonal(cross, dim1=-2, dim2=-1).sum())
         gain = 2 * (float((element.double().cpu() * cross).sum()) - identity_cross)
-    baseline = float(norms) - 2 * identity_cross
-    return gain, max(baseline, 0.0), entries
+    baseline = norms - 2 * identity_cross
+    return gain, max(baseline, 0.0), sums.entries
+
+
+def solve_and_fit(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw):
+    """``(element, (gain, baseline, entries))`` of a continuous symmetry from one pass over
+    its sites (the solver and the fit test read the same sums)."""
+    kw.pop("scale", None)
+    sums = site_sums(symmetry, reference, model, **kw)
+    element = _solve_from_sums(symmetry, sums)
+    return element, gain_from_sums(symmetry, element, sums)
 
 
 def explains_more_than_noise(symmetry: Symmetry, gain: float, baseline: float, entries: int) -> bool:

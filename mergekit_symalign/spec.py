@@ -9,6 +9,7 @@ caller maps them to checkpoint names.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -17,6 +18,7 @@ import torch
 from .groups import (
     DEGREES_OF_FREEDOM,
     Kind,
+    RowSketches,
     Symmetry,
     apply,
     distance,
@@ -27,6 +29,7 @@ from .groups import (
     is_identity,
     random_element,
     solve,
+    solve_and_fit,
 )
 
 
@@ -183,15 +186,52 @@ class LayerTransform:
     # Per solved symmetry: how well its element was determined (see :class:`Fit`).
     fits: Tuple["Fit", ...] = ()
 
-    def apply(self, tensors: Mapping[str, torch.Tensor], delta: bool = False) -> Dict[str, torch.Tensor]:
-        """Move the tensors; ``delta``: they are differences of two models (linear part)."""
+    def apply(self, tensors: Mapping[str, torch.Tensor], delta: bool = False,
+              inplace: bool = False) -> Dict[str, torch.Tensor]:
+        """Move the tensors; ``delta``: they are differences of two models (linear part);
+        ``inplace``: they are the caller's temporaries, which the steps may overwrite."""
         out = dict(tensors)
         for symmetry, element in self.steps:
-            out = apply(symmetry, element, out, delta=delta)
+            out = apply(symmetry, element, out, delta=delta, inplace=inplace)
         return out
 
-    def apply_one(self, name: str, tensor: torch.Tensor, delta: bool = False) -> torch.Tensor:
-        return self.apply({name: tensor}, delta=delta)[name]
+    def apply_one(self, name: str, tensor: torch.Tensor, delta: bool = False,
+                  inplace: bool = False) -> torch.Tensor:
+        return self.apply({name: tensor}, delta=delta, inplace=inplace)[name]
+
+    def along_axis(self, name: str, shape: Tuple[int, ...], delta: bool = False
+                   ) -> Optional[Tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
+        """``(axis, index, factor)`` when every step that moves ``name`` (of ``shape``)
+        permutes, rescales or flips whole positions along one axis: the transform is then
+        ``moved[i] = factor[i] * x[index[i]]`` along that axis (``factor`` None: no scale), a
+        single gather that can be fused with the arithmetic around it. ``None`` otherwise
+        (rotations, several sites, partial sites)."""
+        axis = index = factor = None
+        for symmetry, element in self.steps:
+            sites = [site for site in symmetry.sites if site.tensor == name]
+            if not sites:
+                continue
+            if len(sites) > 1 or symmetry.kind not in (Kind.permutation, Kind.scale, Kind.sign):
+                return None
+            site = sites[0]
+            if site.index.numel() != shape[site.axis] or not site.is_arange or \
+                    (axis is not None and site.axis != axis) or \
+                    (symmetry.kind == Kind.scale and site.offset and not delta):
+                return None
+            if axis is None:
+                axis, index = site.axis, torch.arange(shape[site.axis])
+            _n, c, k = site.index.shape
+            if symmetry.kind == Kind.permutation:  # new position i takes old position q[i]
+                q = (element[:, None] * (c * k) + torch.arange(c * k)).reshape(-1)
+                index = index[q]
+                factor = factor[q] if factor is not None else None
+            else:  # as groups._act_along_axis computes it, so one step gives the same bits
+                f = element.to(torch.float32)
+                if symmetry.kind == Kind.scale and site.contragredient:
+                    f = 1.0 / f
+                f = f.repeat_interleave(c * k)
+                factor = f if factor is None else factor * f
+        return None if axis is None else (axis, index, factor)
 
     def inverse(self) -> "LayerTransform":
         return LayerTransform(tuple((s, inverse(s.kind, e)) for s, e in reversed(self.steps)))
@@ -243,6 +283,7 @@ def align_layer(
     label: str = "model",
     solvers: Optional[Mapping[str, Solver]] = None,
     snap: bool = True,
+    timings: Optional[Dict[str, float]] = None,
 ) -> LayerTransform:
     """The element of the layer's group that best maps ``model`` onto ``reference``.
 
@@ -251,34 +292,57 @@ def align_layer(
     matching cost measured on activations). ``snap``: a continuous element that does not
     explain clearly more than fitting noise would is replaced by the identity
     (:func:`groups.explains_more_than_noise`), so descendants of one base stay untouched.
-    Identity elements are left out of the returned steps.
+    Identity elements are left out of the returned steps. ``timings`` (optional) receives
+    the seconds each symmetry took (solve, fit test and apply; for benchmarks).
     """
     current = dict(model)
     steps: List[Step] = []
     fits: List[Fit] = []
+    sketches = (RowSketches(), RowSketches())  # the reference's and the model's, shared by head matchings
+    order = [s for s in spec.symmetries() if switches.enabled(s)]
+    # Tensors some later symmetry still reads: a step whose tensors none does is recorded but
+    # not applied to the working copy (e.g. each block's last scale: that copy of the MLP's
+    # three tensors was a third of a bf16 8B layer's extra memory). Custom solvers may read
+    # anything, so with them every step is applied.
+    read_later = [set().union(*(set(s.tensors) | {site.tensor for f in s.features for site in f}
+                                for s in order[i + 1:])) for i in range(len(order))]
+    position = 0
     for block in spec.blocks:
         scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
         for symmetry in block.symmetries():
             if not switches.enabled(symmetry):
                 continue
+            still_read = solvers or bool(read_later[position] & set(symmetry.tensors))
+            position += 1
+            started = time.perf_counter()
             try:
+                fit = None
                 if solvers and symmetry.name in solvers:
                     element = solvers[symmetry.name](symmetry, reference, current)
+                elif symmetry.kind in DEGREES_OF_FREEDOM:  # solver and fit test share one pass
+                    element, fit = solve_and_fit(symmetry, reference, current, label=label)
                 else:
                     kw = {"scale": scale} if symmetry is block.main else {}
+                    if symmetry.features:
+                        kw["sketches"] = sketches
                     element = solve(symmetry, reference, current, label=label, **kw)
                 if symmetry.kind in DEGREES_OF_FREEDOM:
-                    gain, baseline, entries = fit_gain(symmetry, element, reference, current)
+                    gain, baseline, entries = fit or fit_gain(symmetry, element, reference, current)
                     snapped = snap and not explains_more_than_noise(symmetry, gain, baseline, entries)
                     fits.append(Fit(symmetry.name, gain, baseline, entries, snapped))
                     if snapped:
                         element = identity_element(symmetry)
             except (KeyError, ValueError, FloatingPointError) as err:
                 raise ValueError(f"{spec.architecture} {symmetry.name}: {err}") from None
-            if is_identity(symmetry.kind, element):
-                continue  # nothing to apply or store
-            current = apply(symmetry, element, current)
-            steps.append((symmetry, element))
+            if not is_identity(symmetry.kind, element):  # identities: nothing to apply or store
+                if still_read:
+                    before, current = current, apply(symmetry, element, current)
+                    sketches[1].follow(symmetry, element, before, current)
+                steps.append((symmetry, element))
+            if timings is not None:
+                if any(t.is_cuda for t in current.values()):
+                    torch.cuda.synchronize()
+                timings[symmetry.name] = time.perf_counter() - started
     return LayerTransform(tuple(steps), tuple(fits))
 
 
