@@ -257,8 +257,7 @@ def cost_plot(rows, title, name) -> str:
 
 def layer_benchmark(args):
     from mergekit_symalign.architectures import Geometry, layer_spec
-    from mergekit_symalign.groups import apply, solve
-    from mergekit_symalign.spec import random_transform
+    from mergekit_symalign.spec import align_layer, random_transform
 
     g = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
     spec = layer_spec("llama", g)
@@ -274,23 +273,13 @@ def layer_benchmark(args):
         where = (f"{device} ({torch.get_num_threads()} threads)" if device == "cpu"
                  else f"{device} ({torch.cuda.get_device_name()})")
         print(f"Llama-3.1-8B-shaped layer on {where}:")
-        total = 0.0
-        timings = []
-        current = dict(target)
-        for block in spec.blocks:
-            for sym in block.symmetries():
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                kw = {"scale": block.scale} if sym is block.main else {}
-                element = solve(sym, anchor, current, **kw)
-                current = apply(sym, element, current)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t
-                total += dt
-                timings.append((sym.name, dt))
-                print(f"  {sym.name:28s} {dt:7.2f} s")
+        seconds = {}
+        aligned = align_layer(spec, anchor, target, timings=seconds)  # the merge's own code path
+        current = aligned.apply(target)
+        timings = list(seconds.items())
+        total = sum(seconds.values())
+        for name, dt in timings:
+            print(f"  {name:28s} {dt:7.2f} s")
         err = max(float((current[k] - anchor[k]).abs().max()) for k in anchor)
         print(f"  {'total':28s} {total:7.2f} s   (max |aligned - anchor| = {err:.1e})")
         if not args.no_docs:

@@ -43,6 +43,7 @@ from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
 from .statedict import layer_tensor_names, tied_embeddings
+from .tasks import TensorsAfter
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
@@ -458,9 +459,13 @@ class AlignedPlanning:
             if moved:  # the residual stream's transform, after mergekit's token permutation
                 inputs = AlignVocabularyTask(permuted=inputs, alignments=moved, name=layer.name)
         else:
-            inputs = TensorDictWrapper(
-                tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
-            )
+            tensors = ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
+            if alignment(base) is not None:
+                # The base's layer alignment runs first, then each tensor's merge and transfer
+                # in turn: no float32 merge result waits for the alignment.
+                inputs = TensorsAfter(tensors=tensors, after=alignment(base))
+            else:
+                inputs = TensorDictWrapper(tensors=tensors)
             sources = TensorDictWrapper(tensors=ImmutableMap(data={
                 m: self._checked(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
             }))

@@ -31,12 +31,14 @@ from pydantic import BaseModel
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor
+from mergekit.merge_methods.task_adapter import TensorDictWrapper
 
 import logging
 
 from . import cache
 from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
+from .groups import CHUNK_ELEMENTS
 from .rope import attention_logit_change
 from .settings import AlignSettings
 from .spec import LayerTransform, align_layer
@@ -211,7 +213,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
         return max(load.group_label() or "" for _, load in self.model_tensors)
 
     def priority(self) -> int:
-        return -5
+        return 100  # as soon as its loads are in: the layer's merges wait for it (AfterTask)
 
     def uses_accelerator(self) -> bool:
         return True
@@ -400,6 +402,26 @@ class PickLayerTransform(Task[LayerTransform]):
         return transforms[str(self.model)][self.layer]
 
 
+class TensorsAfter(TensorDictWrapper):
+    """mergekit's ``TensorDictWrapper`` (the merge's input tensors) that becomes ready only
+    once ``after`` (the base's layer alignment) has run. mergekit's scheduler runs a ready
+    task as soon as nothing of higher priority is: without this, a layer's merges ran while
+    the layer was still loading for its alignment, and their float32 results (224 MiB per
+    MLP tensor at 8B shapes) waited for it."""
+
+    after: Task
+
+    def arguments(self) -> Dict[str, Task]:
+        return {**super().arguments(), _AFTER: self.after}
+
+    def execute(self, **kwargs):
+        kwargs.pop(_AFTER)
+        return super().execute(**kwargs)
+
+
+_AFTER = "__after__"  # not a model reference's JSON, so no clash with the input tensors
+
+
 class AlignTensorTask(Task[Optional[torch.Tensor]]):
     tensor: LoadTensor
     alignment: Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]
@@ -419,7 +441,7 @@ class AlignTensorTask(Task[Optional[torch.Tensor]]):
             return None
         # Work in at least float32 so a bf16 checkpoint is rounded once, at save time.
         work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-        return transform.apply_one(self.name, work)
+        return transform.apply_one(self.name, work, inplace=work is not tensor)
 
 
 class TransferTask(Task[Optional[torch.Tensor]]):
@@ -480,17 +502,24 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                 f"measured against it."
             )
         work = torch.promote_types(base.dtype, torch.float32)
-        delta = merged.to(work) - reference.to(work)
-        base_w = base.to(work)
+        if self.output_frame == "base" and transform is not None and work == torch.float32 \
+                and self.fold_norm is None and transform.touches(self.name):
+            moves = transform.inverse().along_axis(self.name, tuple(base.shape), delta=True)
+            if moves is not None:
+                return _transfer_by_positions(merged, reference, base, *moves, out_dtype)
+        # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
+        # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
+        delta = merged.to(work, copy=True).sub_(reference)
         if transform is None or not transform.touches(self.name):
-            out = base_w + delta
+            out = delta.add_(base)
         elif self.output_frame == "base" and norm_merged is not None and \
                 any(s.name == f"residual.unfold.{self.fold_norm[:-len('.weight')]}" for s, _ in transform.steps):
-            out = self._refolded(transform, base_w, delta, norm_merged, norm_sources, work)
+            out = self._refolded(transform, base.to(work), delta, norm_merged, norm_sources, work)
         elif self.output_frame == "base":
-            out = base_w + transform.inverse().apply_one(self.name, delta, delta=True)
+            out = transform.inverse().apply_one(self.name, delta, delta=True, inplace=True).add_(base)
         else:
-            out = transform.apply_one(self.name, base_w) + delta
+            base_w = base.to(work)
+            out = transform.apply_one(self.name, base_w, inplace=base_w is not base).add_(delta)
         return out.to(out_dtype)
 
     def _refolded(self, transform: LayerTransform, base_w, delta, norm_merged, norm_sources, work):
@@ -508,6 +537,40 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                       for s, e in transform.steps)
         full = transform.apply_one(self.name, base_w) + delta
         return LayerTransform(steps).inverse().apply_one(self.name, full)
+
+
+def _transfer_by_positions(merged, reference, base, axis: int, index: torch.Tensor,
+                           factor: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
+    """``base + factor * (merged - reference)[index]`` along ``axis`` (a transform that only
+    permutes and rescales positions, see ``LayerTransform.along_axis``), a block of rows at a
+    time, written straight into the output dtype: the same float32 arithmetic as the general
+    path (subtract, scale, permute, add the base, round once) without its three tensor-sized
+    float32 temporaries."""
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    rows = base.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(base.numel() // max(rows, 1), 1))
+    shape = [1] * base.dim()
+    shape[axis] = -1
+    index = index.to(base.device)
+    factor = factor.to(base.device).view(shape) if factor is not None else None
+    for start in range(0, rows, step):
+        length = min(step, rows - start)
+        # Blocks of rows (dim 0) and the full gather inside each: a column permutation
+        # (down_proj) gathers within contiguous rows instead of across the whole tensor.
+        if axis == 0:
+            picked = index[start:start + length]
+            take = (lambda x: x.index_select(0, picked))
+            scale = factor[start:start + length] if factor is not None else None
+        else:
+            take = (lambda x: x.narrow(0, start, length).index_select(axis, index))
+            scale = factor
+        part = take(merged).to(torch.float32)
+        part.sub_(take(reference))
+        if scale is not None:
+            part.mul_(scale)
+        part.add_(base.narrow(0, start, length))
+        out.narrow(0, start, length).copy_(part)
+    return out
 
 
 class AlignVocabularyTask(Task[Dict[ModelReference, torch.Tensor]]):

@@ -162,6 +162,36 @@ def test_large_n_path_through_solve_permutation(monkeypatch):
     assert calls and torch.equal(found, torch.argsort(perm))
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse", "blocked_dense", "uncertain_rows"])
+def test_bfloat16_features_are_scored_in_float32_chunks(path, monkeypatch):
+    """Features in the checkpoint's dtype (no whole float32 copies): every product is taken in
+    float32 a block at a time, so the result equals matching the float32-converted features,
+    on every path, in both layouts."""
+    n, m = 600, 40
+    reference = tuple(x.bfloat16() for x in _mlp(n, m, seed=26))
+    model, truth = _planted(tuple(x.float() for x in reference), seed=27, noise=0.05)
+    model = tuple(x.bfloat16() for x in model)
+    low = _terms(reference, model)
+    assert low[2][0].dtype == torch.bfloat16 and low[2][0].stride(0) == 1  # column layout
+    high = [(a.float(), t.float(), role) for a, t, role in low]
+    monkeypatch.setattr(assignment, "_CHUNK_ELEMENTS", 1000)  # many blocks per product
+    options = {"dense": dict(dense_below=n), "sparse": SPARSE, "blocked_dense": dict(dense_below=n),
+               "uncertain_rows": dict(SPARSE, candidates=1)}[path]
+    if path == "blocked_dense":
+        monkeypatch.setattr(assignment, "_BLOCKED_ABOVE", 100)
+    info_low, info_high = {}, {}
+    found = match(low, n, info=info_low, **options)
+    assert torch.equal(found, match(high, n, info=info_high, **options))
+    assert torch.equal(found, truth)
+    assert info_low["path"] == info_high["path"] == {"dense": "dense", "blocked_dense": "dense"}.get(
+        path, info_low["path"])
+    if path == "uncertain_rows":
+        assert info_low["uncertain_rows"] > 0
+    sketch_low = assignment._sketched(low[2][1], torch.randn(m, 8, generator=torch.Generator().manual_seed(1)))
+    sketch_high = high[2][1] @ torch.randn(m, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(sketch_low, sketch_high, rtol=1e-5, atol=1e-5)
+
+
 def test_collisions_go_to_the_sparse_assignment_and_reach_the_dense_optimum():
     """Duplicated reference neurons both prefer the same model neuron: rows collide."""
     n, m = 600, 48
@@ -279,9 +309,11 @@ def test_seeded_and_deterministic():
 # --------------------------------------------------------------------------- apply fast path
 
 
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_apply_along_axis_is_bit_identical_to_gather_act_scatter(dtype):
-    """groups.apply moves covering sites along their axis directly; same bits as before."""
+def test_apply_along_axis_is_bit_identical_to_gather_act_scatter(dtype, chunk, monkeypatch):
+    """groups.apply moves covering sites along their axis directly, and continuous elements a
+    chunk of slots at a time; same bits as gathering, acting and scattering whole tensors."""
     from mergekit_symalign.architectures import Geometry, layer_spec
     from mergekit_symalign.groups import _working, act, gather, scatter
     from mergekit_symalign.spec import random_transform
@@ -294,6 +326,8 @@ def test_apply_along_axis_is_bit_identical_to_gather_act_scatter(dtype):
               "mlp.gate_proj.weight": (80, 48), "mlp.up_proj.weight": (80, 48),
               "mlp.down_proj.weight": (48, 80)}
     layer = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    if chunk:  # several chunks per tensor (one or two slots each)
+        monkeypatch.setattr(groups, "CHUNK_ELEMENTS", chunk)
     for sym, element in random_transform(spec, gen).steps:
         fast = groups.apply(sym, element, layer)
         slow = dict(layer)

@@ -256,3 +256,32 @@ def test_fit_gain_from_sums_equals_moving_the_tensors():
         gain, baseline, _ = fit_gain(symmetry, element, layer, moved)
         assert gain == pytest.approx(before - after, rel=1e-6, abs=1e-9), symmetry.name
         assert baseline == pytest.approx(before, rel=1e-6), symmetry.name
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_along_axis_is_the_transform_where_it_applies(delta):
+    """LayerTransform.along_axis (the transfer's fused path): where it describes a tensor's
+    moves as one gather and a factor, that is exactly what applying the steps gives; it
+    describes the MLP's tensors (neuron permutation and scale) and declines the rotated
+    attention tensors."""
+    model = make_model("gemma", seed=12)  # norm offsets: scales of offset sites need delta
+    spec = spec_for_config(model.config)
+    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
+    transform = random_transform(spec, torch.Generator().manual_seed(13))
+    for steps in (transform, transform.inverse()):
+        described = set()
+        for name, tensor in layer.items():
+            moves = steps.along_axis(name, tuple(tensor.shape), delta=delta)
+            if moves is None:
+                continue
+            described.add(name)
+            axis, index, factor = moves
+            expected = steps.apply_one(name, tensor, delta=delta)
+            got = tensor.index_select(axis, index)
+            if factor is not None:
+                shape = [1] * tensor.dim()
+                shape[axis] = -1
+                got = got * factor.view(shape)
+            assert torch.equal(got, expected), name
+        assert {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"} <= described
+        assert "self_attn.v_proj.weight" not in described  # V/O rotations
