@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import _working  # the solver's working dtype: the distances see what it sees
+from .groups import CHUNK_ELEMENTS, _working  # the solver's working dtype: the distances see what it sees
 
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than
@@ -105,20 +105,52 @@ def summarize_transform(transform, tol: float = IDENTITY_TOLERANCE) -> Dict[str,
 def distances_before_after(reference: Mapping[str, torch.Tensor],
                            model: Mapping[str, torch.Tensor], transform) -> Tuple[float, float]:
     """``||model - reference|| / ||reference||`` before and after ``transform`` moves the model,
-    over the tensors the reference holds. One tensor at a time (moved in at least float32, as
-    the merge moves it), float32 norms: no float64 copy and no second copy of the layer."""
+    over the tensors the reference holds. In blocks of rows, in at least float32 (as the
+    merge moves them), float32 norms: no float64 copy and no second copy of the layer (the
+    whole-tensor version of this record took 2 s per bf16 8B layer, mostly fresh memory)."""
     ref2 = before2 = after2 = 0.0
     for name, a in reference.items():
         t = model.get(name)
         if t is None:
             continue
-        a, t = _working(a), _working(t).to(a.device)
-        ref2 += float(torch.linalg.vector_norm(a)) ** 2
-        before2 += float(torch.linalg.vector_norm(t - a)) ** 2
-        after2 += float(torch.linalg.vector_norm(transform.apply_one(name, t) - a)) ** 2
+        t = t.to(a.device)
+        step = _block_rows(a)
+        ref2 += _squared_distance(a, None, step)
+        before = _squared_distance(t, a, step)
+        before2 += before
+        if not transform.touches(name):
+            after2 += before
+            continue
+        blocks = transform.gathered_blocks(name, tuple(t.shape)) if a.dim() else None
+        if blocks is None:  # rotations: the tensor is moved whole (attention tensors: smaller)
+            moved = _working(t)
+            after2 += _squared_distance(transform.apply_one(name, moved, inplace=moved is not t), a, step)
+            continue
+        for rows, take, factor in blocks:
+            part = _working(take(t))
+            if factor is not None:
+                part = part * factor.to(part.device)
+            after2 += float(torch.linalg.vector_norm(part - a[rows])) ** 2
     if ref2 <= 0:
         return 0.0, 0.0
     return math.sqrt(before2 / ref2), math.sqrt(after2 / ref2)
+
+
+def _block_rows(a: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMENTS // max(a.numel() // max(a.shape[0], 1), 1)) if a.dim() else 1
+
+
+def _squared_distance(x: torch.Tensor, a: Optional[torch.Tensor], step: int) -> float:
+    """``||x - a||^2`` (``a`` None: ``||x||^2``) in blocks of ``step`` rows, at least float32."""
+    if not x.dim():
+        return float((_working(x) - (_working(a) if a is not None else 0)).square())
+    total = 0.0
+    for s in range(0, x.shape[0], step):
+        block = _working(x[s:s + step])
+        if a is not None:
+            block = block - a[s:s + step]
+        total += float(torch.linalg.vector_norm(block)) ** 2
+    return total
 
 
 def layer_record(model: str, reference: str, layer: int, prefix: str, transform,

@@ -9,6 +9,8 @@ caller maps them to checkpoint names.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -16,6 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .groups import (
+    CHUNK_ELEMENTS,
     DEGREES_OF_FREEDOM,
     Kind,
     RowSketches,
@@ -233,6 +236,32 @@ class LayerTransform:
                 factor = f if factor is None else factor * f
         return None if axis is None else (axis, index, factor)
 
+    def gathered_blocks(self, name: str, shape: Tuple[int, ...], delta: bool = False):
+        """For a tensor :meth:`along_axis` describes: blocks of rows (dim 0) of the moved
+        tensor, as ``(rows, take, factor)``: ``factor * take(x)`` is rows ``rows`` of the
+        moved ``x`` (``factor`` None or broadcastable; ``take`` gathers those rows' values in
+        ``x``'s dtype). A column permutation (down_proj) gathers within contiguous rows.
+        ``None`` where :meth:`along_axis` is."""
+        moves = self.along_axis(name, shape, delta)
+        if moves is None:
+            return None
+        axis, index, factor = moves
+        view = [1] * len(shape)
+        view[axis] = -1
+        factor = factor.view(view) if factor is not None else None
+        rows = shape[0]
+        step = max(1, CHUNK_ELEMENTS // max(math.prod(shape[1:]), 1))
+        blocks = []
+        for start in range(0, rows, step):
+            part = slice(start, min(rows, start + step))
+            if axis == 0:
+                picked = index[part]
+                blocks.append((part, functools.partial(_take, 0, picked),
+                               factor[part] if factor is not None else None))
+            else:
+                blocks.append((part, functools.partial(_take_in_rows, part, axis, index), factor))
+        return blocks
+
     def inverse(self) -> "LayerTransform":
         return LayerTransform(tuple((s, inverse(s.kind, e)) for s, e in reversed(self.steps)))
 
@@ -253,6 +282,14 @@ class LayerTransform:
     def then(self, other: "LayerTransform") -> "LayerTransform":
         """This transform followed by ``other``."""
         return LayerTransform(self.steps + other.steps, self.fits + other.fits)
+
+
+def _take(axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.index_select(axis, index.to(x.device))
+
+
+def _take_in_rows(rows: slice, axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x[rows].index_select(axis, index.to(x.device))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ import logging
 from . import cache
 from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
-from .groups import CHUNK_ELEMENTS
 from .rope import attention_logit_change
 from .settings import AlignSettings
 from .spec import LayerTransform, align_layer
@@ -504,9 +503,9 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         work = torch.promote_types(base.dtype, torch.float32)
         if self.output_frame == "base" and transform is not None and work == torch.float32 \
                 and self.fold_norm is None and transform.touches(self.name):
-            moves = transform.inverse().along_axis(self.name, tuple(base.shape), delta=True)
-            if moves is not None:
-                return _transfer_by_positions(merged, reference, base, *moves, out_dtype)
+            blocks = transform.inverse().gathered_blocks(self.name, tuple(base.shape), delta=True)
+            if blocks is not None:
+                return _transfer_by_blocks(merged, reference, base, blocks, out_dtype)
         # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
         # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
         delta = merged.to(work, copy=True).sub_(reference)
@@ -539,37 +538,20 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         return LayerTransform(steps).inverse().apply_one(self.name, full)
 
 
-def _transfer_by_positions(merged, reference, base, axis: int, index: torch.Tensor,
-                           factor: Optional[torch.Tensor], out_dtype) -> torch.Tensor:
-    """``base + factor * (merged - reference)[index]`` along ``axis`` (a transform that only
-    permutes and rescales positions, see ``LayerTransform.along_axis``), a block of rows at a
-    time, written straight into the output dtype: the same float32 arithmetic as the general
-    path (subtract, scale, permute, add the base, round once) without its three tensor-sized
+def _transfer_by_blocks(merged, reference, base, blocks, out_dtype) -> torch.Tensor:
+    """``base + factor * (merged - reference)[index]`` for a transform that only permutes and
+    rescales positions (``LayerTransform.gathered_blocks``), a block of rows at a time,
+    written straight into the output dtype: the same float32 arithmetic as the general path
+    (subtract, scale, permute, add the base, round once) without its three tensor-sized
     float32 temporaries."""
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    rows = base.shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(base.numel() // max(rows, 1), 1))
-    shape = [1] * base.dim()
-    shape[axis] = -1
-    index = index.to(base.device)
-    factor = factor.to(base.device).view(shape) if factor is not None else None
-    for start in range(0, rows, step):
-        length = min(step, rows - start)
-        # Blocks of rows (dim 0) and the full gather inside each: a column permutation
-        # (down_proj) gathers within contiguous rows instead of across the whole tensor.
-        if axis == 0:
-            picked = index[start:start + length]
-            take = (lambda x: x.index_select(0, picked))
-            scale = factor[start:start + length] if factor is not None else None
-        else:
-            take = (lambda x: x.narrow(0, start, length).index_select(axis, index))
-            scale = factor
+    for rows, take, factor in blocks:
         part = take(merged).to(torch.float32)
         part.sub_(take(reference))
-        if scale is not None:
-            part.mul_(scale)
-        part.add_(base.narrow(0, start, length))
-        out.narrow(0, start, length).copy_(part)
+        if factor is not None:
+            part.mul_(factor.to(part.device))
+        part.add_(base[rows])
+        out[rows] = part
     return out
 
 
