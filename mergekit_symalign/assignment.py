@@ -85,8 +85,8 @@ Term = Tuple[torch.Tensor, torch.Tensor, str]
 
 def _work(x: torch.Tensor) -> torch.Tensor:
     """At least float32. Features may come in the checkpoint's dtype (bf16 views of the
-    weights, no whole-tensor copies); every product below reads them through this, one chunk
-    or gathered block at a time."""
+    weights, no whole-tensor copies); every exact product below reads them through this, one
+    chunk or gathered block at a time (sketches: see :func:`_sketched`)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 # Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
@@ -226,10 +226,16 @@ class _Sketch:
 
 
 def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x @ r`` in ``r``'s dtype; a low-precision ``x`` is converted a block at a time (rows,
-    or storage rows of a transposed view such as down_proj's columns)."""
+    """``x @ r`` in ``r``'s dtype. A bfloat16 ``x`` is multiplied natively (bf16 inputs,
+    float32 accumulation, one rounding of the result: ~0.2 % relative, far inside the
+    sketch's own standard error, which is >= 1/sqrt(d)), 4x faster than converting it on
+    CPUs with bf16 instructions; float16 is converted a block at a time (rows, or storage
+    rows of a transposed view such as down_proj's columns). Only sketches use this: every
+    exact score is taken in float32."""
     if x.dtype == r.dtype:
         return x @ r
+    if x.dtype == torch.bfloat16:
+        return (x @ r.to(torch.bfloat16)).to(r.dtype)
     n, m = x.shape
     if _column_layout(x, x):  # x = storage.T, storage [m, n] contiguous: sum over row blocks
         storage = x.T

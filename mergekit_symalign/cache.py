@@ -4,7 +4,7 @@ Pure Python + torch + safetensors (no mergekit import, no pickle). An entry is t
 the cache folder, ``<key>.safetensors`` (the elements) and ``<key>.json`` (what they are),
 where ``key`` is a SHA-256 over everything the solve depended on: the kind of solve, the
 plugin's cache format, the settings and geometry, and the bytes of every tensor it read
-(both models), in a canonical order. An entry is therefore only ever found for exactly the
+(both models; SHA-256 digests of 8 MiB blocks, computed in parallel), in a canonical order. An entry is therefore only ever found for exactly the
 inputs it was solved from: a changed checkpoint, setting or plugin format gives another key
 and the transform is solved again. A file that cannot be read back (truncated, edited,
 another format) is reported and solved again, never applied.
@@ -12,18 +12,20 @@ another format) is reported and solved again, never applied.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
 LOG = logging.getLogger(__name__)
-FORMAT = 1  # bump when what an entry means changes
+FORMAT = 2  # bump when what an entry means or its key changes (2: tensors hashed in blocks)
 
 
 class Fingerprint:
@@ -39,21 +41,41 @@ class Fingerprint:
         return self
 
     def tensors(self, label: str, tensors: Mapping[str, torch.Tensor]) -> "Fingerprint":
-        for name in sorted(tensors):
+        """Each tensor's bytes are hashed in blocks of :data:`HASH_BLOCK` bytes, the blocks'
+        SHA-256 digests on a thread pool (hashlib releases the GIL), then folded in order
+        into this hash: a hash tree, as strong as one pass and ~cores times faster."""
+        names = sorted(tensors)
+        jobs = []
+        for name in names:
             tensor = tensors[name]
             if tensor is None:
-                self.update(f"{label}:{name}", None)
+                jobs.append((name, None, []))
                 continue
             tensor = tensor.detach().contiguous()
             if tensor.device.type != "cpu":
                 tensor = tensor.cpu()
-            self.update(f"{label}:{name}", [str(tensor.dtype), list(tensor.shape)])
-            raw = tensor.view(torch.uint8) if tensor.numel() else tensor
-            self._hash.update(memoryview(raw.numpy()).cast("B") if tensor.numel() else b"")
+            raw = memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else b""
+            blocks = [raw[i:i + HASH_BLOCK] for i in range(0, len(raw), HASH_BLOCK)] or [b""]
+            jobs.append((name, [str(tensor.dtype), list(tensor.shape)], blocks))
+        digests = iter(_pool().map(lambda block: hashlib.sha256(block).digest(),
+                                   [block for _n, _m, blocks in jobs for block in blocks]))
+        for name, meta, blocks in jobs:
+            self.update(f"{label}:{name}", meta)
+            for _ in blocks:
+                self._hash.update(next(digests))
         return self
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+HASH_BLOCK = 8 << 20  # bytes per hashed block of a tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                              thread_name_prefix="symalign-hash")
 
 
 class AlignmentCache:

