@@ -43,7 +43,7 @@ from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
 from .statedict import layer_tensor_names, tied_embeddings
-from .tasks import TensorsAfter
+from .tasks import SkillDelta, TensorsAfter, ZeroBase
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
@@ -388,6 +388,7 @@ class AlignedPlanning:
             base_alignment=planned.alignment(roles.base),
             name=layer.name if layer is not None else None,
             output_frame=settings.output_frame,
+            merged_is_delta=planned.delta_inputs,
             **refold,
         )
         self.planner._tensors.append((weight, final))
@@ -441,6 +442,7 @@ class AlignedPlanning:
             })
             for m in roles.merged
         }
+        delta_inputs = False
         if weight.vocabulary_axis is not None and self.planner._tokenizer_task is not None:
             # Embeddings under a tokenizer section: mergekit's own vocabulary permutation
             # (only the residual-stream transform, if any, acts on them).
@@ -459,7 +461,16 @@ class AlignedPlanning:
             if moved:  # the residual stream's transform, after mergekit's token permutation
                 inputs = AlignVocabularyTask(permuted=inputs, alignments=moved, name=layer.name)
         else:
-            tensors = ImmutableMap(data={m: aligned_input(m) for m in roles.merged})
+            tensors = {m: aligned_input(m) for m in roles.merged}
+            if roles.transfer:
+                # The wrapped method merges the skills' deltas onto a zero base: its result is
+                # the combined delta itself (see SkillDelta).
+                reference = self._checked(roles.reference, by_model[roles.reference])
+                tensors = {roles.reference: ZeroBase(reference=reference),
+                           **{m: SkillDelta(tensor=tensors[m], reference=reference,
+                                            after=alignment(base)) for m in roles.skills}}
+                delta_inputs = True
+            tensors = ImmutableMap(data=tensors)
             if alignment(base) is not None:
                 # The base's layer alignment runs first, then each tensor's merge and transfer
                 # in turn: no float32 merge result waits for the alignment.
@@ -477,10 +488,11 @@ class AlignedPlanning:
             output_weight=weight,
             parameters=ImmutableMap(data={p.name: shared[p.name] for p in inner.shared_parameters}),
             input_parameters=ImmutableMap(data=input_params),
-            # A transfer subtracts the reference again: keep the delta in float32.
+            # A transfer keeps the skill vector in float32 (the deltas; or, through mergekit's
+            # vocabulary permutation, the models, the reference being subtracted again).
             dtype="float32" if roles.transfer else None,
         )
-        planned = Planned(merged, sources, roles, settings, layer, alignment)
+        planned = Planned(merged, sources, roles, settings, layer, alignment, delta_inputs)
         self._planned[weight.name] = planned
         return planned
 
@@ -505,7 +517,7 @@ class AlignedPlanning:
             norm_in = [WeightInfo(name=prefix + f"{norm}.weight") for _m in models]
         norm_planned = self._merged_task(WeightInfo(name=out_name), norm_in, models, cfg_reader)
         return {"fold_norm": f"{norm}.weight", "norm_merged": norm_planned.merged,
-                "norm_sources": norm_planned.sources}
+                "norm_sources": norm_planned.sources, "norm_is_delta": norm_planned.delta_inputs}
 
     def _reading_norm(self, tensor) -> Optional[str]:
         """The reader-side norm whose output ``tensor`` reads (or which it is)."""
@@ -527,3 +539,4 @@ class Planned:
     settings: TensorSettings
     layer: object  # LayerTensor, ModuleTensor or None
     alignment: object  # model -> its alignment task (or None)
+    delta_inputs: bool = False  # merged is the combined delta, not R + delta

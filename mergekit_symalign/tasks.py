@@ -421,6 +421,55 @@ class TensorsAfter(TensorDictWrapper):
 _AFTER = "__after__"  # not a model reference's JSON, so no clash with the input tensors
 
 
+class SkillDelta(Task[Optional[torch.Tensor]]):
+    """``model - reference`` in at least float32, the wrapped method's input in a transfer.
+
+    mergekit's task-arithmetic family only ever uses its inputs as ``model - base`` and adds
+    the base back at the end; on a zero base (:class:`ZeroBase`) its result is the combined
+    delta itself. The transfer needs exactly that delta: merging the models and subtracting
+    the reference again (as before) computed the same numbers with two more float32 copies
+    of every tensor (the reference's, converted, and ``R + delta``) inside the method, which
+    was the peak of a bf16 merge's memory."""
+
+    tensor: Task
+    reference: Task
+    after: Optional[Task] = None  # the base's layer alignment: computed after it (TensorsAfter)
+
+    def arguments(self) -> Dict[str, Task]:
+        args = {"tensor": self.tensor, "reference": self.reference}
+        if self.after is not None:
+            args[_AFTER] = self.after
+        return args
+
+    def group_label(self) -> Optional[str]:
+        return self.tensor.group_label()
+
+    def execute(self, tensor: Optional[torch.Tensor], reference: Optional[torch.Tensor], **_after):
+        if tensor is None or reference is None:
+            return tensor  # the method sees what it would have seen (TransferTask refuses)
+        delta = tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
+        return delta.sub_(reference)
+
+
+class ZeroBase(Task[Optional[torch.Tensor]]):
+    """The wrapped method's base in a transfer: float32 (at least) zeros shaped like the
+    reference tensor, a broadcast view of one zero (no memory)."""
+
+    reference: Task
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"reference": self.reference}
+
+    def group_label(self) -> Optional[str]:
+        return self.reference.group_label()
+
+    def execute(self, reference: Optional[torch.Tensor]):
+        if reference is None:
+            return None
+        dtype = torch.promote_types(reference.dtype, torch.float32)
+        return torch.zeros((), dtype=dtype, device=reference.device).expand(reference.shape)
+
+
 class AlignTensorTask(Task[Optional[torch.Tensor]]):
     tensor: LoadTensor
     alignment: Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]
@@ -458,11 +507,14 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     base_alignment: Optional[Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]] = None
     name: Optional[str] = None
     output_frame: str = "base"
+    # ``merged`` is the wrapped method's combined delta (SkillDelta inputs), not R + delta.
+    merged_is_delta: bool = False
     # residual: orthogonal, base frame: the norm this tensor reads (or is), and its merged
     # value and sources (see :meth:`_refolded`).
     fold_norm: Optional[str] = None
     norm_merged: Optional[Task] = None
     norm_sources: Optional[Task] = None
+    norm_is_delta: bool = False
 
     def arguments(self) -> Dict[str, Task]:
         args = {"merged": self.merged, "sources": self.sources}
@@ -490,10 +542,13 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         if merged is None:
             return None
         base = sources.get(self.base_model)
+        reference = sources.get(self.reference_model)
+        if self.merged_is_delta and base is None and reference is not None:
+            # no base tensor: the transfer onto the reference (as before deltas were merged)
+            return merged.to(torch.float32, copy=True).add_(reference).to(reference.dtype)
         out_dtype = base.dtype if base is not None else merged.dtype
         if self.reference_model == self.base_model or base is None:
             return merged.to(out_dtype)
-        reference = sources.get(self.reference_model)
         if reference is None:
             raise RuntimeError(
                 f"tensor {self.name or ''}: present in base model {self.base_model} but not in "
@@ -505,10 +560,13 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                 and self.fold_norm is None and transform.touches(self.name):
             blocks = transform.inverse().gathered_blocks(self.name, tuple(base.shape), delta=True)
             if blocks is not None:
-                return _transfer_by_blocks(merged, reference, base, blocks, out_dtype)
+                return _transfer_by_blocks(merged, None if self.merged_is_delta else reference,
+                                           base, blocks, out_dtype)
         # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
         # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
-        delta = merged.to(work, copy=True).sub_(reference)
+        delta = merged.to(work, copy=True)
+        if not self.merged_is_delta:
+            delta.sub_(reference)
         if transform is None or not transform.touches(self.name):
             out = delta.add_(base)
         elif self.output_frame == "base" and norm_merged is not None and \
@@ -528,8 +586,9 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         function, whatever the deltas did to the norm (a linear map of the deltas is not:
         the rotation does not commute with a change of the norm's weights)."""
         norm = self.fold_norm
-        merged_norm = transform.apply_one(norm, norm_sources[self.base_model].to(work)) + (
-            norm_merged.to(work) - norm_sources[self.reference_model].to(work))
+        norm_delta = norm_merged.to(work) if self.norm_is_delta else \
+            norm_merged.to(work) - norm_sources[self.reference_model].to(work)
+        merged_norm = transform.apply_one(norm, norm_sources[self.base_model].to(work)) + norm_delta
         unfold = f"residual.unfold.{norm[:-len('.weight')]}"
         offset = next(site.offset for s, _ in transform.steps if s.name == unfold for site in s.sites)
         steps = tuple((s, (merged_norm.double() + offset) if s.name == unfold else e)
@@ -547,7 +606,8 @@ def _transfer_by_blocks(merged, reference, base, blocks, out_dtype) -> torch.Ten
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     for rows, take, factor in blocks:
         part = take(merged).to(torch.float32)
-        part.sub_(take(reference))
+        if reference is not None:  # merged = R + delta (else merged is the delta)
+            part.sub_(take(reference))
         if factor is not None:
             part.mul_(factor.to(part.device))
         part.add_(base[rows])

@@ -355,6 +355,43 @@ def test_bfloat16_checkpoints_end_to_end(family, tmp_path, frame):
     assert_tensors_close({k: v.float() for k, v in merged.items()}, want, rtol=2e-2)
 
 
+def test_bfloat16_transfer_is_rounded_once(family, tmp_path):
+    """bf16 checkpoints: the wrapped method merges float32 deltas (SkillDelta on a ZeroBase)
+    with float32 weights, so the transferred model is the exact ``B + sum w_i (S_i - R)``
+    rounded once to bf16 (within one unit in its last place), also where that sum nearly
+    cancels and for weights that are no power of two. (mergekit's own bf16 merge rounds the
+    weights and the deltas to bf16 first: off by hundreds of units where the sum cancels.)"""
+    bf16 = {}
+    for name in ("reference", "skill", "sibling"):
+        state = {k: v.to(torch.bfloat16) for k, v in load(family[name]).items()}
+        bf16[name] = save(state, family["config"], tmp_path / name, dtype=torch.bfloat16)
+    copy = tmp_path / "reference_copy"  # the base: the reference's weights at another path
+    shutil.copytree(bf16["reference"], copy)
+    out = load(run_recipe(
+        transfer(PREFIX + "task_arithmetic", str(copy), bf16["reference"],
+                 [(bf16["skill"], {"align": False, "weight": 0.3}),
+                  (bf16["sibling"], {"align": False, "weight": 0.45})], dtype="bfloat16"),
+        tmp_path / "out"))
+    plain = load(run_recipe(
+        {"merge_method": "task_arithmetic", "base_model": bf16["reference"], "dtype": "bfloat16",
+         "models": [{"model": bf16["skill"], "parameters": {"weight": 0.3}},
+                    {"model": bf16["sibling"], "parameters": {"weight": 0.45}}]},
+        tmp_path / "plain"))
+    r, s1, s2 = (load(bf16[n]) for n in ("reference", "skill", "sibling"))
+
+    def worst_ulps(merged):
+        worst = 0.0
+        for name, got in merged.items():
+            exact = r[name].double() + 0.3 * (s1[name].double() - r[name].double()) \
+                + 0.45 * (s2[name].double() - r[name].double())
+            ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+            worst = max(worst, float(((got.double() - exact).abs() / ulp).max()))
+        return worst
+
+    assert worst_ulps(out) <= 1.0
+    assert worst_ulps(plain) > 10.0  # the measure tells the two apart
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_merge_equals_cpu_merge(family, tmp_path):
     """--cuda (math on the GPU) and --read-to-gpu give the CPU's merge within float32 noise."""
