@@ -9,12 +9,14 @@ recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`Align
 * mergekit's own ``plan_layer`` says which layer of which model each output tensor comes
   from (slices may take different layers from different models); the layer's tensor names
   come from mergekit's architecture definition of that model;
-* :meth:`AlignedPlanning.plan_tensor` builds, for one output tensor::
+* :meth:`AlignedPlanning.plan_tensor` builds, for one output tensor of a transfer::
 
-    LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--+
-    LoadTensor(R) -------------------------------------------------+-> ExecuteMergeMethodTask
-                                                                        (wrapped method, base R)
-    LoadTensor(B), LayerAlignmentTask(B, R) ----------------------------> TransferTask -> save
+    LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--SkillDelta(- R)--+
+    LoadTensor(R) ----------------------------------------------------ZeroBase-------+-> ExecuteMergeMethodTask
+                                                                        (wrapped method: combined delta)
+    LoadTensor(B), LayerAlignmentTask(B, R) ------------------------------------------> TransferTask -> save
+
+  (without a transfer, i.e. base = reference, the method merges the models themselves on R).
 
 Roles and settings are resolved by :mod:`.settings` (pure functions); this module only
 builds the graph.

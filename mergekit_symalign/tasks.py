@@ -8,8 +8,10 @@
   the reference's embedding and ``lm_head`` rows (read in chunks through mergekit's lazy
   loader, not held), once per model; every layer's alignment starts from it.
 * :class:`AlignTensorTask` moves one tensor of a model into the reference's frame.
-* :class:`TransferTask` turns the wrapped method's output ``R + combine(S_i - R)`` into
-  ``aligned(B) + combine(...)``, in the base's or the reference's coordinates.
+* :class:`SkillDelta` / :class:`ZeroBase`: the wrapped method's inputs in a transfer, the
+  skills' float32 deltas ``S_i - R`` on a zero base, so its output is ``combine(S_i - R)``.
+* :class:`TransferTask` turns that into ``aligned(B) + combine(...)``, in the base's or the
+  reference's coordinates.
 * :class:`FiniteTensor` refuses a NaN/Inf input tensor as it loads.
 
 Tasks that can refuse during execution carry the merge's :class:`OutputFolder`: a refusal
@@ -493,8 +495,10 @@ class AlignTensorTask(Task[Optional[torch.Tensor]]):
 
 
 class TransferTask(Task[Optional[torch.Tensor]]):
-    """``aligned(B) + (merged - R)``; with ``output_frame: base`` expressed as
-    ``B + inverse_B(merged - R)`` (the group acts linearly, so both are the same model).
+    """``aligned(B) + delta``; with ``output_frame: base`` expressed as ``B + inverse_B(delta)``
+    (the group acts linearly, so both are the same model), where ``delta`` is ``merged`` itself
+    (``merged_is_delta``: the method merged SkillDelta inputs) or ``merged - R`` (the
+    vocabulary-permuted embeddings of a recipe with a tokenizer section).
 
     ``sources`` yields the base's and the reference's tensors (raw loads, or mergekit's
     vocabulary-permuted ones for embeddings when the recipe has a tokenizer section).
