@@ -548,19 +548,22 @@ def _sketch(width: int) -> torch.Tensor:
     return torch.randn(width, SKETCH_DIM, generator=generator) / math.sqrt(SKETCH_DIM)
 
 
-def _feature_values(feature: Tuple[Site, ...], tensors: Tensors, sketch: Optional[torch.Tensor]):
-    parts = []
+def _feature_sites(feature: Tuple[Site, ...], tensors: Tensors):
+    """``(site, tensor)`` for the feature's sites present in ``tensors`` (optional ones may
+    be missing)."""
     for site in feature:
         tensor = tensors.get(site.tensor)
         if tensor is None:
             if site.optional:
                 continue
             raise KeyError(f"tensor {site.tensor!r} is missing")
-        parts.append(gather(_working(tensor), site))
-    values = torch.cat(parts, dim=-1)  # [n, c, k, rest]
-    if sketch is not None:
-        values = values @ sketch.to(values.dtype)
-    return values
+        yield site, tensor
+
+
+def _feature_values(feature: Tuple[Site, ...], tensors: Tensors) -> torch.Tensor:
+    """The feature's sites' values, concatenated: ``[n, c, k, rest]``."""
+    return torch.cat([gather(_working(tensor), site) for site, tensor in _feature_sites(feature, tensors)],
+                     dim=-1)
 
 
 def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> torch.Tensor:
@@ -625,17 +628,12 @@ class RowSketches:
 
 def _sketched_feature(feature: Tuple[Site, ...], tensors: Tensors, sketch: torch.Tensor,
                       cache: Optional[RowSketches]) -> torch.Tensor:
-    """``_feature_values(feature, tensors, sketch)`` as a sum over the feature's sites of
+    """``_feature_values(feature, tensors) @ sketch`` as a sum over the feature's sites of
     their positions' sketches (the concatenation times the sketch is that sum), from
     ``cache`` where it has them."""
     total, offset = None, 0
     cache = cache if cache is not None else RowSketches()
-    for site in feature:
-        tensor = tensors.get(site.tensor)
-        if tensor is None:
-            if site.optional:
-                continue
-            raise KeyError(f"tensor {site.tensor!r} is missing")
+    for site, tensor in _feature_sites(feature, tensors):
         rest = tensor.numel() // tensor.shape[site.axis]
         rows = cache.positions(site.tensor, tensor, site.axis, sketch, offset, rest)
         if site.offset:  # (values + offset) @ block
@@ -644,6 +642,14 @@ def _sketched_feature(feature: Tuple[Site, ...], tensors: Tensors, sketch: torch
         total = part if total is None else total + part
         offset += rest
     return total
+
+
+def _cross_by_grams(k: int, r: int, block: int) -> bool:
+    """``||X_a X_m^T||_F^2 = <X_a^T X_a, X_m^T X_m>_F``: score all pairs of a block through the
+    ``r x r`` Grams (2 k r^2 per slot, then r^2 per pair) when that is cheaper than the
+    ``k x k`` products (k^2 r per pair), e.g. o_proj's 4 x 128 columns per KV head against
+    512 sketched dimensions."""
+    return 2 * k * r * r + block * r * r < block * k * k * r
 
 
 def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
@@ -679,12 +685,10 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
             a = _sketched_feature(feature, reference, _sketch(width), ref_cache)
             m = _sketched_feature(feature, model, _sketch(width), model_cache).to(a.device)
         else:
-            a = _feature_values(feature, reference, None)
-            m = _feature_values(feature, model, None).to(a.device)
+            a = _feature_values(feature, reference)
+            m = _feature_values(feature, model).to(a.device)
         _n, c, k, r = a.shape
-        # ||X_a X_m^T||_F^2 = <X_a^T X_a, X_m^T X_m>_F: through the k x k products or the
-        # r x r Grams, whichever is cheaper.
-        by_grams = 2 * k * r * r + block * r * r < block * k * k * r
+        by_grams = _cross_by_grams(k, r, block)
         if by_grams:
             gram_a = torch.einsum("ncir,ncis->ncrs", a, a)
             gram_m = torch.einsum("ncir,ncis->ncrs", m, m)

@@ -285,3 +285,39 @@ def test_along_axis_is_the_transform_where_it_applies(delta):
             assert torch.equal(got, expected), name
         assert {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"} <= described
         assert "self_attn.v_proj.weight" not in described  # V/O rotations
+
+
+def test_head_matching_on_shared_sketches(monkeypatch):
+    """Wide head features are sketched (here forced on a tiny model): the sketched features
+    are the concatenated features times the sketch; the KV heads and the query heads share
+    the sketches (reference side reused, model side carried along the KV permutation: one
+    sketch per tensor and side); both ways of scoring all pairs agree; and the alignment is
+    still exact."""
+    model = make_model("llama", seed=14)
+    spec = spec_for_config(model.config)
+    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
+    moved = random_transform(spec, torch.Generator().manual_seed(15)).apply(layer)
+    monkeypatch.setattr(groups, "SKETCH_ABOVE", 4)
+    kv = next(s for s in spec.symmetries() if s.name == "attn.kv_heads")
+    for feature in kv.features:
+        width = sum(layer[s.tensor].numel() // layer[s.tensor].shape[s.axis]
+                    for s in feature if s.tensor in layer)
+        direct = groups._feature_values(feature, layer) @ groups._sketch(width)
+        assert torch.allclose(groups._sketched_feature(feature, layer, groups._sketch(width), None),
+                              direct, atol=1e-5)
+    both = {}
+    for forced in (False, True):
+        monkeypatch.setattr(groups, "_cross_by_grams", lambda k, r, block, forced=forced: forced)
+        both[forced] = groups.gram_similarity(kv, layer, moved)
+    assert torch.allclose(both[False], both[True], rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    monkeypatch.setattr(groups, "SKETCH_ABOVE", 4)
+    calls = []
+    real = groups._sketch_positions
+    monkeypatch.setattr(groups, "_sketch_positions", lambda *a: calls.append(a[1]) or real(*a))
+    transform = align_layer(spec, layer, moved)
+    sketched = {site.tensor for f in kv.features for site in f if site.tensor in layer}
+    assert len(calls) == 2 * len(sketched)  # the query heads computed no new sketch
+    aligned = transform.apply(moved)
+    assert max(float((aligned[k] - layer[k]).abs().max()) / (scale_of(layer[k]) + 1e-12)
+               for k in layer) < 1e-5
