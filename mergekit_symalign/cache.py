@@ -117,14 +117,39 @@ class AlignmentCache:
         info = {**meta, "format": FORMAT, "key": key, "tensors": sorted(body)}
         for path, write in ((tensors_path, lambda p: save_file(body, p)),
                             (meta_path, lambda p: Path(p).write_text(json.dumps(info, indent=1)))):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            self._write_atomically(path, write)
+
+    def _write_atomically(self, path: Path, write) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_record(self, key: str) -> Optional[Dict[str, float]]:
+        """The distances saved next to entry ``key`` (:meth:`save_record`), else None."""
+        path = self.folder / f"{key}.record.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT or data.get("key") != key:
+                raise ValueError("format or key mismatch")
+            return {name: float(data[name]) for name in ("distance_before", "distance_after")}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            LOG.warning("alignment cache record %s unreadable (%s); measuring again", key[:12], err)
+            return None
+
+    def save_record(self, key: str, distances: Mapping[str, float]) -> None:
+        """The model card's / report's distances before and after for entry ``key``: a
+        function of the same inputs as the entry, so a cached merge need not measure them."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = {**{k: float(v) for k, v in distances.items()}, "format": FORMAT, "key": key}
+        self._write_atomically(self.folder / f"{key}.record.json",
+                               lambda p: Path(p).write_text(json.dumps(data)))
 
 
 def steps_to_tensors(steps: Iterable[Tuple[Any, torch.Tensor]], prefix: str = "") -> Tuple[Dict[str, torch.Tensor], list]:

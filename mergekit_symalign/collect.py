@@ -96,13 +96,15 @@ def _split(tensors: Mapping[str, Any]):
 
 
 def _record(key: str, model, reference, layer: int, prefix: str, transform,
-            tensors: Mapping[str, Any], seconds: Optional[float]) -> None:
+            tensors: Mapping[str, Any], seconds: Optional[float],
+            cache_folder: Optional[str] = None) -> None:
     collector = get(key)
     if collector is None:  # released (or another process): nothing to report to
         return
     reference_tensors, model_tensors = _split(tensors)
     collector.add(layer_record(str(model), str(reference), layer, prefix, transform,
-                               reference_tensors, model_tensors, seconds, collector.tolerance))
+                               reference_tensors, model_tensors, seconds, collector.tolerance,
+                               cache_folder=cache_folder))
 
 
 class CollectedLayerAlignment(LayerAlignmentTask):
@@ -116,7 +118,7 @@ class CollectedLayerAlignment(LayerAlignmentTask):
         transform = super().execute(**kwargs)
         seconds = time.perf_counter() - start
         _record(self.collector, self.model, self.reference, self.layer, self.layer_prefix,
-                transform, kwargs, seconds)
+                transform, kwargs, seconds, self.settings.alignment_cache or None)
         return transform
 
 

@@ -156,10 +156,24 @@ def _squared_distance(x: torch.Tensor, a: Optional[torch.Tensor], step: int) -> 
 def layer_record(model: str, reference: str, layer: int, prefix: str, transform,
                  reference_tensors: Mapping[str, torch.Tensor],
                  model_tensors: Mapping[str, torch.Tensor],
-                 seconds: Optional[float] = None, tol: float = IDENTITY_TOLERANCE) -> Dict[str, Any]:
-    """What one (model, layer) alignment did: distances before and after, and its summary."""
+                 seconds: Optional[float] = None, tol: float = IDENTITY_TOLERANCE,
+                 cache_folder: Optional[str] = None) -> Dict[str, Any]:
+    """What one (model, layer) alignment did: distances before and after, and its summary.
+    With ``cache_folder`` and a transform solved under an alignment-cache key, the distances
+    are read from (or saved to) that entry's record instead of measured again."""
     summary = summarize_transform(transform, tol)
-    before, after = distances_before_after(reference_tensors, model_tensors, transform)
+    store = key = saved = None
+    if cache_folder and getattr(transform, "cache_key", None):
+        from .cache import AlignmentCache
+
+        store, key = AlignmentCache(cache_folder), transform.cache_key
+        saved = store.load_record(key)
+    if saved is not None:
+        before, after = saved["distance_before"], saved["distance_after"]
+    else:
+        before, after = distances_before_after(reference_tensors, model_tensors, transform)
+        if store is not None:
+            store.save_record(key, {"distance_before": before, "distance_after": after})
     # continuous elements that were fitted but no better than fitting noise (kept identity)
     fits = [{"symmetry": f.symmetry, "explained": f.explained, "snapped": f.snapped}
             for f in getattr(transform, "fits", ())]

@@ -188,6 +188,9 @@ class LayerTransform:
     steps: Tuple[Step, ...] = ()
     # Per solved symmetry: how well its element was determined (see :class:`Fit`).
     fits: Tuple["Fit", ...] = ()
+    # The alignment-cache key it was solved (or found) under, if any (the card's record is
+    # cached next to it).
+    cache_key: Optional[str] = None
 
     def apply(self, tensors: Mapping[str, torch.Tensor], delta: bool = False,
               inplace: bool = False) -> Dict[str, torch.Tensor]:

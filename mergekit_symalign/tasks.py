@@ -21,6 +21,7 @@ graph starts), so a refused merge leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -254,6 +255,8 @@ class LayerAlignmentTask(Task[LayerTransform]):
                 if store is not None:
                     cache.save_layer(store, key, solved)
             transform = first.then(solved)
+            if key is not None:
+                transform = dataclasses.replace(transform, cache_key=key)
         except ValueError as err:
             raise ValueError(
                 f"aligning {self.layer_prefix}* of model {self.model} to reference {self.reference}: {err}"

@@ -136,3 +136,34 @@ def test_activation_alignment_is_cached_too(tmp_path, monkeypatch):
     monkeypatch.setattr(activations, "LayerStreamer", forbidden)
     again = load(run_recipe(rec, tmp_path / "b"))
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_card_record_is_cached_next_to_the_alignment(family, tmp_path, monkeypatch, caplog):
+    """The model card's per-layer distances are a function of the entry's inputs: a second
+    merge reads them from the cache (no measurement) and writes the same card rows; an
+    unreadable record is measured again."""
+    import logging
+    from pathlib import Path
+
+    import mergekit_symalign.report as report
+
+    folder = tmp_path / "cache"
+    first = run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "a", write_model_card=True)
+    records = sorted(folder.glob("*.record.json"))
+    assert len(records) == 2 * family["config"].num_hidden_layers  # base and skill, every layer
+    measured = []
+    real = report.distances_before_after
+    monkeypatch.setattr(report, "distances_before_after", lambda *a: measured.append(1) or real(*a))
+    second = run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "b", write_model_card=True)
+    assert not measured
+
+    def rows(out):
+        return [line for line in (Path(out) / "README.md").read_text().splitlines()
+                if line.startswith(f"| {family['sibling_scrambled']} | ")]
+
+    assert rows(first) == rows(second) and rows(first)
+    records[0].write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="mergekit_symalign.cache"):
+        third = run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "c", write_model_card=True)
+    assert len(measured) == 1 and "record" in caplog.text
+    assert rows(third) == rows(first)
