@@ -132,6 +132,11 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 22
 
 
+def rows_per_chunk(row_elements: int) -> int:
+    """How many rows of ``row_elements`` elements make one chunk (at least one)."""
+    return max(1, CHUNK_ELEMENTS // max(row_elements, 1))
+
+
 def _covers_axis(tensor: torch.Tensor, site: Site) -> bool:
     """Does the site list every position of its axis in order (no copy needed)?"""
     return site.index.numel() == tensor.shape[site.axis] and site.is_arange
@@ -157,12 +162,11 @@ def scatter(tensor: torch.Tensor, site: Site, values: torch.Tensor) -> torch.Ten
     return tensor.index_copy(site.axis, site.index.reshape(-1).to(tensor.device), values)
 
 
-def slot_chunks(tensor: torch.Tensor, site: Site, limit: Optional[int] = None):
-    """``(start, stop)`` ranges of the site's slots whose values hold about ``limit``
-    (default :data:`CHUNK_ELEMENTS`) elements each; one range when the whole site fits."""
+def slot_chunks(tensor: torch.Tensor, site: Site):
+    """``(start, stop)`` ranges of the site's slots whose values hold about
+    :data:`CHUNK_ELEMENTS` elements each; one range when the whole site fits."""
     n, c, k = site.index.shape
-    per_slot = c * k * (tensor.numel() // max(tensor.shape[site.axis], 1))
-    step = max(1, (limit or CHUNK_ELEMENTS) // max(per_slot, 1))
+    step = rows_per_chunk(c * k * (tensor.numel() // max(tensor.shape[site.axis], 1)))
     return [(start, min(n, start + step)) for start in range(0, n, step)] or [(0, 0)]
 
 
@@ -214,6 +218,24 @@ def act(kind: Kind, element: torch.Tensor, values: torch.Tensor, contragredient:
     return torch.einsum("nij,ncjr->ncir", element.to(values.dtype), values)
 
 
+def position_index(element: torch.Tensor, site: Site) -> torch.Tensor:
+    """A permutation element as positions along the site's axis: new position ``i`` takes
+    old position ``index[i]`` (slot ``perm[i]``'s copies and coordinates come along)."""
+    _n, c, k = site.index.shape
+    within = torch.arange(c * k, device=element.device)
+    return (element[:, None] * (c * k) + within).reshape(-1)
+
+
+def position_factor(kind: Kind, element: torch.Tensor, site: Site, dtype: torch.dtype) -> torch.Tensor:
+    """A scale or sign element as one factor per position along the site's axis (``1/s`` on
+    a contragredient site), in ``dtype``."""
+    _n, c, k = site.index.shape
+    factor = element.to(dtype)
+    if kind == Kind.scale and site.contragredient:
+        factor = 1.0 / factor
+    return factor.repeat_interleave(c * k)
+
+
 def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, site: Site,
                     delta: bool = False, inplace: bool = False):
     """:func:`act` on a site that covers its axis, without the ``[n, c, k, rest]`` copy and
@@ -223,24 +245,19 @@ def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, sit
         return None
     if kind == Kind.scale and site.offset and not delta:  # act() shifts by the offset first
         return None
-    n, c, k = site.index.shape
     element = element.to(tensor.device)
-    if kind == Kind.permutation:  # new slot i takes old slot perm[i], copies and coords along
-        within = torch.arange(c * k, device=tensor.device)
-        return tensor.index_select(site.axis, (element[:, None] * (c * k) + within).reshape(-1))
+    if kind == Kind.permutation:
+        return tensor.index_select(site.axis, position_index(element, site))
     work_dtype = torch.promote_types(tensor.dtype, torch.float32)
-    factor = element.to(work_dtype)
-    if kind == Kind.scale and site.contragredient:
-        factor = 1.0 / factor
     shape = [1] * tensor.dim()
     shape[site.axis] = -1
-    factor = factor.repeat_interleave(c * k).view(shape)
+    factor = position_factor(kind, element, site, work_dtype).view(shape)
     if work_dtype == tensor.dtype:
         return tensor.mul_(factor) if inplace else tensor * factor
     # A low-precision tensor: converted a chunk of positions at a time, written in its dtype.
     out = torch.empty_like(tensor)
     positions = tensor.shape[site.axis]
-    step = max(1, CHUNK_ELEMENTS // max(tensor.numel() // max(positions, 1), 1))
+    step = rows_per_chunk(tensor.numel() // max(positions, 1))
     for start in range(0, positions, step):
         length = min(step, positions - start)
         part = tensor.narrow(site.axis, start, length).to(work_dtype)
@@ -408,7 +425,6 @@ class SiteSums:
     solve: Dict[str, torch.Tensor]
     fit: Dict[str, torch.Tensor]
     entries: int = 0
-    fitted_sites: int = 0
 
 
 _SCALE_SUMS = ("xx", "xa", "xaa", "yy", "ya", "yaa")
@@ -429,7 +445,6 @@ def site_sums(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str
         return {"cross": zeros(n, k, k), **({"tt": zeros(n), "aa": zeros(n)} if for_fit else {})}
 
     sums = SiteSums(bucket(False), bucket(True) if fit else {})
-    seen = set()
     for site, slots, a, t in _site_chunks(symmetry, reference, model, label):
         buckets = [sums.solve]
         if fit and not site.optional:
@@ -438,7 +453,6 @@ def site_sums(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str
             # rests on the weights, where the noise is spread evenly.
             buckets.append(sums.fit)
             sums.entries += a.numel()
-            seen.add(id(site))
         rows = slots.stop - slots.start
         if scale:
             t2, a2 = t.reshape(rows, -1), a.reshape(rows, -1)
@@ -454,7 +468,6 @@ def site_sums(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str
         if len(buckets) > 1:
             sums.fit["tt"][slots] += t.reshape(rows, -1).square().sum(-1).double().cpu()
             sums.fit["aa"][slots] += a.reshape(rows, -1).square().sum(-1).double().cpu()
-    sums.fitted_sites = len(seen)
     return sums
 
 
@@ -580,7 +593,7 @@ def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> t
     block = block.to(device=tensor.device, dtype=work)
     if moved.dtype == block.dtype:
         return moved @ block
-    step = max(1, CHUNK_ELEMENTS // max(moved.shape[1], 1))
+    step = rows_per_chunk(moved.shape[1])
     return torch.cat([moved[p:p + step].to(block.dtype) @ block for p in range(0, moved.shape[0], step)])
 
 
@@ -708,11 +721,6 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
     return total
 
 
-def solve_orthogonal(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
-    """Orthogonal Procrustes per slot (reflections allowed): ``argmax tr(g T A^T)``."""
-    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
-
-
 class small_linalg:
     """Run a small LAPACK call on one thread. Measured here: a batched SVD of three 64x64
     matrices took 1.5 ms on one thread and 0.3 s on two while other processes used the cores
@@ -732,16 +740,6 @@ class small_linalg:
         if self.active:
             torch.set_num_threads(self.threads)
         return False
-
-
-def solve_plane_rotation(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
-    """Closed-form optimal rotation in SO(2) per slot (2-D Kabsch without reflections)."""
-    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
-
-
-def solve_sign(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
-    """+1 or -1 per slot, whichever correlates the model with the reference."""
-    return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
 
 
 def quartic_scale(
@@ -785,12 +783,23 @@ def quartic_scale(
     return best
 
 
-def solve_scale(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
+def solve_continuous(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
+    """The element of a rotation, sign or scale symmetry (see :func:`_solve_from_sums`)."""
     return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
 
 
+solve_scale = solve_continuous  # the scale solver's name in the docs and tests
+
+
 def _solve_from_sums(symmetry: Symmetry, sums: SiteSums) -> torch.Tensor:
-    """The continuous solvers, from :func:`site_sums` (``sums.solve``)."""
+    """The continuous solvers, from :func:`site_sums` (``sums.solve``):
+
+    * orthogonal: Procrustes per slot (reflections allowed), ``argmax tr(g T A^T)``;
+    * plane rotation: closed-form optimal rotation in SO(2) per slot (2-D Kabsch without
+      reflections);
+    * sign: +1 or -1 per slot, whichever correlates the model with the reference;
+    * scale: the quartic least-squares scale (both sides observed) or the free scale below.
+    """
     stats, n = sums.solve, symmetry.slots
     if symmetry.kind == Kind.orthogonal:
         m = stats["cross"]  # sum A T^T
@@ -827,20 +836,11 @@ def _solve_from_sums(symmetry: Symmetry, sums: SiteSums) -> torch.Tensor:
     return quartic_scale(stats["xx"], stats["xa"], stats["ya"], stats["yy"], signed=symmetry.signed)
 
 
-SOLVERS = {
-    Kind.orthogonal: solve_orthogonal,
-    Kind.plane_rotation: solve_plane_rotation,
-    Kind.sign: solve_sign,
-    Kind.scale: solve_scale,
-}
-
-
 def solve(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     if symmetry.kind == Kind.permutation:
         return solve_permutation(symmetry, reference, model, **kw)
-    kw.pop("scale", None)
-    kw.pop("sketches", None)
-    return SOLVERS[symmetry.kind](symmetry, reference, model, **kw)
+    kw.pop("scale", None)  # the permutation's partner scale (align_layer passes it to mains)
+    return solve_continuous(symmetry, reference, model, **kw)
 
 
 # Continuous elements whose fit is not clearly better than fitting noise are snapped to the
@@ -876,7 +876,7 @@ def fit_gain(symmetry: Symmetry, element: torch.Tensor, reference: Tensors, mode
 def gain_from_sums(symmetry: Symmetry, element: torch.Tensor, sums: SiteSums) -> Tuple[float, float, int]:
     """:func:`fit_gain` from :func:`site_sums` (``sums.fit``)."""
     stats = sums.fit
-    if not sums.fitted_sites:
+    if not sums.entries:  # no non-optional site present: nothing to judge the fit on
         return 0.0, 0.0, 0
     if symmetry.kind == Kind.scale:
         s = element.double().cpu()
@@ -898,7 +898,6 @@ def gain_from_sums(symmetry: Symmetry, element: torch.Tensor, sums: SiteSums) ->
 def solve_and_fit(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw):
     """``(element, (gain, baseline, entries))`` of a continuous symmetry from one pass over
     its sites (the solver and the fit test read the same sums)."""
-    kw.pop("scale", None)
     sums = site_sums(symmetry, reference, model, **kw)
     element = _solve_from_sums(symmetry, sums)
     return element, gain_from_sums(symmetry, element, sums)

@@ -45,7 +45,7 @@ from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
 from .statedict import layer_tensor_names, tied_embeddings
-from .tasks import SkillDelta, TensorsAfter, ZeroBase
+from .tasks import SkillDelta, ZeroBase
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
@@ -463,22 +463,18 @@ class AlignedPlanning:
             if moved:  # the residual stream's transform, after mergekit's token permutation
                 inputs = AlignVocabularyTask(permuted=inputs, alignments=moved, name=layer.name)
         else:
-            tensors = {m: aligned_input(m) for m in roles.merged}
             if roles.transfer:
                 # The wrapped method merges the skills' deltas onto a zero base: its result is
-                # the combined delta itself (see SkillDelta).
+                # the combined delta itself (see SkillDelta). The deltas, and so the merge, wait
+                # for the base's layer alignment (the only case where the base is aligned).
                 reference = self._checked(roles.reference, by_model[roles.reference])
                 tensors = {roles.reference: ZeroBase(reference=reference),
-                           **{m: SkillDelta(tensor=tensors[m], reference=reference,
+                           **{m: SkillDelta(tensor=aligned_input(m), reference=reference,
                                             after=alignment(base)) for m in roles.skills}}
                 delta_inputs = True
-            tensors = ImmutableMap(data=tensors)
-            if alignment(base) is not None:
-                # The base's layer alignment runs first, then each tensor's merge and transfer
-                # in turn: no float32 merge result waits for the alignment.
-                inputs = TensorsAfter(tensors=tensors, after=alignment(base))
             else:
-                inputs = TensorDictWrapper(tensors=tensors)
+                tensors = {m: aligned_input(m) for m in roles.merged}
+            inputs = TensorDictWrapper(tensors=ImmutableMap(data=tensors))
             sources = TensorDictWrapper(tensors=ImmutableMap(data={
                 m: self._checked(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
             }))
@@ -518,8 +514,10 @@ class AlignedPlanning:
             prefix = self.planner.arch_info.modules[self.module].weight_prefix or ""
             norm_in = [WeightInfo(name=prefix + f"{norm}.weight") for _m in models]
         norm_planned = self._merged_task(WeightInfo(name=out_name), norm_in, models, cfg_reader)
+        # a transfer, and a norm has no vocabulary axis: its merge took deltas too
+        assert norm_planned.delta_inputs
         return {"fold_norm": f"{norm}.weight", "norm_merged": norm_planned.merged,
-                "norm_sources": norm_planned.sources, "norm_is_delta": norm_planned.delta_inputs}
+                "norm_sources": norm_planned.sources}
 
     def _reading_norm(self, tensor) -> Optional[str]:
         """The reader-side norm whose output ``tensor`` reads (or which it is)."""

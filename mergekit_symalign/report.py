@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import CHUNK_ELEMENTS, _working  # the solver's working dtype: the distances see what it sees
+from .groups import _working, rows_per_chunk  # the solver's working dtype: the distances see what it sees
 
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than
@@ -137,7 +137,7 @@ def distances_before_after(reference: Mapping[str, torch.Tensor],
 
 
 def _block_rows(a: torch.Tensor) -> int:
-    return max(1, CHUNK_ELEMENTS // max(a.numel() // max(a.shape[0], 1), 1)) if a.dim() else 1
+    return rows_per_chunk(a.numel() // max(a.shape[0], 1)) if a.dim() else 1
 
 
 def _squared_distance(x: torch.Tensor, a: Optional[torch.Tensor], step: int) -> float:

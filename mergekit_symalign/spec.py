@@ -18,7 +18,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .groups import (
-    CHUNK_ELEMENTS,
     DEGREES_OF_FREEDOM,
     Kind,
     RowSketches,
@@ -30,7 +29,10 @@ from .groups import (
     identity_element,
     inverse,
     is_identity,
+    position_factor,
+    position_index,
     random_element,
+    rows_per_chunk,
     solve,
     solve_and_fit,
 )
@@ -226,16 +228,12 @@ class LayerTransform:
                 return None
             if axis is None:
                 axis, index = site.axis, torch.arange(shape[site.axis])
-            _n, c, k = site.index.shape
             if symmetry.kind == Kind.permutation:  # new position i takes old position q[i]
-                q = (element[:, None] * (c * k) + torch.arange(c * k)).reshape(-1)
+                q = position_index(element, site)
                 index = index[q]
                 factor = factor[q] if factor is not None else None
             else:  # as groups._act_along_axis computes it, so one step gives the same bits
-                f = element.to(torch.float32)
-                if symmetry.kind == Kind.scale and site.contragredient:
-                    f = 1.0 / f
-                f = f.repeat_interleave(c * k)
+                f = position_factor(symmetry.kind, element, site, torch.float32)
                 factor = f if factor is None else factor * f
         return None if axis is None else (axis, index, factor)
 
@@ -253,7 +251,7 @@ class LayerTransform:
         view[axis] = -1
         factor = factor.view(view) if factor is not None else None
         rows = shape[0]
-        step = max(1, CHUNK_ELEMENTS // max(math.prod(shape[1:]), 1))
+        step = rows_per_chunk(math.prod(shape[1:]))
         blocks = []
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))

@@ -34,7 +34,6 @@ from pydantic import BaseModel
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor
-from mergekit.merge_methods.task_adapter import TensorDictWrapper
 
 import logging
 
@@ -215,7 +214,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
         return max(load.group_label() or "" for _, load in self.model_tensors)
 
     def priority(self) -> int:
-        return 100  # as soon as its loads are in: the layer's merges wait for it (AfterTask)
+        return 100  # as soon as its loads are in: the layer's merges wait for it (SkillDelta)
 
     def uses_accelerator(self) -> bool:
         return True
@@ -406,24 +405,7 @@ class PickLayerTransform(Task[LayerTransform]):
         return transforms[str(self.model)][self.layer]
 
 
-class TensorsAfter(TensorDictWrapper):
-    """mergekit's ``TensorDictWrapper`` (the merge's input tensors) that becomes ready only
-    once ``after`` (the base's layer alignment) has run. mergekit's scheduler runs a ready
-    task as soon as nothing of higher priority is: without this, a layer's merges ran while
-    the layer was still loading for its alignment, and their float32 results (224 MiB per
-    MLP tensor at 8B shapes) waited for it."""
-
-    after: Task
-
-    def arguments(self) -> Dict[str, Task]:
-        return {**super().arguments(), _AFTER: self.after}
-
-    def execute(self, **kwargs):
-        kwargs.pop(_AFTER)
-        return super().execute(**kwargs)
-
-
-_AFTER = "__after__"  # not a model reference's JSON, so no clash with the input tensors
+_AFTER = "__after__"  # SkillDelta's ordering-only argument
 
 
 class SkillDelta(Task[Optional[torch.Tensor]]):
@@ -438,7 +420,11 @@ class SkillDelta(Task[Optional[torch.Tensor]]):
 
     tensor: Task
     reference: Task
-    after: Optional[Task] = None  # the base's layer alignment: computed after it (TensorsAfter)
+    # The base's layer alignment, computed first. mergekit's scheduler runs a ready task as
+    # soon as nothing of higher priority is: without this, a layer's deltas and merges ran
+    # while the layer was still loading for its alignment, and their float32 results (224 MiB
+    # per MLP tensor at 8B shapes) waited for it.
+    after: Optional[Task] = None
 
     def arguments(self) -> Dict[str, Task]:
         args = {"tensor": self.tensor, "reference": self.reference}
@@ -519,9 +505,8 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     # residual: orthogonal, base frame: the norm this tensor reads (or is), and its merged
     # value and sources (see :meth:`_refolded`).
     fold_norm: Optional[str] = None
-    norm_merged: Optional[Task] = None
+    norm_merged: Optional[Task] = None  # the norm's merge took SkillDelta inputs: a delta
     norm_sources: Optional[Task] = None
-    norm_is_delta: bool = False
 
     def arguments(self) -> Dict[str, Task]:
         args = {"merged": self.merged, "sources": self.sources}
@@ -593,9 +578,7 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         function, whatever the deltas did to the norm (a linear map of the deltas is not:
         the rotation does not commute with a change of the norm's weights)."""
         norm = self.fold_norm
-        norm_delta = norm_merged.to(work) if self.norm_is_delta else \
-            norm_merged.to(work) - norm_sources[self.reference_model].to(work)
-        merged_norm = transform.apply_one(norm, norm_sources[self.base_model].to(work)) + norm_delta
+        merged_norm = transform.apply_one(norm, norm_sources[self.base_model].to(work)) + norm_merged.to(work)
         unfold = f"residual.unfold.{norm[:-len('.weight')]}"
         offset = next(site.offset for s, _ in transform.steps if s.name == unfold for site in s.sites)
         steps = tuple((s, (merged_norm.double() + offset) if s.name == unfold else e)
