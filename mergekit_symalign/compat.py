@@ -95,8 +95,6 @@ def internals_problems() -> List[str]:
           lambda: {"method_name", "gather_tensors", "model_order", "base_model", "output_weight",
                    "parameters", "input_parameters", "dtype"}
           <= fields("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask"))
-    check("mergekit.merge_methods.task_adapter.TensorDictWrapper fields == {tensors}",
-          lambda: fields("mergekit.merge_methods.task_adapter.TensorDictWrapper") == {"tensors"})
     check("mergekit.io.tasks.GatherTensors fields == {weight_info, dtype, device}",
           lambda: fields("mergekit.io.tasks.GatherTensors") == {"weight_info", "dtype", "device"})
     check("mergekit.io.tasks.LoadTensor fields",

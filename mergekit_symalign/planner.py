@@ -11,10 +11,11 @@ recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`Align
   come from mergekit's architecture definition of that model;
 * :meth:`AlignedPlanning.plan_tensor` builds, for one output tensor of a transfer::
 
-    LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--SkillDelta(- R)--+
-    LoadTensor(R) ----------------------------------------------------ZeroBase-------+-> ExecuteMergeMethodTask
+    LoadTensor(S_i) --AlignTensorTask(LayerAlignmentTask(S_i, R))--+
+    LoadTensor(R) -------------------------------------------------SkillDeltas(S_i - R; zero base)
+                                                                    -> ExecuteMergeMethodTask
                                                                         (wrapped method: combined delta)
-    LoadTensor(B), LayerAlignmentTask(B, R) ------------------------------------------> TransferTask -> save
+    CheckedTensors(LoadTensor(B), LoadTensor(R)), LayerAlignmentTask(B, R) --> TransferTask -> save
 
   (without a transfer, i.e. base = reference, the method merges the models themselves on R).
 
@@ -35,7 +36,7 @@ from mergekit.common import ImmutableMap, ModelReference
 from mergekit.config import ConfigReader
 from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
 from mergekit.merge_methods.base import ParameterScope
-from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.parameter_resolver import resolve_parameters
 from mergekit.tokenizer import PermutedVocabulary
 
@@ -45,17 +46,18 @@ from .errors import SymAlignConfigError
 from .settings import AlignSettings, Roles, TensorSettings, resolve_roles, resolve_settings
 from . import residual as res
 from .statedict import layer_tensor_names, tied_embeddings
-from .tasks import SkillDelta, ZeroBase
 from .tasks import (
     ActivationAlignmentTask,
     AlignTensorTask,
     AlignVocabularyTask,
+    CheckedTensors,
     FiniteTensor,
     LayerAlignmentTask,
     OutputFolder,
     PickLayerTransform,
     PickModuleTransform,
     ResidualAlignmentTask,
+    SkillDeltas,
     TransferTask,
     calibration_tokens,
 )
@@ -216,12 +218,6 @@ class AlignedPlanning:
     def _load(self, model: ModelReference, info: WeightInfo) -> LoadTensor:
         (load,) = self._gather({model: info}).arguments().values()
         return load
-
-    def _checked(self, model: ModelReference, info: WeightInfo) -> FiniteTensor:
-        """The load of ``info``, refused if it holds a NaN/Inf (checked once per load: equal
-        tasks are shared by mergekit's graph)."""
-        return FiniteTensor(tensor=self._load(model, info), model=model, name=info.name,
-                            output=self.output)
 
     @staticmethod
     def _present(model: ModelReference, info: WeightInfo) -> bool:
@@ -430,10 +426,14 @@ class AlignedPlanning:
         def aligned_input(m):
             transform = alignment(m)
             if transform is None:
-                return self._checked(m, by_model[m])
+                return self._load(m, by_model[m])  # checked by the task that takes it
             # a layer tensor of an aligned model: its alignment task checked it as it loaded
             return AlignTensorTask(tensor=self._load(m, by_model[m]), alignment=transform,
                                    name=layer.name)
+
+        def unchecked(ms):
+            """{model: its tensor's name} of those whose input no alignment checked."""
+            return ImmutableMap(data={m: by_model[m].name for m in ms if alignment(m) is None})
 
         inner = method.inner.spec
         input_params = {
@@ -465,19 +465,28 @@ class AlignedPlanning:
         else:
             if roles.transfer:
                 # The wrapped method merges the skills' deltas onto a zero base: its result is
-                # the combined delta itself (see SkillDelta). The deltas, and so the merge, wait
+                # the combined delta itself (see SkillDeltas). The deltas, and so the merge, wait
                 # for the base's layer alignment (the only case where the base is aligned).
-                reference = self._checked(roles.reference, by_model[roles.reference])
-                tensors = {roles.reference: ZeroBase(reference=reference),
-                           **{m: SkillDelta(tensor=aligned_input(m), reference=reference,
-                                            after=alignment(base)) for m in roles.skills}}
+                # SkillDeltas checks the reference (and the skills not aligned), before the
+                # TransferTask that reads the sources again.
+                inputs = SkillDeltas(
+                    tensors=ImmutableMap(data={
+                        roles.reference: self._load(roles.reference, by_model[roles.reference]),
+                        **{m: aligned_input(m) for m in roles.skills}}),
+                    check=unchecked((roles.reference, *roles.skills)),
+                    reference_model=roles.reference, after=alignment(base), output=self.output)
                 delta_inputs = True
+                check = unchecked((base,))
             else:
-                tensors = {m: aligned_input(m) for m in roles.merged}
-            inputs = TensorDictWrapper(tensors=ImmutableMap(data=tensors))
-            sources = TensorDictWrapper(tensors=ImmutableMap(data={
-                m: self._checked(m, by_model[m]) for m in dict.fromkeys((base, roles.reference))
-            }))
+                inputs = CheckedTensors(
+                    tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged}),
+                    check=unchecked(roles.merged), output=self.output)
+                # the merged models were checked as the method's inputs
+                check = unchecked(m for m in (base, roles.reference) if m not in roles.merged)
+            sources = CheckedTensors(
+                tensors=ImmutableMap(data={m: self._load(m, by_model[m])
+                                           for m in dict.fromkeys((base, roles.reference))}),
+                check=check, output=self.output)
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,
             gather_tensors=inputs,

@@ -8,11 +8,12 @@
   the reference's embedding and ``lm_head`` rows (read in chunks through mergekit's lazy
   loader, not held), once per model; every layer's alignment starts from it.
 * :class:`AlignTensorTask` moves one tensor of a model into the reference's frame.
-* :class:`SkillDelta` / :class:`ZeroBase`: the wrapped method's inputs in a transfer, the
-  skills' float32 deltas ``S_i - R`` on a zero base, so its output is ``combine(S_i - R)``.
+* :class:`SkillDeltas`: the wrapped method's inputs in a transfer, the skills' float32
+  deltas ``S_i - R`` on a zero base, so its output is ``combine(S_i - R)``.
 * :class:`TransferTask` turns that into ``aligned(B) + combine(...)``, in the base's or the
   reference's coordinates.
-* :class:`FiniteTensor` refuses a NaN/Inf input tensor as it loads.
+* :class:`CheckedTensors` / :class:`FiniteTensor` refuse a NaN/Inf input tensor as it loads
+  (SkillDeltas checks its inputs too).
 
 Tasks that can refuse during execution carry the merge's :class:`OutputFolder`: a refusal
 removes the output folder if this merge created it (mergekit's writer creates it as the
@@ -31,9 +32,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from pydantic import BaseModel
 
-from mergekit.common import ModelReference
+from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor
+from mergekit.merge_methods.task_adapter import TensorDictWrapper
 
 import logging
 
@@ -214,7 +216,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
         return max(load.group_label() or "" for _, load in self.model_tensors)
 
     def priority(self) -> int:
-        return 100  # as soon as its loads are in: the layer's merges wait for it (SkillDelta)
+        return 100  # as soon as its loads are in: the layer's merges wait for it (SkillDeltas)
 
     def uses_accelerator(self) -> bool:
         return True
@@ -405,21 +407,57 @@ class PickLayerTransform(Task[LayerTransform]):
         return transforms[str(self.model)][self.layer]
 
 
-_AFTER = "__after__"  # SkillDelta's ordering-only argument
+_AFTER = "__after__"  # SkillDeltas' ordering-only argument
 
 
-class SkillDelta(Task[Optional[torch.Tensor]]):
-    """``model - reference`` in at least float32, the wrapped method's input in a transfer.
+class CheckedTensors(TensorDictWrapper):
+    """``{model: tensor}`` of several tasks, each tensor refused if it holds a NaN/Inf
+    (:func:`.validation.check_finite`: one reduction, no copy): what mergekit's
+    ``TensorDictWrapper`` over one ``FiniteTensor`` per model did, as one task (a subclass,
+    so mergekit's ``ExecuteMergeMethodTask`` takes it as its input). mergekit's executor pays
+    per task (its loop scans the graph's targets and live values for each), and those
+    wrappers and checks were half of an aligned merge's tasks.
+
+    ``check`` names each model's tensor as that model calls it; a model it leaves out was
+    checked already (an aligned tensor: its alignment task checked it as it loaded)."""
+
+    check: ImmutableMap[ModelReference, str]
+    output: Optional[OutputFolder] = None
+
+    def arguments(self) -> Dict[str, Task]:
+        return {f"tensor:{i}": task for i, task in enumerate(self.tensors.data.values())}
+
+    def group_label(self) -> Optional[str]:
+        return max((task.group_label() or "" for task in self.tensors.data.values()), default="") or None
+
+    @cleans_output
+    def execute(self, **tensors) -> Dict[ModelReference, Optional[torch.Tensor]]:
+        return self._checked(tensors)
+
+    def _checked(self, tensors) -> Dict[ModelReference, Optional[torch.Tensor]]:
+        out = {}
+        for i, model in enumerate(self.tensors.data.keys()):
+            out[model] = tensors[f"tensor:{i}"]
+            if model in self.check.data:
+                check_finite(out[model], model, self.check[model])
+        return out
+
+
+class SkillDeltas(CheckedTensors):
+    """The wrapped method's inputs in a transfer: each skill's ``S_i - R`` in at least
+    float32, and for the reference a zero base (float32 zeros shaped like its tensor, a
+    broadcast view of one zero: no memory); one task for all of them (see CheckedTensors).
+    ``tensors`` holds the reference's load and each skill's input, ``check`` names those
+    refused here if non-finite (the reference always).
 
     mergekit's task-arithmetic family only ever uses its inputs as ``model - base`` and adds
-    the base back at the end; on a zero base (:class:`ZeroBase`) its result is the combined
-    delta itself. The transfer needs exactly that delta: merging the models and subtracting
-    the reference again (as before) computed the same numbers with two more float32 copies
-    of every tensor (the reference's, converted, and ``R + delta``) inside the method, which
-    was the peak of a bf16 merge's memory."""
+    the base back at the end; on a zero base its result is the combined delta itself. The
+    transfer needs exactly that delta: merging the models and subtracting the reference again
+    (as before) computed the same numbers with two more float32 copies of every tensor (the
+    reference's, converted, and ``R + delta``) inside the method, which was the peak of a bf16
+    merge's memory."""
 
-    tensor: Task
-    reference: Task
+    reference_model: ModelReference
     # The base's layer alignment, computed first. mergekit's scheduler runs a ready task as
     # soon as nothing of higher priority is: without this, a layer's deltas and merges ran
     # while the layer was still loading for its alignment, and their float32 results (224 MiB
@@ -427,38 +465,28 @@ class SkillDelta(Task[Optional[torch.Tensor]]):
     after: Optional[Task] = None
 
     def arguments(self) -> Dict[str, Task]:
-        args = {"tensor": self.tensor, "reference": self.reference}
+        args = super().arguments()
         if self.after is not None:
             args[_AFTER] = self.after
         return args
 
     def group_label(self) -> Optional[str]:
-        return self.tensor.group_label()
+        return self.tensors[self.reference_model].group_label()
 
-    def execute(self, tensor: Optional[torch.Tensor], reference: Optional[torch.Tensor], **_after):
-        if tensor is None or reference is None:
-            return tensor  # the method sees what it would have seen (TransferTask refuses)
-        delta = tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
-        return delta.sub_(reference)
-
-
-class ZeroBase(Task[Optional[torch.Tensor]]):
-    """The wrapped method's base in a transfer: float32 (at least) zeros shaped like the
-    reference tensor, a broadcast view of one zero (no memory)."""
-
-    reference: Task
-
-    def arguments(self) -> Dict[str, Task]:
-        return {"reference": self.reference}
-
-    def group_label(self) -> Optional[str]:
-        return self.reference.group_label()
-
-    def execute(self, reference: Optional[torch.Tensor]):
+    @cleans_output
+    def execute(self, **tensors) -> Dict[ModelReference, Optional[torch.Tensor]]:
+        tensors.pop(_AFTER, None)
+        out = self._checked(tensors)
+        reference = out[self.reference_model]
         if reference is None:
-            return None
-        dtype = torch.promote_types(reference.dtype, torch.float32)
-        return torch.zeros((), dtype=dtype, device=reference.device).expand(reference.shape)
+            return out  # the method sees what it would have seen (TransferTask refuses)
+        for model, tensor in out.items():
+            if model == self.reference_model:
+                dtype = torch.promote_types(reference.dtype, torch.float32)
+                out[model] = torch.zeros((), dtype=dtype, device=reference.device).expand(reference.shape)
+            elif tensor is not None:
+                out[model] = tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True).sub_(reference)
+        return out
 
 
 class AlignTensorTask(Task[Optional[torch.Tensor]]):
@@ -486,7 +514,7 @@ class AlignTensorTask(Task[Optional[torch.Tensor]]):
 class TransferTask(Task[Optional[torch.Tensor]]):
     """``aligned(B) + delta``; with ``output_frame: base`` expressed as ``B + inverse_B(delta)``
     (the group acts linearly, so both are the same model), where ``delta`` is ``merged`` itself
-    (``merged_is_delta``: the method merged SkillDelta inputs) or ``merged - R`` (the
+    (``merged_is_delta``: the method merged SkillDeltas' inputs) or ``merged - R`` (the
     vocabulary-permuted embeddings of a recipe with a tokenizer section).
 
     ``sources`` yields the base's and the reference's tensors (raw loads, or mergekit's
@@ -500,12 +528,12 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     base_alignment: Optional[Union[LayerAlignmentTask, PickLayerTransform, PickModuleTransform]] = None
     name: Optional[str] = None
     output_frame: str = "base"
-    # ``merged`` is the wrapped method's combined delta (SkillDelta inputs), not R + delta.
+    # ``merged`` is the wrapped method's combined delta (SkillDeltas' inputs), not R + delta.
     merged_is_delta: bool = False
     # residual: orthogonal, base frame: the norm this tensor reads (or is), and its merged
     # value and sources (see :meth:`_refolded`).
     fold_norm: Optional[str] = None
-    norm_merged: Optional[Task] = None  # the norm's merge took SkillDelta inputs: a delta
+    norm_merged: Optional[Task] = None  # the norm's merge took SkillDeltas' inputs: a delta
     norm_sources: Optional[Task] = None
 
     def arguments(self) -> Dict[str, Task]:

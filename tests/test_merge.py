@@ -356,7 +356,7 @@ def test_bfloat16_checkpoints_end_to_end(family, tmp_path, frame):
 
 
 def test_bfloat16_transfer_is_rounded_once(family, tmp_path):
-    """bf16 checkpoints: the wrapped method merges float32 deltas (SkillDelta on a ZeroBase)
+    """bf16 checkpoints: the wrapped method merges float32 deltas (SkillDeltas: on a zero base)
     with float32 weights, so the transferred model is the exact ``B + sum w_i (S_i - R)``
     rounded once to bf16 (within one unit in its last place), also where that sum nearly
     cancels and for weights that are no power of two. (mergekit's own bf16 merge rounds the
