@@ -485,7 +485,10 @@ class SkillDeltas(CheckedTensors):
                 dtype = torch.promote_types(reference.dtype, torch.float32)
                 out[model] = torch.zeros((), dtype=dtype, device=reference.device).expand(reference.shape)
             elif tensor is not None:
-                out[model] = tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True).sub_(reference)
+                work = torch.promote_types(tensor.dtype, torch.float32)
+                # one pass into a new tensor (a float32 input is not copied first)
+                out[model] = (torch.sub(tensor, reference) if tensor.dtype == work
+                              else tensor.to(work).sub_(reference))
         return out
 
 
@@ -584,6 +587,8 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                                            base, blocks, out_dtype)
         # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
         # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
+        if self.merged_is_delta and (transform is None or not transform.touches(self.name)):
+            return torch.add(merged.to(work), base).to(out_dtype)  # one pass, the same sums
         delta = merged.to(work, copy=True)
         if not self.merged_is_delta:
             delta.sub_(reference)
@@ -621,14 +626,18 @@ def _transfer_by_blocks(merged, reference, base, blocks, out_dtype) -> torch.Ten
     written straight into the output dtype: the same float32 arithmetic as the general path
     (subtract, scale, permute, add the base, round once) without its three tensor-sized
     float32 temporaries."""
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    out = None
     for rows, take, factor in blocks:
-        part = take(merged).to(torch.float32)
+        part = take(merged).to(torch.float32)  # a fresh tensor (take gathers)
         if reference is not None:  # merged = R + delta (else merged is the delta)
             part.sub_(take(reference))
         if factor is not None:
             part.mul_(factor.to(part.device))
         part.add_(base[rows])
+        if len(blocks) == 1 and out_dtype == torch.float32:
+            return part  # the whole tensor, in its dtype already: no copy
+        if out is None:
+            out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
         out[rows] = part
     return out
 
