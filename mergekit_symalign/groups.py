@@ -124,12 +124,14 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-#: Elements (16 MiB of float32) per slot chunk when statistics are gathered from, or a
+#: Elements (4 MiB of float32) per slot chunk when statistics are gathered from, or a
 #: continuous element is applied to, a large tensor: float32 working copies of one chunk at a
 #: time instead of whole tensors. The allocator reuses chunk-sized buffers, where every
 #: tensor-sized temporary was fresh memory the kernel had to fault in and zero: in a bf16
 #: merge of an 8B-shaped layer that was about 6 million page faults and 12 s of system time.
-CHUNK_ELEMENTS = 1 << 22
+#: 4 MiB rather than 16: a chunk's conversions and products then stay in cache (bf16 8B
+#: layer: solve 2.87 -> 2.57 s, card record 1.00 -> 0.79 s; float32 about the same).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def rows_per_chunk(row_elements: int) -> int:
