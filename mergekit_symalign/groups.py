@@ -406,11 +406,16 @@ def _site_chunks(symmetry: Symmetry, reference: Tensors, model: Tensors, label: 
     """Yield ``(site, slots, reference_values, model_values)`` a chunk of slots at a time
     (``slots`` a slice; values ``[stop - start, c, k, rest]`` in the working dtype)."""
     for site, a, t in _checked_sites(symmetry, reference, model, label):
-        for start, stop in slot_chunks(a, site):
-            va, vt = gather_slots(a, site, start, stop), gather_slots(t, site, start, stop)
-            if site.offset:
-                va, vt = va + site.offset, vt + site.offset
-            yield site, slice(start, stop), va, vt
+        for slots, va, vt in _slot_chunks_of(site, a, t):
+            yield site, slots, va, vt
+
+
+def _slot_chunks_of(site: Site, a: torch.Tensor, t: torch.Tensor):
+    for start, stop in slot_chunks(a, site):
+        va, vt = gather_slots(a, site, start, stop), gather_slots(t, site, start, stop)
+        if site.offset:
+            va, vt = va + site.offset, vt + site.offset
+        yield slice(start, stop), va, vt
 
 
 @dataclass
@@ -447,30 +452,60 @@ def site_sums(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str
         return {"cross": zeros(n, k, k), **({"tt": zeros(n), "aa": zeros(n)} if for_fit else {})}
 
     sums = SiteSums(bucket(False), bucket(True) if fit else {})
-    for site, slots, a, t in _site_chunks(symmetry, reference, model, label):
+    for site, whole_a, whole_t in _checked_sites(symmetry, reference, model, label):
         buckets = [sums.solve]
         if fit and not site.optional:
             # Biases: few entries that can carry much of a fine-tune's change (real Qwen2 q/k
             # biases are large), which a handful of parameters could "explain"; the decision
             # rests on the weights, where the noise is spread evenly.
             buckets.append(sums.fit)
-            sums.entries += a.numel()
-        rows = slots.stop - slots.start
+            sums.entries += whole_a.numel()
         if scale:
-            t2, a2 = t.reshape(rows, -1), a.reshape(rows, -1)
             keys = ("yy", "ya", "yaa") if site.contragredient else ("xx", "xa", "xaa")
-            values = [(t2 * t2).sum(-1), (t2 * a2).sum(-1), (a2 * a2).sum(-1)]
-            for bucket_ in buckets:
-                for key, value in zip(keys, values):
-                    bucket_[key][slots] += value.double().cpu()
+            if _covers_axis(whole_a, site):
+                per_slots = [(slice(None), _covering_scale_sums(site, whole_a, whole_t))]
+            else:
+                per_slots = ((slots, _scale_terms(a, t))
+                             for slots, a, t in _slot_chunks_of(site, whole_a, whole_t))
+            for slots, values in per_slots:
+                for bucket_ in buckets:
+                    for key, value in zip(keys, values):
+                        bucket_[key][slots] += value
             continue
-        term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
-        for bucket_ in buckets:
-            bucket_["cross"][slots] += term
-        if len(buckets) > 1:
-            sums.fit["tt"][slots] += t.reshape(rows, -1).square().sum(-1).double().cpu()
-            sums.fit["aa"][slots] += a.reshape(rows, -1).square().sum(-1).double().cpu()
+        for slots, a, t in _slot_chunks_of(site, whole_a, whole_t):
+            rows = slots.stop - slots.start
+            term = torch.einsum("ncir,ncjr->nij", a, t).double().cpu()
+            for bucket_ in buckets:
+                bucket_["cross"][slots] += term
+            if len(buckets) > 1:
+                sums.fit["tt"][slots] += t.reshape(rows, -1).square().sum(-1).double().cpu()
+                sums.fit["aa"][slots] += a.reshape(rows, -1).square().sum(-1).double().cpu()
     return sums
+
+
+def _scale_terms(a: torch.Tensor, t: torch.Tensor):
+    """Per slot ``<T, T>``, ``<T, A>``, ``<A, A>`` (float64) of gathered values."""
+    t2, a2 = t.reshape(t.shape[0], -1), a.reshape(a.shape[0], -1)
+    return [(x * y).sum(-1).double().cpu() for x, y in ((t2, t2), (t2, a2), (a2, a2))]
+
+
+def _covering_scale_sums(site: Site, a: torch.Tensor, t: torch.Tensor):
+    """Per slot ``<T, T>``, ``<T, A>``, ``<A, A>`` (float64) of a site that covers its axis,
+    reduced a block of rows at a time whatever the axis: contiguous reads, where gathering
+    slots along axis 1 (down_proj's columns) made strided, transposed copies."""
+    n, c, k = site.index.shape
+    axis = site.axis
+    others = tuple(d for d in range(a.dim()) if d != axis)
+    step = rows_per_chunk(a.numel() // max(a.shape[0], 1))
+    totals = [torch.zeros(a.shape[axis], dtype=torch.float64) for _ in range(3)]
+    for start in range(0, a.shape[0], step):
+        va, vt = _working(a[start:start + step]), _working(t[start:start + step])
+        if site.offset:
+            va, vt = va + site.offset, vt + site.offset
+        rows = slice(start, start + va.shape[0]) if axis == 0 else slice(None)
+        for total, (x, y) in zip(totals, ((vt, vt), (vt, va), (va, va))):
+            total[rows] += (x * y).sum(others).double().cpu() if others else (x * y).double().cpu()
+    return [total.view(n, c * k).sum(-1) for total in totals]
 
 
 def cross_products(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:

@@ -258,6 +258,36 @@ def test_fit_gain_from_sums_equals_moving_the_tensors():
         assert baseline == pytest.approx(before, rel=1e-6), symmetry.name
 
 
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_sums_by_rows_equal_the_gathered_slots(arch, dtype, monkeypatch):
+    """A scale's sums over a site that covers its axis are reduced a block of rows at a time,
+    whatever the axis (down_proj's columns too), instead of gathering each chunk of slots:
+    the same per-slot sums, biases and offsets included, in one block or many."""
+    from mergekit_symalign.groups import _scale_terms, _site_chunks
+
+    model = make_model(arch, seed=12)
+    spec = spec_for_config(model.config)
+    layer = {k.split("layers.0.", 1)[1]: v.to(dtype) for k, v in model.state_dict().items()
+             if "layers.0." in k}
+    moved = random_transform(spec, torch.Generator().manual_seed(4)).apply(layer)
+    monkeypatch.setattr(groups, "CHUNK_ELEMENTS", 50)  # many row blocks and slot chunks
+    checked = 0
+    for symmetry in spec.symmetries():
+        if symmetry.kind != Kind.scale:
+            continue
+        sums = groups.site_sums(symmetry, layer, moved).solve
+        expected = {key: torch.zeros(symmetry.slots, dtype=torch.float64) for key in sums}
+        for site, slots, a, t in _site_chunks(symmetry, layer, moved):
+            keys = ("yy", "ya", "yaa") if site.contragredient else ("xx", "xa", "xaa")
+            for key, value in zip(keys, _scale_terms(a, t)):
+                expected[key][slots] += value
+            checked += groups._covers_axis(layer[site.tensor], site)
+        for key in sums:
+            assert torch.allclose(sums[key], expected[key], rtol=1e-5, atol=1e-9), (symmetry.name, key)
+    assert checked  # the row-block path was taken
+
+
 @pytest.mark.parametrize("delta", [False, True])
 def test_along_axis_is_the_transform_where_it_applies(delta):
     """LayerTransform.along_axis (the transfer's fused path): where it describes a tensor's
