@@ -92,6 +92,16 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 # Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
 # hold up far better than 128-row blocks when other processes compete for the cores.
 _ROWS_PER_BLOCK = 512
+def index_along(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(axis, index)``, by advanced indexing for a 2-byte dtype along a later
+    axis: torch's index_select has no fast kernel for that case (bf16 column gather of a
+    4096 x 14336 matrix: 0.22 s, indexing 0.12 s; float32: index_select is the faster)."""
+    index = index.to(x.device)
+    if axis != 0 and x.element_size() == 2:
+        return x[(slice(None),) * axis + (index,)]
+    return x.index_select(axis, index)
+
+
 _GROUPS = 16  # interleaved column groups of the blocked top-k
 _PAIRS_PER_CHUNK = 1024  # gathered feature rows per chunk of exact pair scoring
 _BLOCKED_ABOVE = 4096  # the dense path computes larger similarity matrices in row blocks
@@ -361,8 +371,8 @@ def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch
             acc = torch.zeros(e - s, dtype=torch.float64, device=a.device)
             for k0 in range(0, m, step):
                 k1 = min(m, k0 + step)
-                picked = _work(t_s[k0:k1].index_select(1, c))
-                picked = picked.mul_(a_s[k0:k1, run] if run is not None else a_s[k0:k1].index_select(1, r))
+                picked = _work(index_along(t_s[k0:k1], 1, c))
+                picked = picked.mul_(a_s[k0:k1, run] if run is not None else index_along(a_s[k0:k1], 1, r))
                 acc += picked.sum(0).double()
             out[s:e] = acc
         return out

@@ -37,6 +37,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
+from .assignment import index_along
+
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -150,7 +152,7 @@ def gather(tensor: torch.Tensor, site: Site) -> torch.Tensor:
     if _covers_axis(tensor, site):
         picked = tensor
     else:
-        picked = tensor.index_select(site.axis, site.index.reshape(-1).to(tensor.device))
+        picked = index_along(tensor, site.axis, site.index.reshape(-1))
     return picked.movedim(site.axis, 0).reshape(n, c, k, -1)
 
 
@@ -179,7 +181,7 @@ def gather_slots(tensor: torch.Tensor, site: Site, start: int, stop: int) -> tor
     if _covers_axis(tensor, site):  # slot s holds positions [s c k, (s + 1) c k)
         picked = tensor.narrow(site.axis, start * c * k, (stop - start) * c * k)
     else:
-        picked = tensor.index_select(site.axis, site.index[start:stop].reshape(-1).to(tensor.device))
+        picked = index_along(tensor, site.axis, site.index[start:stop].reshape(-1))
     return _working(picked.movedim(site.axis, 0)).reshape(stop - start, c, k, -1)
 
 
@@ -249,7 +251,7 @@ def _act_along_axis(kind: Kind, element: torch.Tensor, tensor: torch.Tensor, sit
         return None
     element = element.to(tensor.device)
     if kind == Kind.permutation:
-        return tensor.index_select(site.axis, position_index(element, site))
+        return index_along(tensor, site.axis, position_index(element, site))
     work_dtype = torch.promote_types(tensor.dtype, torch.float32)
     shape = [1] * tensor.dim()
     shape[site.axis] = -1

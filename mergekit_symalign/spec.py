@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .assignment import index_along
 from .groups import (
     DEGREES_OF_FREEDOM,
     Kind,
@@ -286,11 +287,11 @@ class LayerTransform:
 
 
 def _take(axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x.index_select(axis, index.to(x.device))
+    return index_along(x, axis, index)
 
 
 def _take_in_rows(rows: slice, axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x[rows].index_select(axis, index.to(x.device))
+    return index_along(x[rows], axis, index)
 
 
 @dataclass(frozen=True)

@@ -360,3 +360,13 @@ def test_blocked_dense_similarity_for_large_n(monkeypatch):
     assert blocks and torch.equal(found, expected)
     blocked = assignment._exact_rows(assignment._split(terms), torch.arange(n))
     assert torch.allclose(blocked, torch.from_numpy(cost), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_index_along_is_index_select(dtype):
+    """index_along takes another kernel for 2-byte dtypes along a later axis: same values."""
+    x = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for axis in range(3):
+        index = torch.randperm(x.shape[axis], generator=torch.Generator().manual_seed(axis))
+        got = assignment.index_along(x, axis, index)
+        assert got.is_contiguous() and torch.equal(got, x.index_select(axis, index)), axis
