@@ -115,8 +115,8 @@ def distances_before_after(reference: Mapping[str, torch.Tensor],
             continue
         t = t.to(a.device)
         step = _block_rows(a)
-        ref2 += _squared_distance(a, None, step)
-        before = _squared_distance(t, a, step)
+        norm2, before = _norm_and_distance(a, t, step)
+        ref2 += norm2
         before2 += before
         if not transform.touches(name):
             after2 += before
@@ -140,17 +140,26 @@ def _block_rows(a: torch.Tensor) -> int:
     return rows_per_chunk(a.numel() // max(a.shape[0], 1)) if a.dim() else 1
 
 
-def _squared_distance(x: torch.Tensor, a: Optional[torch.Tensor], step: int) -> float:
-    """``||x - a||^2`` (``a`` None: ``||x||^2``) in blocks of ``step`` rows, at least float32."""
+def _squared_distance(x: torch.Tensor, a: torch.Tensor, step: int) -> float:
+    """``||x - a||^2`` in blocks of ``step`` rows, at least float32."""
     if not x.dim():
-        return float((_working(x) - (_working(a) if a is not None else 0)).square())
-    total = 0.0
-    for s in range(0, x.shape[0], step):
-        block = _working(x[s:s + step])
-        if a is not None:
-            block = block - a[s:s + step]
-        total += float(torch.linalg.vector_norm(block)) ** 2
-    return total
+        return float((_working(x) - _working(a)).square())
+    return sum(float(torch.linalg.vector_norm(_working(x[s:s + step]) - a[s:s + step])) ** 2
+               for s in range(0, x.shape[0], step))
+
+
+def _norm_and_distance(a: torch.Tensor, x: torch.Tensor, step: int) -> Tuple[float, float]:
+    """``(||a||^2, ||x - a||^2)`` in one pass of blocks of ``step`` rows, at least float32
+    (each block of ``a`` converted once for both)."""
+    if not a.dim():
+        a, x = _working(a), _working(x)
+        return float(a.square()), float((x - a).square())
+    norm2 = distance2 = 0.0
+    for s in range(0, a.shape[0], step):
+        block = _working(a[s:s + step])
+        norm2 += float(torch.linalg.vector_norm(block)) ** 2
+        distance2 += float(torch.linalg.vector_norm(_working(x[s:s + step]) - block)) ** 2
+    return norm2, distance2
 
 
 def layer_record(model: str, reference: str, layer: int, prefix: str, transform,
