@@ -294,3 +294,34 @@ def test_markdown_of_an_empty_report():
     doc = build_report([], method=TA, wrapped="task_arithmetic", not_aligned=["a", "b"])
     assert "no model is aligned" in doc["verdict"][-1]
     assert "# Alignment report" in markdown(doc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_record_distances_equal_moving_the_whole_tensors(dtype, monkeypatch):
+    """The card's distances, computed in blocks of rows (one pass for the reference's norm and
+    the distance before, fused gathers after), equal moving whole float64 copies."""
+    from mergekit_symalign import groups
+    from mergekit_symalign.report import distances_before_after
+    from mergekit_symalign.spec import random_transform
+    from mergekit_symalign.statedict import spec_for_config
+
+    from .conftest import make_model
+
+    model = make_model("llama", seed=13)
+    spec = spec_for_config(model.config)
+    reference = {k.split("layers.0.", 1)[1]: v.to(dtype) for k, v in model.state_dict().items()
+                 if "layers.0." in k}
+    gen = torch.Generator().manual_seed(6)
+    moved = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=gen)).to(dtype)
+             for k, v in random_transform(spec, gen).apply(reference).items()}
+    transform = random_transform(spec, gen)
+    monkeypatch.setattr(groups, "CHUNK_ELEMENTS", 64)  # many blocks per tensor
+    before, after = distances_before_after(reference, moved, transform)
+    wide = {k: v.double() for k, v in moved.items()}
+    after_wide = transform.apply(wide)
+    ref2 = sum(float(v.double().square().sum()) for v in reference.values())
+    expect_before = (sum(float((wide[k] - v.double()).square().sum()) for k, v in reference.items()) / ref2) ** 0.5
+    expect_after = (sum(float((after_wide[k] - v.double()).square().sum()) for k, v in reference.items()) / ref2) ** 0.5
+    assert before == pytest.approx(expect_before, rel=1e-5)
+    assert after == pytest.approx(expect_after, rel=1e-4)
+    assert abs(after - before) > 1e-2 * before  # the transform really moved the layer
