@@ -286,7 +286,7 @@ def layer_benchmark(args):
                 aligned = align_layer(spec, anchor, target, timings=seconds)
                 if device == "cuda":
                     torch.cuda.synchronize()
-                totals.append(time.perf_counter() - t)  # wall: the MLP chain runs beside attention
+                totals.append(time.perf_counter() - t)
                 runs.append(seconds)
                 # The model card's / report's per-layer record (distances before and after).
                 t = time.perf_counter()
@@ -325,15 +325,12 @@ def layer_table(where: str, results) -> str:
              "|---|" + "---:|" * len(results)]
     for name in results[0][1]:
         lines.append(f"| {name} | " + " | ".join(f"{r[1][name]:.2f}" for r in results) + " |")
-    lines.append("| **total, wall** (runs) | " + " | ".join(
+    lines.append("| **total** (runs) | " + " | ".join(
         f"**{total:.2f}** ({', '.join(f'{x:.2f}' for x in totals)})"
         for _d, _t, total, _e, _r, totals in results) + " |")
     lines.append("| card/report record (distances before and after) | " + " | ".join(
         f"{record:.2f} ({100 * record / total:.0f} % of the solve)"
         for _d, _t, total, _e, record, _a in results) + " |")
-    lines += ["", "Each symmetry's time is its solve, fit test and apply on its chain's thread: the "
-                  "MLP's chain runs beside the attention's, so the rows add up to more than the "
-                  "wall-clock total."]
     return "\n".join(lines)
 
 

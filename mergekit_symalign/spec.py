@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -324,7 +323,6 @@ def align_layer(
     solvers: Optional[Mapping[str, Solver]] = None,
     snap: bool = True,
     timings: Optional[Dict[str, float]] = None,
-    concurrent: bool = True,
 ) -> LayerTransform:
     """The element of the layer's group that best maps ``model`` onto ``reference``.
 
@@ -335,72 +333,20 @@ def align_layer(
     (:func:`groups.explains_more_than_noise`), so descendants of one base stay untouched.
     Identity elements are left out of the returned steps. ``timings`` (optional) receives
     the seconds each symmetry took (solve, fit test and apply; for benchmarks).
-
-    ``concurrent``: chains of blocks that share no tensor (a Llama layer's attention blocks
-    and its MLP block) are solved on two threads, the steps returned in the spec's order:
-    the same result as one after the other (they read and move disjoint tensors), and torch
-    releases the GIL in its kernels (SmolLM2: ~20 % less time per layer, more when other
-    processes share the cores). Not with custom ``solvers``, which may read anything.
     """
-    chains = _independent_chains(spec, switches) if concurrent and not solvers else [spec.blocks]
-    args = (spec.architecture, reference, model, switches, label, solvers, snap, timings)
-    if len(chains) == 1:
-        steps, fits = _align_blocks(chains[0], *args)
-        return LayerTransform(tuple(steps), tuple(fits))
-    futures = [_layer_pool().submit(_align_blocks, chain, *args) for chain in chains[1:]]
-    try:
-        results = [_align_blocks(chains[0], *args)]
-    finally:  # never leave a chain running behind an error
-        results += [future.result() for future in futures]
-    order = {s.name: i for i, s in enumerate(spec.symmetries())}
-    steps = sorted((step for chain_steps, _ in results for step in chain_steps),
-                   key=lambda step: order[step[0].name])
-    fits = sorted((fit for _, chain_fits in results for fit in chain_fits),
-                  key=lambda fit: order[fit.symmetry])
-    return LayerTransform(tuple(steps), tuple(fits))
-
-
-def _reads(symmetry: Symmetry) -> set:
-    """Every tensor a symmetry moves or reads (its sites' and its matching features')."""
-    return set(symmetry.tensors) | {site.tensor for f in symmetry.features for site in f}
-
-
-def _independent_chains(spec: LayerSpec, switches: Switches) -> List[Tuple[Block, ...]]:
-    """The spec's blocks grouped into chains that share no tensor (each in spec order; the
-    chains in the order of their first block)."""
-    chains: List[Tuple[List[Block], set]] = []
-    for block in spec.blocks:
-        tensors = set().union(*(_reads(s) for s in block.symmetries() if switches.enabled(s)))
-        if not tensors:
-            continue
-        joined = [c for c in chains if c[1] & tensors]
-        merged = ([b for c in joined for b in c[0]] + [block], tensors.union(*(c[1] for c in joined)))
-        chains = [c for c in chains if not any(c is j for j in joined)] + [merged]
-    order = {id(b): i for i, b in enumerate(spec.blocks)}
-    chains.sort(key=lambda c: min(order[id(b)] for b in c[0]))
-    return [tuple(sorted(blocks, key=lambda b: order[id(b)])) for blocks, _ in chains] or [()]
-
-
-@functools.lru_cache(maxsize=1)
-def _layer_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="symalign-layer")
-
-
-def _align_blocks(blocks: Tuple[Block, ...], architecture: str, reference, model,
-                  switches: Switches, label: str, solvers, snap: bool, timings) -> Tuple[List[Step], List[Fit]]:
-    """:func:`align_layer` over ``blocks`` (one chain): the steps and fits, in order."""
     current = dict(model)
     steps: List[Step] = []
     fits: List[Fit] = []
     sketches = (RowSketches(), RowSketches())  # the reference's and the model's, shared by head matchings
-    order = [s for b in blocks for s in b.symmetries() if switches.enabled(s)]
+    order = [s for s in spec.symmetries() if switches.enabled(s)]
     # Tensors some later symmetry still reads: a step whose tensors none does is recorded but
     # not applied to the working copy (e.g. each block's last scale: that copy of the MLP's
     # three tensors was a third of a bf16 8B layer's extra memory). Custom solvers may read
     # anything, so with them every step is applied.
-    read_later = [set().union(*(_reads(s) for s in order[i + 1:])) for i in range(len(order))]
+    read_later = [set().union(*(set(s.tensors) | {site.tensor for f in s.features for site in f}
+                                for s in order[i + 1:])) for i in range(len(order))]
     position = 0
-    for block in blocks:
+    for block in spec.blocks:
         scale = block.scale if block.scale is not None and switches.enabled(block.scale) else None
         for symmetry in block.symmetries():
             if not switches.enabled(symmetry):
@@ -426,7 +372,7 @@ def _align_blocks(blocks: Tuple[Block, ...], architecture: str, reference, model
                     if snapped:
                         element = identity_element(symmetry)
             except (KeyError, ValueError, FloatingPointError) as err:
-                raise ValueError(f"{architecture} {symmetry.name}: {err}") from None
+                raise ValueError(f"{spec.architecture} {symmetry.name}: {err}") from None
             if not is_identity(symmetry.kind, element):  # identities: nothing to apply or store
                 if still_read:
                     before, current = current, apply(symmetry, element, current)
@@ -436,7 +382,7 @@ def _align_blocks(blocks: Tuple[Block, ...], architecture: str, reference, model
                 if any(t.is_cuda for t in current.values()):
                     torch.cuda.synchronize()
                 timings[symmetry.name] = time.perf_counter() - started
-    return steps, fits
+    return LayerTransform(tuple(steps), tuple(fits))
 
 
 def random_transform(

@@ -351,28 +351,3 @@ def test_head_matching_on_shared_sketches(monkeypatch):
     aligned = transform.apply(moved)
     assert max(float((aligned[k] - layer[k]).abs().max()) / (scale_of(layer[k]) + 1e-12)
                for k in layer) < 1e-5
-
-
-@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
-def test_independent_chains_on_threads_equal_one_after_the_other(arch):
-    """align_layer solves blocks that share no tensor (attention, MLP) on two threads: the
-    same steps, elements and fits, in the spec's order, as solving them in sequence."""
-    from mergekit_symalign.spec import _independent_chains
-
-    model = make_model(arch, seed=14)
-    spec = spec_for_config(model.config)
-    chains = _independent_chains(spec, Switches())
-    names = [[b.name for b in chain] for chain in chains]
-    assert sorted(b for chain in names for b in chain) == sorted(b.name for b in spec.blocks)
-    assert len(chains) >= 2, names  # every supported layer: attention apart from the MLP
-    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
-    gen = torch.Generator().manual_seed(8)
-    moved = {k: v + 0.01 * torch.randn(v.shape, generator=gen)
-             for k, v in random_transform(spec, gen).apply(layer).items()}
-    both = align_layer(spec, layer, moved)
-    alone = align_layer(spec, layer, moved, concurrent=False)
-    assert [s.name for s, _ in both.steps] == [s.name for s, _ in alone.steps]
-    assert [s.name for s, _ in both.steps] == [s.name for s in spec.symmetries()
-                                                if s.name in {t.name for t, _ in alone.steps}]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(both.steps, alone.steps))
-    assert both.fits == alone.fits
