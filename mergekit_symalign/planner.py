@@ -432,8 +432,11 @@ class AlignedPlanning:
                                    name=layer.name)
 
         def unchecked(ms):
-            """{model: its tensor's name} of those whose input no alignment checked."""
-            return ImmutableMap(data={m: by_model[m].name for m in ms if alignment(m) is None})
+            """{model: its tensor's name} of those whose input no layer alignment checked (a
+            LayerAlignmentTask checks every tensor it loads; residual-stream and activation
+            alignments read only some, so their tensors are checked again)."""
+            return ImmutableMap(data={m: by_model[m].name for m in ms
+                                      if not isinstance(alignment(m), LayerAlignmentTask)})
 
         inner = method.inner.spec
         input_params = {
