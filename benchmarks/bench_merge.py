@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, NamedTuple
 
 import torch
 
@@ -306,31 +307,39 @@ def layer_benchmark(args):
                             / anchor[k].double().abs().max()) for k in anchor)
             print(f"  {'total':28s} {total:7.2f} s   (median of {len(totals)}: "
                   f"{', '.join(f'{x:.2f}' for x in totals)}; max |aligned - anchor| / max |anchor| = {err:.1e})")
-            results.append((str(dtype)[6:], timings, total, err, record, totals))
+            results.append(LayerResult(str(dtype)[6:], timings, total, err, record, totals))
             del anchor, target, current
         if not args.no_docs:
             path = report.update_page(PAGE, f"layer_8b_{device}", layer_table(where, results))
             print(f"wrote region layer_8b_{device} of {path}")
 
 
-def layer_table(where: str, results) -> str:
+class LayerResult(NamedTuple):
+    """One dtype's figures of the 8B-shaped layer (medians of the repeats)."""
+
+    dtype: str
+    timings: Dict[str, float]  # per symmetry
+    total: float  # wall time of align_layer
+    err: float  # recovery, max |aligned - anchor| / max |anchor|
+    record: float  # the card/report record
+    totals: List[float]  # every run's total
+
+
+def layer_table(where: str, results: List[LayerResult]) -> str:
     """Markdown for one device's per-symmetry alignment times of the 8B-shaped layer, one
-    column per dtype (``results``: (dtype, timings, total, err, record, totals) each)."""
+    column per dtype."""
     unit = "CPU" if where.startswith("cpu") else "CUDA"
-    lines = [f"On {where}, torch {torch.__version__}, median of {len(results[0][5])} runs; "
+    lines = [f"On {where}, torch {torch.__version__}, median of {len(results[0].totals)} runs; "
              f"recovery, max |aligned − anchor| / max |anchor| over the layer's tensors after all "
-             f"symmetries: " + ", ".join(f"{err:.1e} ({dtype})" for dtype, _t, _tot, err, _r, _all in results)
-             + ".", "",
-             "| symmetry | " + " | ".join(f"{unit} time, {dtype} (s)" for dtype, *_ in results) + " |",
+             f"symmetries: " + ", ".join(f"{r.err:.1e} ({r.dtype})" for r in results) + ".", "",
+             "| symmetry | " + " | ".join(f"{unit} time, {r.dtype} (s)" for r in results) + " |",
              "|---|" + "---:|" * len(results)]
-    for name in results[0][1]:
-        lines.append(f"| {name} | " + " | ".join(f"{r[1][name]:.2f}" for r in results) + " |")
+    for name in results[0].timings:
+        lines.append(f"| {name} | " + " | ".join(f"{r.timings[name]:.2f}" for r in results) + " |")
     lines.append("| **total** (runs) | " + " | ".join(
-        f"**{total:.2f}** ({', '.join(f'{x:.2f}' for x in totals)})"
-        for _d, _t, total, _e, _r, totals in results) + " |")
+        f"**{r.total:.2f}** ({', '.join(f'{x:.2f}' for x in r.totals)})" for r in results) + " |")
     lines.append("| card/report record (distances before and after) | " + " | ".join(
-        f"{record:.2f} ({100 * record / total:.0f} % of the solve)"
-        for _d, _t, total, _e, record, _a in results) + " |")
+        f"{r.record:.2f} ({100 * r.record / r.total:.0f} % of the solve)" for r in results) + " |")
     return "\n".join(lines)
 
 

@@ -89,9 +89,7 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     chunk or gathered block at a time (sketches: see :func:`_sketched`)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
-# Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
-# hold up far better than 128-row blocks when other processes compete for the cores.
-_ROWS_PER_BLOCK = 512
+
 def index_along(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(axis, index)``, by advanced indexing for a 2-byte dtype along a later
     axis: torch's index_select has no fast kernel for that case (bf16 column gather of a
@@ -102,12 +100,20 @@ def index_along(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor
     return x.index_select(axis, index)
 
 
+# Proxy rows per block, [512, n] float32 (28 MiB at n = 14336): fewer, larger parallel regions
+# hold up far better than 128-row blocks when other processes compete for the cores.
+_ROWS_PER_BLOCK = 512
 _GROUPS = 16  # interleaved column groups of the blocked top-k
 _PAIRS_PER_CHUNK = 1024  # gathered feature rows per chunk of exact pair scoring
 _BLOCKED_ABOVE = 4096  # the dense path computes larger similarity matrices in row blocks
 # Elements per chunk of the column-layout dot products (16 MiB of float32): 1 Mi-element chunks
 # are faster on an idle machine but several times slower when other processes share the cores.
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def _rows_per_chunk(width: int) -> int:
+    """How many rows of ``width`` elements make one :data:`_CHUNK_ELEMENTS` chunk (>= 1)."""
+    return max(1, _CHUNK_ELEMENTS // max(width, 1))
 
 
 def match(
@@ -249,12 +255,12 @@ def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     n, m = x.shape
     if _column_layout(x, x):  # x = storage.T, storage [m, n] contiguous: sum over row blocks
         storage = x.T
-        step = max(1, _CHUNK_ELEMENTS // n)
+        step = _rows_per_chunk(n)
         out = torch.zeros(n, r.shape[1], dtype=r.dtype, device=x.device)
         for k0 in range(0, m, step):
             out.addmm_(storage[k0:k0 + step].to(r.dtype).T, r[k0:k0 + step])
         return out
-    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    step = _rows_per_chunk(m)
     return torch.cat([x[s:s + step].to(r.dtype) @ r for s in range(0, n, step)])
 
 
@@ -367,7 +373,7 @@ def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch
             e = min(rows.shape[0], s + 16 * _PAIRS_PER_CHUNK)
             r, c = rows[s:e], cols[s:e]
             run = _as_range(r)
-            step = max(1, _CHUNK_ELEMENTS // (e - s))
+            step = _rows_per_chunk(e - s)
             acc = torch.zeros(e - s, dtype=torch.float64, device=a.device)
             for k0 in range(0, m, step):
                 k1 = min(m, k0 + step)
@@ -390,16 +396,16 @@ def _diagonal_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if _column_layout(a, t):
         a_s, t_s = a.T, t.T
         m, n = a_s.shape
-        step = max(1, _CHUNK_ELEMENTS // n)
+        step = _rows_per_chunk(n)
         acc = torch.zeros(n, dtype=torch.float64, device=a.device)
         for k0 in range(0, m, step):
             k1 = min(m, k0 + step)
             acc += (_work(a_s[k0:k1]) * t_s[k0:k1]).sum(0).double()
         return acc
-    if a.dtype == _work(a[:0]).dtype:
+    if a.dtype == torch.promote_types(a.dtype, torch.float32):
         return torch.einsum("nm,nm->n", a, t).double()
     n, m = a.shape
-    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    step = _rows_per_chunk(m)
     return torch.cat([torch.einsum("nm,nm->n", _work(a[s:s + step]), _work(t[s:s + step])).double()
                       for s in range(0, n, step)])
 
@@ -584,7 +590,7 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
             if t.dtype == rows_a.dtype:
                 sim = (rows_a @ t.T).double()
             else:  # a low-precision model side: converted a block of slots at a time
-                step = max(1, _CHUNK_ELEMENTS // max(t.shape[1], 1))
+                step = _rows_per_chunk(t.shape[1])
                 sim = torch.cat([rows_a @ _work(t[j:j + step]).T for j in range(0, t.shape[0], step)],
                                 dim=1).double()
             total = sim if total is None else total.add_(sim)

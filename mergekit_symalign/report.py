@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import _working, rows_per_chunk  # the solver's working dtype: the distances see what it sees
+from .groups import _working, rows_per_chunk  # the solver's working dtype and chunks: the distances see what it sees
 
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than

@@ -568,7 +568,7 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         reference = sources.get(self.reference_model)
         if self.merged_is_delta and base is None and reference is not None:
             # no base tensor: the transfer onto the reference (as before deltas were merged)
-            return merged.to(torch.float32, copy=True).add_(reference).to(reference.dtype)
+            return torch.add(merged.to(torch.float32), reference).to(reference.dtype)
         out_dtype = base.dtype if base is not None else merged.dtype
         if self.reference_model == self.base_model or base is None:
             return merged.to(out_dtype)
@@ -579,22 +579,20 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                 f"measured against it."
             )
         work = torch.promote_types(base.dtype, torch.float32)
-        if self.output_frame == "base" and transform is not None and work == torch.float32 \
-                and self.fold_norm is None and transform.touches(self.name):
+        if transform is None or not transform.touches(self.name):  # one pass per operation
+            delta = merged.to(work) if self.merged_is_delta else merged.to(work) - reference
+            return torch.add(delta, base).to(out_dtype)
+        if self.output_frame == "base" and work == torch.float32 and self.fold_norm is None:
             blocks = transform.inverse().gathered_blocks(self.name, tuple(base.shape), delta=True)
             if blocks is not None:
                 return _transfer_by_blocks(merged, None if self.merged_is_delta else reference,
                                            base, blocks, out_dtype)
         # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
         # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
-        if self.merged_is_delta and (transform is None or not transform.touches(self.name)):
-            return torch.add(merged.to(work), base).to(out_dtype)  # one pass, the same sums
         delta = merged.to(work, copy=True)
         if not self.merged_is_delta:
             delta.sub_(reference)
-        if transform is None or not transform.touches(self.name):
-            out = delta.add_(base)
-        elif self.output_frame == "base" and norm_merged is not None and \
+        if self.output_frame == "base" and norm_merged is not None and \
                 any(s.name == f"residual.unfold.{self.fold_norm[:-len('.weight')]}" for s, _ in transform.steps):
             out = self._refolded(transform, base.to(work), delta, norm_merged, norm_sources, work)
         elif self.output_frame == "base":
