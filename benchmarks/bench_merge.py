@@ -19,7 +19,7 @@ the median over the repeats, with the range. Suites:
 
 Synthetic models are generated here, never downloaded. `--layer-only` times the alignment of
 one 8B-shaped layer per symmetry through `spec.align_layer` (median of --repeats; float32 and
-bfloat16 weights), in-process, on CPU (and CUDA when available).
+bfloat16 weights), in-process, on CPU (on CUDA with --cuda).
 
 Results go to docs/performance.md unless --no-docs: region ``merge_cost_<suite>`` (with a bar
 chart), ``layer_8b_cpu`` / ``layer_8b_cuda`` for --layer-only; ``_cuda`` suffix with --cuda.
@@ -202,7 +202,7 @@ def merge_benchmark(args, suite: str):
                      "t_max": max(times), "rss": statistics.median(rss), "rss_min": min(rss),
                      "rss_max": max(rss)})
     lb = layer_mib(paths)
-    device = "cuda" if args.cuda else "cpu"
+    device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
     what = {"smollm2": "SmolLM2-135M-Instruct, float32",
             "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
             "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16"}[suite]
@@ -268,7 +268,8 @@ def layer_benchmark(args):
               "self_attn.v_proj.weight": (1024, 4096), "self_attn.o_proj.weight": (4096, 4096),
               "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
               "mlp.down_proj.weight": (4096, 14336)}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    # One device per run, so that a GPU machine's CPU figures never replace the 2-core ones.
+    devices = ["cuda"] if args.cuda else ["cpu"]
     dtypes = (torch.float32, torch.bfloat16)  # random weights; bf16 as real checkpoints ship
     for device in devices:
         where = (f"{device} ({torch.get_num_threads()} threads)" if device == "cpu"

@@ -392,18 +392,6 @@ def test_bfloat16_transfer_is_rounded_once(family, tmp_path):
     assert worst_ulps(plain) > 10.0  # the measure tells the two apart
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_merge_equals_cpu_merge(family, tmp_path):
-    """--cuda (math on the GPU) and --read-to-gpu give the CPU's merge within float32 noise."""
-    rec = transfer(PREFIX + "ties", family["sibling_scrambled"], family["reference"],
-                   [(family["skill"], {}), (family["skill_scrambled"], {"weight": 0.5})])
-    cpu = load(run_recipe(rec, tmp_path / "cpu"))
-    gpu = load(run_recipe(rec, tmp_path / "gpu", device="cuda"))
-    gpu_read = load(run_recipe(rec, tmp_path / "gpu_read", device="cuda", read_to_gpu=True))
-    assert_tensors_close(gpu, cpu, rtol=1e-4)
-    assert_tensors_close(gpu_read, cpu, rtol=1e-4)
-
-
 def _save_gemma3_vlm(state, config, path):
     """A Gemma 3 vision-language checkpoint as on the Hub (mergekit's gemma3vl layout:
     ``vision_tower.vision_model.*``, ``language_model.model.*``)."""
