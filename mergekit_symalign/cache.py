@@ -4,10 +4,17 @@ Pure Python + torch + safetensors (no mergekit import, no pickle). An entry is t
 the cache folder, ``<key>.safetensors`` (the elements) and ``<key>.json`` (what they are),
 where ``key`` is a SHA-256 over everything the solve depended on: the kind of solve, the
 plugin's cache format, the settings and geometry, and the bytes of every tensor it read
-(both models; SHA-256 digests of 8 MiB blocks, computed in parallel), in a canonical order. An entry is therefore only ever found for exactly the
-inputs it was solved from: a changed checkpoint, setting or plugin format gives another key
-and the transform is solved again. A file that cannot be read back (truncated, edited,
-another format) is reported and solved again, never applied.
+(both models, in 8 MiB blocks, each block's 128-bit XXH3 digest folded in), in a canonical
+order. An entry is therefore only ever found for exactly the inputs it was solved from: a
+changed checkpoint, setting or plugin format gives another key and the transform is solved
+again. A file that cannot be read back (truncated, edited, another format) is reported and
+solved again, never applied.
+
+The key guards against stale entries (a changed input), not against an adversary: whoever
+can write the cache folder can write any transform into it under the right key, whatever the
+hash. So the tensor bytes go through XXH3 (``xxhash``, already installed with mergekit through
+``datasets``): 57 GB/s per core here against SHA-256's 1.7 GB/s, which was most of a cached
+merge's own cost; 128 bits make an accidental collision as unlikely as SHA-256's.
 """
 
 from __future__ import annotations
@@ -23,13 +30,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
+import xxhash
 
 LOG = logging.getLogger(__name__)
-FORMAT = 2  # bump when what an entry means or its key changes (2: tensors hashed in blocks)
+FORMAT = 3  # bump when what an entry means or its key changes (2: tensors hashed in blocks;
+# 3: block digests by XXH3-128)
 
 
 class Fingerprint:
-    """Incremental SHA-256 over values and tensors (name, dtype, shape and raw bytes)."""
+    """Incremental SHA-256 over values and tensors (name, dtype, shape, and the XXH3-128
+    digests of the raw bytes' blocks)."""
 
     def __init__(self, kind: str):
         self._hash = hashlib.sha256()
@@ -42,8 +52,8 @@ class Fingerprint:
 
     def tensors(self, label: str, tensors: Mapping[str, torch.Tensor]) -> "Fingerprint":
         """Each tensor's bytes are hashed in blocks of :data:`HASH_BLOCK` bytes, the blocks'
-        SHA-256 digests on a thread pool (hashlib releases the GIL), then folded in order
-        into this hash: a hash tree, as strong as one pass and ~cores times faster."""
+        XXH3-128 digests on a thread pool (xxhash releases the GIL for large buffers), then
+        folded in order into this hash."""
         names = sorted(tensors)
         jobs = []
         for name in names:
@@ -57,7 +67,7 @@ class Fingerprint:
             raw = memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else b""
             blocks = [raw[i:i + HASH_BLOCK] for i in range(0, len(raw), HASH_BLOCK)] or [b""]
             jobs.append((name, [str(tensor.dtype), list(tensor.shape)], blocks))
-        digests = iter(_pool().map(lambda block: hashlib.sha256(block).digest(),
+        digests = iter(_pool().map(lambda block: xxhash.xxh3_128_digest(block),
                                    [block for _n, _m, blocks in jobs for block in blocks]))
         for name, meta, blocks in jobs:
             self.update(f"{label}:{name}", meta)
