@@ -438,3 +438,25 @@ def test_gemma3_multimodal_aligns_the_text_decoder_only(tmp_path):
     # (mergekit's gemma3vl definition omits the vision tower's unused pooling head)
     assert {k for k in want if "layers." in k} <= merged.keys()
     assert_tensors_close(merged, {k: want[k] for k in merged})
+
+
+@pytest.mark.parametrize("dtypes,shape", [
+    ((torch.bfloat16, torch.bfloat16), (37, 11)),  # several row blocks (small chunks below)
+    ((torch.float16, torch.float16), (37, 11)),
+    ((torch.bfloat16, torch.float32), (37, 11)),  # a float32 reference
+    ((torch.float32, torch.bfloat16), (37, 11)),  # a float32 input: one pass
+    ((torch.bfloat16, torch.bfloat16), (53,)),  # a norm's vector
+    ((torch.bfloat16, torch.bfloat16), ()),
+])
+def test_skill_deltas_are_exact_widened_differences(monkeypatch, dtypes, shape):
+    """SkillDeltas' ``S - R``: float32, equal to the float64 difference rounded once (exact
+    for bf16/f16 inputs), whether widened whole or a block of rows at a time."""
+    from mergekit_symalign import groups
+    from mergekit_symalign.tasks import widened_difference
+
+    monkeypatch.setattr(groups, "CHUNK_ELEMENTS", 32)  # 2 rows of 11 per block
+    gen = torch.Generator().manual_seed(0)
+    s, r = (torch.randn(shape, generator=gen).to(d) for d in dtypes)
+    got = widened_difference(s, r)
+    assert got.dtype == torch.float32 and got.shape == s.shape
+    assert torch.equal(got, (s.double() - r.double()).float())
