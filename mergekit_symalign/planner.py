@@ -17,7 +17,10 @@ recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`Align
                                                                         (wrapped method: combined delta)
     CheckedTensors(LoadTensor(B), LoadTensor(R)), LayerAlignmentTask(B, R) --> TransferTask -> save
 
-  (without a transfer, i.e. base = reference, the method merges the models themselves on R).
+  SkillDeltas and the method's task run inside the TransferTask (``fused``: one task, whose
+  inputs are SkillDeltas' and whose result is the saved tensor), except where a
+  ``residual: orthogonal`` refold shares a norm's merged delta between tasks. Without a
+  transfer (base = reference) the method merges the models themselves on R.
 
 Roles and settings are resolved by :mod:`.settings` (pure functions); this module only
 builds the graph.
@@ -387,6 +390,9 @@ class AlignedPlanning:
             name=layer.name if layer is not None else None,
             output_frame=settings.output_frame,
             merged_is_delta=planned.delta_inputs,
+            # The tensor's own merge runs inside its transfer, unless a refold shares a norm's
+            # merged delta between several tasks.
+            fused=planned.delta_inputs and not refold,
             **refold,
         )
         self.planner._tensors.append((weight, final))

@@ -408,6 +408,7 @@ class PickLayerTransform(Task[LayerTransform]):
 
 
 _AFTER = "__after__"  # SkillDeltas' ordering-only argument
+_DELTA = "delta:"  # a fused TransferTask's SkillDeltas arguments
 
 
 class CheckedTensors(TensorDictWrapper):
@@ -557,9 +558,22 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     fold_norm: Optional[str] = None
     norm_merged: Optional[Task] = None  # the norm's merge took SkillDeltas' inputs: a delta
     norm_sources: Optional[Task] = None
+    # ``merged`` is mergekit's ExecuteMergeMethodTask over a SkillDeltas, and both run inside
+    # this task (their own execute, unchanged) instead of as graph nodes: mergekit's executor
+    # moves every task's inputs to the GPU and its result back to host memory, so as nodes
+    # the float32 deltas, the zero base (materialized by the move) and the merged delta
+    # crossed the bus in both directions; fused, only the loaded tensors go up and the
+    # result comes down, as in a plain merge.
+    fused: bool = False
 
     def arguments(self) -> Dict[str, Task]:
-        args = {"merged": self.merged, "sources": self.sources}
+        if self.fused:
+            deltas = self.merged.gather_tensors.arguments()
+            deltas.pop(_AFTER, None)  # the base's alignment is this task's "transform"
+            args = {f"{_DELTA}{name}": task for name, task in deltas.items()}
+        else:
+            args = {"merged": self.merged}
+        args["sources"] = self.sources
         if self.base_alignment is not None:
             args["transform"] = self.base_alignment
         if self.norm_merged is not None:
@@ -571,16 +585,22 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         return self.merged.group_label()
 
     def uses_accelerator(self) -> bool:
-        return True
+        return self.merged.uses_accelerator() if self.fused else True
 
     def execute(
         self,
-        merged: Optional[torch.Tensor],
         sources: Dict[ModelReference, torch.Tensor],
+        merged: Optional[torch.Tensor] = None,
         transform: Optional[LayerTransform] = None,
         norm_merged: Optional[torch.Tensor] = None,
         norm_sources: Optional[Dict[ModelReference, torch.Tensor]] = None,
+        **inputs,
     ) -> Optional[torch.Tensor]:
+        if self.fused:
+            deltas = self.merged.gather_tensors.execute(
+                **{name[len(_DELTA):]: tensor for name, tensor in inputs.items()})
+            merged = self.merged.execute(tensors=deltas)
+            del deltas, inputs
         if merged is None:
             return None
         base = sources.get(self.base_model)
