@@ -460,3 +460,28 @@ def test_skill_deltas_are_exact_widened_differences(monkeypatch, dtypes, shape):
     got = widened_difference(s, r)
     assert got.dtype == torch.float32 and got.shape == s.shape
     assert torch.equal(got, (s.double() - r.double()).float())
+
+
+@pytest.mark.parametrize("residual,nodes", [("none", False), ("orthogonal", True)])
+def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatch, residual, nodes):
+    """mergekit's executor moves every task's inputs to the GPU and its result back to host
+    memory: a transfer's float32 deltas and merged delta stay inside one task (SkillDeltas and
+    the wrapped method run in the TransferTask), so only loaded tensors and the result cross.
+    A residual: orthogonal refold shares a norm's merged delta between tasks: nodes there."""
+    import mergekit.graph as graph
+
+    seen = []
+    real = graph.build_schedule
+
+    def spy(targets, cached_values):
+        schedule = real(targets, cached_values)
+        seen.extend(type(handle.task()).__name__ for handle in schedule.tasks)
+        return schedule
+
+    monkeypatch.setattr(graph, "build_schedule", spy)
+    recipe = transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
+                      [(family["skill"], {"align": False})], residual=residual)
+    run_recipe(recipe, tmp_path / "out")
+    assert seen.count("TransferTask") == len(load(family["reference"]))
+    for node in ("SkillDeltas", "ExecuteMergeMethodTask"):
+        assert (node in seen) == nodes, node
