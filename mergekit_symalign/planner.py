@@ -17,8 +17,9 @@ recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`Align
                                                                         (wrapped method: combined delta)
     CheckedTensors(LoadTensor(B), LoadTensor(R)), LayerAlignmentTask(B, R) --> TransferTask -> save
 
-  SkillDeltas and the method's task run inside the TransferTask (``fused``: one task, whose
-  inputs are SkillDeltas' and whose result is the saved tensor), except where a
+  AlignTensorTask, SkillDeltas and the method's task run inside the TransferTask (``fused``:
+  one task, whose inputs are the loads and transforms and whose result is the saved tensor),
+  except where a
   ``residual: orthogonal`` refold shares a norm's merged delta between tasks. Without a
   transfer (base = reference) the method merges the models themselves on R.
 

@@ -409,6 +409,7 @@ class PickLayerTransform(Task[LayerTransform]):
 
 _AFTER = "__after__"  # SkillDeltas' ordering-only argument
 _DELTA = "delta:"  # a fused TransferTask's SkillDeltas arguments
+_ALIGNED = ":aligned:"  # ... and, within them, an AlignTensorTask's own arguments
 
 
 class CheckedTensors(TensorDictWrapper):
@@ -559,18 +560,44 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     norm_merged: Optional[Task] = None  # the norm's merge took SkillDeltas' inputs: a delta
     norm_sources: Optional[Task] = None
     # ``merged`` is mergekit's ExecuteMergeMethodTask over a SkillDeltas, and both run inside
-    # this task (their own execute, unchanged) instead of as graph nodes: mergekit's executor
+    # this task (their own execute, unchanged) instead of as graph nodes, as do the
+    # AlignTensorTasks of aligned skills among SkillDeltas' inputs: mergekit's executor
     # moves every task's inputs to the GPU and its result back to host memory, so as nodes
-    # the float32 deltas, the zero base (materialized by the move) and the merged delta
-    # crossed the bus in both directions; fused, only the loaded tensors go up and the
-    # result comes down, as in a plain merge.
+    # the float32 aligned skills and deltas, the zero base (materialized by the move) and the
+    # merged delta crossed the bus in both directions; fused, only the loaded tensors go up
+    # and the result comes down, as in a plain merge.
     fused: bool = False
+
+    def _fused_inputs(self) -> Dict[str, Task]:
+        """SkillDeltas' arguments, an AlignTensorTask's replaced by its own two."""
+        inputs = self.merged.gather_tensors.arguments()
+        inputs.pop(_AFTER, None)  # the base's alignment is this task's "transform"
+        out = {}
+        for name, task in inputs.items():
+            if isinstance(task, AlignTensorTask):
+                for part, value in task.arguments().items():
+                    out[f"{_DELTA}{name}{_ALIGNED}{part}"] = value
+            else:
+                out[f"{_DELTA}{name}"] = task
+        return out
+
+    def _merge_fused(self, inputs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """The wrapped method's combined delta from the fused inputs (see ``fused``)."""
+        deltas = self.merged.gather_tensors
+        tensors: Dict[str, Any] = {}
+        for name, task in deltas.arguments().items():
+            if name == _AFTER:
+                continue
+            if isinstance(task, AlignTensorTask):
+                parts = {part: inputs[f"{_DELTA}{name}{_ALIGNED}{part}"] for part in task.arguments()}
+                tensors[name] = task.execute(**parts)
+            else:
+                tensors[name] = inputs[f"{_DELTA}{name}"]
+        return self.merged.execute(tensors=deltas.execute(**tensors))
 
     def arguments(self) -> Dict[str, Task]:
         if self.fused:
-            deltas = self.merged.gather_tensors.arguments()
-            deltas.pop(_AFTER, None)  # the base's alignment is this task's "transform"
-            args = {f"{_DELTA}{name}": task for name, task in deltas.items()}
+            args = self._fused_inputs()
         else:
             args = {"merged": self.merged}
         args["sources"] = self.sources
@@ -597,10 +624,8 @@ class TransferTask(Task[Optional[torch.Tensor]]):
         **inputs,
     ) -> Optional[torch.Tensor]:
         if self.fused:
-            deltas = self.merged.gather_tensors.execute(
-                **{name[len(_DELTA):]: tensor for name, tensor in inputs.items()})
-            merged = self.merged.execute(tensors=deltas)
-            del deltas, inputs
+            merged = self._merge_fused(inputs)
+            del inputs
         if merged is None:
             return None
         base = sources.get(self.base_model)

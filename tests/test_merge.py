@@ -462,12 +462,18 @@ def test_skill_deltas_are_exact_widened_differences(monkeypatch, dtypes, shape):
     assert torch.equal(got, (s.double() - r.double()).float())
 
 
-@pytest.mark.parametrize("residual,nodes", [("none", False), ("orthogonal", True)])
-def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatch, residual, nodes):
+@pytest.mark.parametrize("residual,skill,nodes", [
+    ("none", "skill", False),
+    ("none", "skill_scrambled", False),  # an aligned skill: its AlignTensorTasks are fused too
+    ("orthogonal", "skill", True),
+])
+def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatch, residual, skill,
+                                                    nodes):
     """mergekit's executor moves every task's inputs to the GPU and its result back to host
-    memory: a transfer's float32 deltas and merged delta stay inside one task (SkillDeltas and
-    the wrapped method run in the TransferTask), so only loaded tensors and the result cross.
-    A residual: orthogonal refold shares a norm's merged delta between tasks: nodes there."""
+    memory: a transfer's float32 aligned skills, deltas and merged delta stay inside one task
+    (AlignTensorTask, SkillDeltas and the wrapped method run in the TransferTask), so only
+    loaded tensors and the result cross. A residual: orthogonal refold shares a norm's merged
+    delta between tasks: nodes there."""
     import mergekit.graph as graph
 
     seen = []
@@ -479,9 +485,21 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
         return schedule
 
     monkeypatch.setattr(graph, "build_schedule", spy)
+    aligned = skill == "skill_scrambled"
     recipe = transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
-                      [(family["skill"], {"align": False})], residual=residual)
-    run_recipe(recipe, tmp_path / "out")
-    assert seen.count("TransferTask") == len(load(family["reference"]))
+                      [(family[skill], {"align": aligned})], residual=residual)
+    out = load(run_recipe(recipe, tmp_path / "out"))
+    assert seen.count("TransferTask") == len(out)
     for node in ("SkillDeltas", "ExecuteMergeMethodTask"):
         assert (node in seen) == nodes, node
+    assert "AlignTensorTask" not in seen
+    # the same merge, bit for bit, as the tasks as separate nodes
+    import mergekit_symalign.planner as planner
+
+    transfer_task = planner.TransferTask
+    monkeypatch.setattr(planner, "TransferTask",
+                        lambda **fields: transfer_task(**{**fields, "fused": False}))
+    seen.clear()
+    nodes_out = load(run_recipe(recipe, tmp_path / "nodes"))
+    assert ("AlignTensorTask" in seen) == aligned and "SkillDeltas" in seen
+    assert all(torch.equal(out[k], nodes_out[k]) for k in out)
