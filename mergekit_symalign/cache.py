@@ -67,7 +67,7 @@ class Fingerprint:
             raw = memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else b""
             blocks = [raw[i:i + HASH_BLOCK] for i in range(0, len(raw), HASH_BLOCK)] or [b""]
             jobs.append((name, [str(tensor.dtype), list(tensor.shape)], blocks))
-        digests = iter(_pool().map(lambda block: xxhash.xxh3_128_digest(block),
+        digests = iter(_pool().map(xxhash.xxh3_128_digest,
                                    [block for _n, _m, blocks in jobs for block in blocks]))
         for name, meta, blocks in jobs:
             self.update(f"{label}:{name}", meta)

@@ -19,9 +19,8 @@ recipe's method is a ``symmetry_aligned_*`` one, hands planning to :class:`Align
 
   AlignTensorTask, SkillDeltas and the method's task run inside the TransferTask (``fused``:
   one task, whose inputs are the loads and transforms and whose result is the saved tensor),
-  except where a
-  ``residual: orthogonal`` refold shares a norm's merged delta between tasks. Without a
-  transfer (base = reference) the method merges the models themselves on R.
+  except where a ``residual: orthogonal`` refold shares a norm's merged delta between tasks.
+  Without a transfer (base = reference) the method merges the models themselves on R.
 
 Roles and settings are resolved by :mod:`.settings` (pure functions); this module only
 builds the graph.

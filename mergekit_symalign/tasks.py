@@ -42,6 +42,7 @@ import logging
 from . import cache
 from . import residual as res
 from .architectures import ARCHITECTURES, Geometry, layer_spec
+from .groups import rows_per_chunk
 from .rope import attention_logit_change
 from .settings import AlignSettings
 from .spec import LayerTransform, align_layer
@@ -408,8 +409,12 @@ class PickLayerTransform(Task[LayerTransform]):
 
 
 _AFTER = "__after__"  # SkillDeltas' ordering-only argument
-_DELTA = "delta:"  # a fused TransferTask's SkillDeltas arguments
-_ALIGNED = ":aligned:"  # ... and, within them, an AlignTensorTask's own arguments
+
+
+def _fused_key(name: str, part: Optional[str] = None) -> str:
+    """A fused TransferTask's argument for SkillDeltas' argument ``name`` (and, where that
+    is an AlignTensorTask, for its own argument ``part``)."""
+    return f"delta:{name}" if part is None else f"delta:{name}:aligned:{part}"
 
 
 class CheckedTensors(TensorDictWrapper):
@@ -497,8 +502,6 @@ def widened_difference(tensor: torch.Tensor, reference: torch.Tensor) -> torch.T
     the widened block is still in cache when it is subtracted, where widening the whole tensor
     first writes and reads back a tensor-sized float32 copy (40 % faster on 2 CPU cores at
     Llama-3.2-1B and 3.1-8B MLP shapes: 8192 x 2048 in 27 ms instead of 45 ms)."""
-    from .groups import rows_per_chunk
-
     work = torch.promote_types(tensor.dtype, torch.float32)
     if tensor.dtype == work:
         return torch.sub(tensor, reference)
@@ -568,32 +571,33 @@ class TransferTask(Task[Optional[torch.Tensor]]):
     # and the result comes down, as in a plain merge.
     fused: bool = False
 
+    def _skill_inputs(self) -> Dict[str, Task]:
+        """SkillDeltas' arguments, but its ordering-only one: the base's alignment is this
+        task's ``transform``."""
+        inputs = self.merged.gather_tensors.arguments()
+        inputs.pop(_AFTER, None)
+        return inputs
+
     def _fused_inputs(self) -> Dict[str, Task]:
         """SkillDeltas' arguments, an AlignTensorTask's replaced by its own two."""
-        inputs = self.merged.gather_tensors.arguments()
-        inputs.pop(_AFTER, None)  # the base's alignment is this task's "transform"
         out = {}
-        for name, task in inputs.items():
+        for name, task in self._skill_inputs().items():
             if isinstance(task, AlignTensorTask):
-                for part, value in task.arguments().items():
-                    out[f"{_DELTA}{name}{_ALIGNED}{part}"] = value
+                out.update({_fused_key(name, part): value for part, value in task.arguments().items()})
             else:
-                out[f"{_DELTA}{name}"] = task
+                out[_fused_key(name)] = task
         return out
 
     def _merge_fused(self, inputs: Dict[str, Any]) -> Optional[torch.Tensor]:
         """The wrapped method's combined delta from the fused inputs (see ``fused``)."""
-        deltas = self.merged.gather_tensors
-        tensors: Dict[str, Any] = {}
-        for name, task in deltas.arguments().items():
-            if name == _AFTER:
-                continue
+        tensors = {}
+        for name, task in self._skill_inputs().items():
             if isinstance(task, AlignTensorTask):
-                parts = {part: inputs[f"{_DELTA}{name}{_ALIGNED}{part}"] for part in task.arguments()}
-                tensors[name] = task.execute(**parts)
+                tensors[name] = task.execute(**{part: inputs[_fused_key(name, part)]
+                                                for part in task.arguments()})
             else:
-                tensors[name] = inputs[f"{_DELTA}{name}"]
-        return self.merged.execute(tensors=deltas.execute(**tensors))
+                tensors[name] = inputs[_fused_key(name)]
+        return self.merged.execute(tensors=self.merged.gather_tensors.execute(**tensors))
 
     def arguments(self) -> Dict[str, Task]:
         if self.fused:
