@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,8 +67,13 @@ CANDIDATES = 8
 #: Dimensions of the Gaussian sketch of each role (plain, covariant, contragredient).
 SKETCH_DIM = 64
 #: Of those, the dimensions used by the all-pairs candidate search (its cost is
-#: ``n^2 x 2 SEARCH_DIM`` flops plus a top-k over ``n^2`` proxies).
-SEARCH_DIM = 32
+#: ``n^2 x 2 SEARCH_DIM`` flops plus a top-k over ``n^2`` proxies). All of them: with 32, the
+#: proxies' noise (its largest of n draws) exceeded the certification's margin in most rows
+#: of SmolLM2's MLPs, which then went to the dense path (30 of 30 layers); with 64, 29 of 30
+#: layers stay row-wise, in the same time as 32 took before the proxies were put on the exact
+#: scores' scale (they estimated half of each similarity, so rows were certified on half the
+#: evidence: a SmolLM2 layer matched on activations lost 7 neurons' true partners that way).
+SEARCH_DIM = 64
 #: A candidate is scored exactly when its sketched similarity plus ``MARGIN`` (conservative)
 #: standard errors reaches the exact similarity of its row's best estimate.
 MARGIN = 3.0
@@ -80,7 +85,29 @@ CERTIFY_MARGIN = 2.0
 #: uncertain, the sketch is too coarse for the pair of models: use the dense path instead.
 DENSE_IF_UNCERTAIN = 0.05
 
-Term = Tuple[torch.Tensor, torch.Tensor, str]
+#: ``(reference_features, model_features, role)``, optionally with a fourth element
+#: ``(reference_row_factors, model_row_factors)`` (``[n]`` each, or ``None``): the term's
+#: similarity of slots ``i``, ``j`` is then ``w_a[i] w_t[j] <a_i, t_j>``, e.g. cosines from
+#: the raw features and their inverse norms, without normalized copies of the features.
+Term = Tuple
+
+
+def _parts(term):
+    """``(a, t, role, w_a, w_t)`` of a term with or without row factors."""
+    a, t, role = term[:3]
+    w_a, w_t = term[3] if len(term) > 3 and term[3] is not None else (None, None)
+    return a, t, role, w_a, w_t
+
+
+def _weighted(sim: torch.Tensor, w_a: Optional[torch.Tensor], w_t: Optional[torch.Tensor],
+              rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sim`` (an ``[r, c]`` block, or pair scores ``[p]`` with ``rows``/``cols``) times the
+    row factors of its reference rows and model slots."""
+    if w_a is None:
+        return sim
+    if rows is not None:  # pair scores
+        return sim * (w_a[rows].to(sim.dtype) * w_t[cols].to(sim.dtype))
+    return sim * w_a.to(sim.dtype)[:, None] * w_t.to(sim.dtype)[None, :]
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +156,7 @@ def match(
     include_identity: bool = True,
     name: str = "permutation",
     info: Optional[Dict] = None,
+    margins: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``perm`` (``LongTensor[n]``) maximising the summed combined similarity of matched slots.
 
@@ -140,6 +168,13 @@ def match(
     ``include_identity=False`` leaves the diagonal out of the candidate graph (for tests: the
     graph may then have no perfect matching). Raises ``FloatingPointError`` (message prefixed
     by ``name``) on non-finite similarities.
+
+    ``margins`` (a list, optional) receives a float64 tensor ``[n]``: per reference slot, its
+    matched similarity minus the best similarity of any other model slot that was scored
+    exactly in its row. The dense path scores every pair; the large-n path scores every pair
+    that its sketch could not rule out (within ``margin`` standard errors of the row's best,
+    and whole rows it could not certify), so a competitor close enough to tie is scored and a
+    margin is never underestimated. ``inf`` where nothing else in the row was scored.
     """
     dense_below = DENSE_BELOW if dense_below is None else dense_below
     candidates = CANDIDATES if candidates is None else candidates
@@ -147,19 +182,26 @@ def match(
     search_dim = SEARCH_DIM if search_dim is None else search_dim
     margin = MARGIN if margin is None else margin
     info = {} if info is None else info
-    terms = [(a.reshape(n, -1), t.reshape(n, -1), role) for a, t, role in terms]
-    for _a, _t, role in terms:
+    terms = [(a.reshape(n, -1), t.reshape(n, -1), role, None if w_a is None else (w_a, w_t))
+             for a, t, role, w_a, w_t in map(_parts, terms)]
+    for _a, _t, role, weights in terms:
         if role not in ROLES:
             raise ValueError(f"unknown term role {role!r}; expected one of {ROLES}")
+        if weights is not None and not all(w.shape == (n,) for w in weights):
+            raise ValueError(f"row factors of a term must have shape ({n},)")
     if not terms:
         info["path"] = "empty"
-        return torch.arange(n)
+        perm = torch.arange(n)
+        if margins is not None:
+            margins.append(torch.full((n,), math.inf, dtype=torch.float64))
+        return perm
     k = min(candidates, n)
     if n <= dense_below or k < 1:
         info["path"] = "dense"
-        return _dense(terms, n, name)
+        return _dense(terms, n, name, margins)
     d_search = max(1, min(search_dim, sketch_dim))
-    return _sparse(terms, n, k, sketch_dim, d_search, margin, seed, include_identity, name, info)
+    return _sparse(terms, n, k, sketch_dim, d_search, margin, seed, include_identity, name, info,
+                   margins)
 
 
 # --------------------------------------------------------------------------- dense (exact)
@@ -172,8 +214,8 @@ def dense_similarity(terms: Sequence[Term], n: int) -> Optional[torch.Tensor]:
     def add(acc, value):
         return value if acc is None else acc + value
 
-    for a, t, role in terms:
-        sim = a.reshape(n, -1) @ t.reshape(n, -1).T
+    for a, t, role, w_a, w_t in map(_parts, terms):
+        sim = _weighted(a.reshape(n, -1) @ t.reshape(n, -1).T, w_a, w_t)
         if role == COVARIANT:
             fwd = add(fwd, sim)
         elif role == CONTRAGREDIENT:
@@ -191,17 +233,20 @@ def dense_similarity(terms: Sequence[Term], n: int) -> Optional[torch.Tensor]:
     return plain
 
 
-def _dense(terms: Sequence[Term], n: int, name: str) -> torch.Tensor:
+def _dense(terms: Sequence[Term], n: int, name: str,
+           margins: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """Dense similarity + scipy. Up to ``_BLOCKED_ABOVE`` slots exactly the former code; above,
     the same similarities are computed in row blocks into one float64 matrix (the former code
     held up to ~6 ``n x n`` matrices: ~10 GB at n = 14336)."""
     from scipy.optimize import linear_sum_assignment
 
     if n <= _BLOCKED_ABOVE:
-        sim = dense_similarity([(_work(a), _work(t), role) for a, t, role in terms], n)
+        sim = dense_similarity([(_work(a), _work(t), role, w) for a, t, role, w in terms], n)
     else:
         sim = _exact_rows(_split(terms), torch.arange(n, device=terms[0][0].device))
     if sim is None:
+        if margins is not None:
+            margins.append(torch.full((n,), math.inf, dtype=torch.float64))
         return torch.arange(n)
     cost = sim.double().cpu().numpy()
     if not torch.isfinite(torch.from_numpy(cost)).all():
@@ -209,6 +254,15 @@ def _dense(terms: Sequence[Term], n: int, name: str) -> torch.Tensor:
     rows, cols = linear_sum_assignment(cost, maximize=True)
     perm = torch.empty(n, dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    if margins is not None:
+        full = torch.from_numpy(cost)
+        matched = full.gather(1, perm[:, None])[:, 0]
+        if n > 1:
+            top = full.topk(2, dim=1)
+            runner_up = torch.where(top.indices[:, 0] == perm, top.values[:, 1], top.values[:, 0])
+            margins.append(matched - runner_up)
+        else:
+            margins.append(torch.full_like(matched, math.inf))
     return perm
 
 
@@ -224,10 +278,13 @@ class _Sketch:
 
     def __init__(self, pairs, d: int, gen: torch.Generator):
         self.a = self.t = None
-        for a, t in pairs:
+        for a, t, w_a, w_t in pairs:
             r = torch.randn(a.shape[1], d, generator=gen, dtype=torch.float64) / math.sqrt(d)
             r = r.to(device=a.device, dtype=torch.promote_types(a.dtype, torch.float32))
             sa, st = _sketched(a, r).float(), _sketched(t, r).float()
+            if w_a is not None:  # the sketch of the rows times their factors
+                sa.mul_(w_a.to(sa)[:, None])
+                st.mul_(w_t.to(st)[:, None])
             self.a = sa if self.a is None else self.a.add_(sa)
             self.t = st if self.t is None else self.t.add_(st)
         self.norm_a, self.norm_t = self.a.norm(dim=1), self.t.norm(dim=1)
@@ -266,9 +323,10 @@ def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def _split(terms: Sequence[Term]):
     """(plain, covariant, contragredient) term lists; one-sided scaled terms count as plain."""
-    by_role = {role: [(a, t) for a, t, r in terms if r == role] for role in ROLES}
+    parts = [_parts(term) for term in terms]
+    by_role = {role: [(a, t, w_a, w_t) for a, t, r, w_a, w_t in parts if r == role] for role in ROLES}
     if not (by_role[COVARIANT] and by_role[CONTRAGREDIENT]):
-        plain = [(a, t) for a, t, _ in terms]  # the objective is the plain sum of all terms
+        plain = [(a, t, w_a, w_t) for a, t, _, w_a, w_t in parts]  # the plain sum of all terms
         return plain, [], []
     return by_role[PLAIN], by_role[COVARIANT], by_role[CONTRAGREDIENT]
 
@@ -285,11 +343,16 @@ def _proxy_features(p: Optional[_Sketch], u: Optional[_Sketch], v: Optional[_Ske
     ``2 sqrt(|X Y|)`` for a rescaled copy and, like it, ignores the scale and its sign.
     """
     p_a = p_t = q_a = q_t = None
+    # The sketches' first ``d`` of ``D`` columns (each scaled by 1/sqrt(D)) estimate d/D of
+    # an inner product: rescaled by sqrt(D/d) each, so that the proxy estimates the full
+    # similarity and the certification compares it with exact scores on one scale.
     if p is not None:
-        p_a, p_t = p.a[:, :d].contiguous(), p.t[:, :d].contiguous()
+        c = math.sqrt(p.a.shape[1] / d)
+        p_a, p_t = p.a[:, :d] * c, p.t[:, :d] * c
     if u is not None:
+        c = math.sqrt(u.a.shape[1] / d)
         sides = []
-        for su, sv in ((u.a[:, :d], v.a[:, :d]), (u.t[:, :d], v.t[:, :d])):
+        for su, sv in ((u.a[:, :d] * c, v.a[:, :d] * c), (u.t[:, :d] * c, v.t[:, :d] * c)):
             nu, nv = su.norm(dim=1), sv.norm(dim=1)
             sides.append((nu * nv).sqrt()[:, None] * (_unit(su, nu) + _unit(sv, nv)))
         q_a, q_t = sides
@@ -416,8 +479,13 @@ def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) ->
 
     def summed(pairs):
         total = None
-        for a, t in pairs:
-            dots = _diagonal_dots(a, t) if rows is None else _pair_dots(a, t, rows, cols)
+        for a, t, w_a, w_t in pairs:
+            if rows is None:
+                dots = _diagonal_dots(a, t)
+                if w_a is not None:
+                    dots = dots * (w_a.to(dots) * w_t.to(dots))
+            else:
+                dots = _weighted(_pair_dots(a, t, rows, cols), w_a, w_t, rows, cols)
             total = dots if total is None else total + dots
         return total
 
@@ -432,7 +500,8 @@ def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) ->
 # --------------------------------------------------------------------------- the large-n path
 
 
-def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info) -> torch.Tensor:
+def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info,
+            margins=None) -> torch.Tensor:
     certify_margin = CERTIFY_MARGIN
     times = info.setdefault("seconds", {})
     clock = [time.perf_counter()]
@@ -531,7 +600,7 @@ def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info
                 contenders=int(rows_c.numel()), uncertain_rows=n_uncertain)
     if n_uncertain > DENSE_IF_UNCERTAIN * n:
         info.update(path="dense_uncertain", exact_pairs=n * n)
-        perm = _dense(terms, n, name)
+        perm = _dense(terms, n, name, margins)
         lap("dense_uncertain")
         return perm
     if n_uncertain:
@@ -551,6 +620,8 @@ def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info
     perm = _rowwise_best(n, rows, cols, values)
     lap("rowwise")
     if perm is not None:
+        if margins is not None:
+            margins.append(_scored_margins(n, perm, rows, cols, values))
         return perm
 
     # Collisions: score every candidate exactly and solve the sparse assignment on them.
@@ -568,23 +639,35 @@ def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info
     lap("sparse_assignment")
     if perm is None:
         info["path"] = "dense_fallback"
-        perm = _dense(terms, n, name)
+        perm = _dense(terms, n, name, margins)
         lap("dense_fallback")
         return perm
     info["path"] = "sparse"
+    if margins is not None:
+        margins.append(_scored_margins(n, perm, rows, cols, values))
     return perm
+
+
+def _scored_margins(n, perm, rows, cols, values) -> torch.Tensor:
+    """Per row: the matched pair's score minus the best other scored pair's (``inf``: none)."""
+    matched = cols == perm[rows]
+    score = torch.full((n,), math.nan, dtype=torch.float64)
+    score.scatter_(0, rows[matched], values[matched])
+    other = torch.full((n,), -math.inf, dtype=torch.float64)
+    other.scatter_reduce_(0, rows[~matched], values[~matched], "amax")
+    return score - other
 
 
 def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
     """Exact similarities ``[r, n]`` (float64) of reference ``rows`` to every model slot, computed
     in row blocks (no float32 ``n x n`` temporaries)."""
     plain, cov, contra = split
-    any_t = (plain or cov)[0][1]
+    any_t = (plain or cov)[0][1]  # (a, t, w_a, w_t)
     out = torch.empty(rows.numel(), any_t.shape[0], dtype=torch.float64, device=any_t.device)
 
     def summed(pairs, r):
         total = None
-        for a, t in pairs:
+        for a, t, w_a, w_t in pairs:
             run = _as_range(r)
             rows_a = _work(a[run] if run is not None else a.index_select(0, r))
             if t.dtype == rows_a.dtype:
@@ -593,6 +676,8 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
                 step = _rows_per_chunk(t.shape[1])
                 sim = torch.cat([rows_a @ _work(t[j:j + step]).T for j in range(0, t.shape[0], step)],
                                 dim=1).double()
+            if w_a is not None:
+                sim = _weighted(sim, w_a[r], w_t)
             total = sim if total is None else total.add_(sim)
         return total
 

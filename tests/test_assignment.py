@@ -370,3 +370,60 @@ def test_index_along_is_index_select(dtype):
         index = torch.randperm(x.shape[axis], generator=torch.Generator().manual_seed(axis))
         got = assignment.index_along(x, axis, index)
         assert got.is_contiguous() and torch.equal(got, x.index_select(axis, index)), axis
+
+
+def test_search_proxy_estimates_the_whole_similarity():
+    """The candidate search reads the first ``search_dim`` of ``sketch_dim`` sketch columns:
+    its proxies must estimate the full similarity (the certification compares them with exact
+    scores). They used to estimate search_dim / sketch_dim of it."""
+    n, m = 400, 256
+    gate, up, down = _mlp(n, m)
+    terms = _terms((gate, up, down), (gate, up, down))  # a copy: exact diagonal known
+    split = assignment._split(terms)
+    exact = assignment._exact(split, None, None).float()
+    for d, d_search in ((64, 32), (64, 64), (128, 32)):
+        gen = torch.Generator().manual_seed(0)
+        sketches = [assignment._Sketch(pairs, d, gen) if pairs else None for pairs in split]
+        p_a, p_t, q_a, q_t = assignment._proxy_features(*sketches, d_search)
+        proxy = (p_a * p_t).sum(1) + (q_a * q_t).sum(1).abs()
+        ratio = float(proxy.mean() / exact.mean())
+        assert abs(ratio - 1) < 0.1, (d, d_search, ratio)
+
+
+def _normalized_terms(n, m, seed, weighted):
+    """Cosine terms (as the activation matcher builds them) of a planted copy with signed
+    scales: by row factors, or on explicitly normalized copies."""
+    (gate, up, _down) = _mlp(n, m, seed)
+    model, truth = _planted((gate, up, up.T.contiguous()), seed=seed + 1, noise=0.3)
+    gt, ut = model[0], model[1]
+    unit = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+    inv = lambda x, c=1.0: c / x.norm(dim=1)  # noqa: E731
+    if weighted:
+        return truth, [(gate, gt, PLAIN, (inv(gate, 2 ** 0.5), inv(gt, 2 ** 0.5))),
+                       (up, ut, COVARIANT, (inv(up), inv(ut))), (up, ut, CONTRAGREDIENT, (inv(up), inv(ut)))]
+    return truth, [(unit(gate) * 2 ** 0.5, unit(gt) * 2 ** 0.5, PLAIN),
+                   (unit(up), unit(ut), COVARIANT), (unit(up), unit(ut), CONTRAGREDIENT)]
+
+
+@pytest.mark.parametrize("options", [dict(dense_below=10_000), SPARSE])
+def test_row_factors_equal_normalized_features_and_margins_are_not_underestimated(options):
+    n, m = 300, 96
+    truth, weighted = _normalized_terms(n, m, 0, True)
+    _, normalized = _normalized_terms(n, m, 0, False)
+    margins_w, margins_n, info = [], [], {}
+    found = match(weighted, n, margins=margins_w, info=info, **options)
+    assert info["path"] == ("dense" if options is not SPARSE else info["path"])
+    assert torch.equal(found, truth)
+    assert torch.equal(found, match(normalized, n, margins=margins_n, **options))
+    assert torch.allclose(margins_w[0], margins_n[0], atol=1e-5)
+    # Against the dense similarity: the matched score minus the best other in each row.
+    sim = assignment.dense_similarity(normalized, n).double()
+    matched = sim[torch.arange(n), found]
+    other = sim.clone()
+    other[torch.arange(n), found] = -math.inf
+    dense_margin = matched - other.max(1).values
+    if options is SPARSE:  # only the pairs the sketch could not rule out were scored
+        assert info["path"] in ("rowwise", "sparse") and (margins_w[0] >= dense_margin - 1e-5).all()
+    else:
+        assert torch.allclose(margins_w[0], dense_margin, atol=1e-5)
+    assert (margins_w[0] > 0).all()
