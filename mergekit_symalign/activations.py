@@ -494,16 +494,19 @@ def full_forward_statistics(
 # --------------------------------------------------------------------------- solving
 
 
-def _cosines(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of ``a`` with every row of ``t`` (``[n, ...]`` each),
-    without normalized copies of the (at 8B, gigabyte-sized) activations. All-zero rows
-    score 0."""
-    a, t = a.reshape(a.shape[0], -1).float(), t.reshape(t.shape[0], -1).float()
-    tiny = torch.finfo(torch.float32).tiny ** 0.5
-    sim = a @ t.T
-    sim /= torch.linalg.vector_norm(a, dim=1).clamp_min(tiny)[:, None]
-    sim /= torch.linalg.vector_norm(t, dim=1).clamp_min(tiny)[None, :]
-    return sim
+#: Sketch dimensions of the large-n activation matching. Neurons' activations correlate far
+#: more than their weights (cosines of ~0.5 between distinct neurons over the same tokens),
+#: so the weight path's 64 dimensions left 190 of a SmolLM2 layer's 1536 rows uncertain and
+#: sent it to the dense path; 128 left 9 (scored exactly against every neuron) and took
+#: 0.17 s against the dense path's 0.36 s.
+ACTIVATION_SKETCH_DIM = 128
+
+
+def _inverse_row_norms(x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """``factor / |x_i|`` per row of ``x`` ``[n, ...]`` (float32; an all-zero row gets a
+    finite factor, so its cosines are 0)."""
+    norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float32)
+    return factor / norms.clamp_min(torch.finfo(torch.float32).tiny ** 0.5)
 
 
 def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: Activations,
@@ -526,34 +529,47 @@ def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: 
     For an exact copy of the reference (scrambled by the group) the true match scores the
     maximum, 2, in every row. Dead neurons (all-zero rows) score 0 against everything.
 
-    ``margins`` (when given) receives, per reference neuron, its matched score minus the
-    best score of any other model neuron in its row: how clearly the data tells the match
-    apart (about 0 for neurons the calibration activations cannot distinguish).
-    """
-    from scipy.optimize import linear_sum_assignment
+    Solved by :func:`assignment.match`, the weight path's matcher, on twice this objective:
+    the gate rows as a plain term weighted by ``sqrt(2) / |row|`` (``2 cos``) and the ``h``
+    rows, weighted by ``1 / |row|``, as both its scaled terms (``2 sqrt(cos^2) = 2 |cos|``).
+    Up to :data:`assignment.DENSE_BELOW` neurons that is the dense similarity and scipy's
+    assignment; above, sketches of the token dimension find each neuron's candidates and
+    only those pairs are scored exactly (the dense ``n x n x tokens`` cosines were most of
+    the activation path's solving time at SmolLM2's 1536 neurons, and ~24 TFLOP per layer at
+    Llama-3.1-8B's 14336 neurons and default token budget).
 
-    sim = _cosines(gather(reference[plan.gate.tensor], plan.gate),
-                   gather(model[plan.gate.tensor], plan.gate))
-    h_sim = _cosines(gather(reference[plan.hidden.tensor], plan.hidden),
-                     gather(model[plan.hidden.tensor], plan.hidden))
-    sim += h_sim.abs_()
-    del h_sim
-    cost = sim.double().cpu()
-    del sim
-    if not torch.isfinite(cost).all():
-        raise FloatingPointError("mlp.neurons: non-finite activation similarity")
-    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
-    perm = torch.empty(cost.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    ``margins`` (when given) receives, per reference neuron, its matched score minus the
+    best score of any other model neuron scored in its row (every neuron on the dense path;
+    every one the sketch could not rule out on the large-n path, which includes any close
+    enough to tie): how clearly the data tells the match apart (about 0 for neurons the
+    calibration activations cannot distinguish).
+    """
+    return match_neurons(gather(reference[plan.gate.tensor], plan.gate),
+                         gather(model[plan.gate.tensor], plan.gate),
+                         gather(reference[plan.hidden.tensor], plan.hidden),
+                         gather(model[plan.hidden.tensor], plan.hidden), margins)
+
+
+def match_neurons(gate_a: torch.Tensor, gate_t: torch.Tensor, h_a: torch.Tensor, h_t: torch.Tensor,
+                  margins: Optional[List[torch.Tensor]] = None, **options) -> torch.Tensor:
+    """:func:`_solve_mlp_permutation` on the neurons' gate pre-activations and ``h`` rows
+    (``[n, ...]`` each, reference ``_a`` and model ``_t``); ``options`` go to
+    :func:`assignment.match` (e.g. ``dense_below``)."""
+    from .assignment import CONTRAGREDIENT, COVARIANT, PLAIN, match
+
+    n = gate_a.shape[0]
+    gate_w = (_inverse_row_norms(gate_a, math.sqrt(2.0)), _inverse_row_norms(gate_t, math.sqrt(2.0)))
+    h_w = (_inverse_row_norms(h_a), _inverse_row_norms(h_t))
+    terms = [(gate_a, gate_t, PLAIN, gate_w), (h_a, h_t, COVARIANT, h_w), (h_a, h_t, CONTRAGREDIENT, h_w)]
+    doubled: Optional[List[torch.Tensor]] = [] if margins is not None else None
+    try:
+        perm = match(terms, n, name="mlp.neurons", margins=doubled, **{
+            "sketch_dim": ACTIVATION_SKETCH_DIM, "search_dim": ACTIVATION_SKETCH_DIM, **options})
+    except FloatingPointError:
+        raise FloatingPointError("mlp.neurons: non-finite activation similarity") from None
     if margins is not None:
-        matched = cost.gather(1, perm[:, None])[:, 0]
-        if cost.shape[1] > 1:
-            top = cost.topk(2, dim=1)
-            runner_up = torch.where(top.indices[:, 0] == perm, top.values[:, 1], top.values[:, 0])
-            margins.append(matched - runner_up)
-        else:
-            margins.append(torch.full_like(matched, float("inf")))
-    return perm
+        margins.append(doubled[0] / 2)
+    return perm.cpu()
 
 
 # Fit-quality thresholds (see FitQuality). Float32 activations put rounding noise at about
@@ -583,7 +599,9 @@ class FitQuality:
       Below :data:`UNDETERMINED` the solve is arbitrary in the directions the data does not
       span.
     * ``neuron_margin`` / ``tied_neurons``: the MLP matching's smallest gap between a
-      neuron's match and its runner-up (scores in [-1, 2]) and how many neurons tie (gap
+      neuron's match and its runner-up (scores in [-1, 2]; above
+      :data:`assignment.DENSE_BELOW` neurons the best competitor the sketch could not rule
+      out, which any competitor close enough to tie is) and how many neurons tie (gap
       below :data:`TIE`): the data cannot tell them apart.
     * ``empty_scale_slots``: per scale symmetry, slots whose activations are all ~0 (their
       scale falls back to 1, whatever the truth).

@@ -88,6 +88,45 @@ def test_neuron_matching_survives_finetuning_and_negative_scales():
     assert _max_rel_diff(aligned, relative) < 0.1
 
 
+def test_neuron_matching_on_the_sketched_path_equals_the_dense_one(monkeypatch):
+    """Above assignment.DENSE_BELOW neurons the activation matching sketches the token
+    dimension and scores candidate pairs only (forced here at test size): the same
+    permutations as the dense cosines, the true ones, and fit margins that are never smaller
+    than the dense path's (the tie check must still see a close competitor)."""
+    from mergekit_symalign import assignment
+
+    model = make_model("llama", seed=7)
+    reference = _state(model)
+    relative = perturbed(model, seed=1, scale=0.02)
+    scrambled, truth = scramble_state_dict(relative, model.config, seed=3)
+    runs = {}
+    for below in (10_000, 0):
+        monkeypatch.setattr(assignment, "DENSE_BELOW", below)
+        paths, real = [], assignment.match
+
+        def traced(*args, **kwargs):
+            kwargs["info"] = info = {}
+            out = real(*args, **kwargs)
+            paths.append(info["path"])
+            return out
+
+        monkeypatch.setattr(assignment, "match", traced)
+        report = []
+        result = align_by_activations(reference.__getitem__, {"m": scrambled.__getitem__},
+                                      model.config, IDS, progress=False, fit_report=report)
+        monkeypatch.setattr(assignment, "match", real)
+        runs[below] = (result["m"], report, paths)
+    (dense, dense_report, dense_paths), (sketched, sketched_report, sketched_paths) = runs[10_000], runs[0]
+    assert set(dense_paths) == {"dense"} and sketched_paths and set(sketched_paths) <= {"rowwise", "sparse"}
+    for layer, transform in sketched.items():
+        found = dict((s.name, e) for s, e in transform.steps)["mlp.neurons"]
+        true_perm = dict((s.name, e) for s, e in truth[layer].steps)["mlp.neurons"]
+        assert torch.equal(true_perm[found], torch.arange(len(found)))
+        assert torch.equal(found, dict((s.name, e) for s, e in dense[layer].steps)["mlp.neurons"])
+    for d, s in zip(dense_report, sketched_report):
+        assert s.neuron_margin >= d.neuron_margin - 1e-6 and s.tied_neurons == d.tied_neurons
+
+
 # --------------------------------------------------------------------------- streaming
 
 
