@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_assignment.py                 # everything (~3 min on 2 CPUs)
     .venv/bin/python benchmarks/bench_assignment.py --skip-dense    # new path only (~30 s)
     .venv/bin/python benchmarks/bench_assignment.py --lap           # + dense LAP solvers (scipy, lapx)
+    .venv/bin/python benchmarks/bench_assignment.py --activations --skip-layer  # + activation matching
 
 MLP: F = 14336 neurons, D = 4096, random weights (0.02 * N(0, 1)). Two targets:
 
@@ -35,7 +36,7 @@ from mergekit_symalign.architectures import Geometry, layer_spec
 from mergekit_symalign.groups import _site_pairs, apply, random_element, solve, solve_permutation
 from mergekit_symalign.spec import align_layer, random_transform
 
-GEOMETRY = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 32, 500000.0)
+GEOMETRY = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
 SHAPES = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
           "self_attn.v_proj.weight": (1024, 4096), "self_attn.o_proj.weight": (4096, 4096),
           "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
@@ -133,6 +134,49 @@ def mlp_benchmark(args, spec, anchor, gen):
         print(f"  {case:9s} dense path {timing}  exact={torch.equal(found, truth)}")
 
 
+def activation_benchmark(args, gen):
+    """``alignment: activations``' neuron matching (``activations.match_neurons``) at
+    Llama-3.1-8B's 14336 neurons over ``--activation-tokens`` tokens, sketched (the default
+    path) against the dense cosines. Synthetic SwiGLU activations of a rank-256 token stream
+    with a shared offset (so that distinct neurons correlate, as real ones do: cosines of
+    about 0.5); the model's neurons are the reference's under a random permutation and
+    signed scales in [0.5, 2], plus 5 % noise."""
+    from mergekit_symalign.activations import match_neurons
+
+    n, tokens, rank = 14336, args.activation_tokens, 256
+    stream = torch.randn(rank, tokens, generator=gen)
+    stream[0] = 2.0  # the shared offset
+    w_gate, w_up = (torch.randn(n, rank, generator=gen) / rank ** 0.5 for _ in range(2))
+    gate = w_gate @ stream
+    h = torch.nn.functional.silu(gate) * (w_up @ stream)
+    perm = torch.randperm(n, generator=gen)
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    scale = signs * torch.empty(n).uniform_(0.5, 2.0, generator=gen)
+
+    def noisy(x):
+        return x + 0.05 * x.std() * torch.randn(x.shape, generator=gen)
+
+    gate_t, h_t = noisy(gate[perm]), noisy(h[perm] * scale[:, None])
+    truth = torch.argsort(perm)
+    del stream
+    print(f"Activation neuron matching, n = {n}, {tokens} tokens ({torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}):")
+    info = {}
+
+    def sketched():
+        info.clear()
+        return match_neurons(gate, gate_t, h, h_t, info=info)
+
+    found, timing = timed(sketched, args.repeats)
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in info.get("seconds", {}).items())
+    print(f"  sketched   {timing}  exact={torch.equal(found, truth)}  path={info.get('path')} "
+          f"exact_pairs={info.get('exact_pairs')} uncertain_rows={info.get('uncertain_rows')}")
+    print(f"             stages (s): {stages}")
+    if not args.skip_dense:
+        found, timing = timed(lambda: match_neurons(gate, gate_t, h, h_t, dense_below=n), 1)
+        print(f"  dense      {timing}  exact={torch.equal(found, truth)}")
+
+
 def roles(mlp):
     """The term roles solve_permutation gives the MLP's sites (gate plain, up covariant,
     down contragredient); bias sites are absent on Llama."""
@@ -209,13 +253,20 @@ def main(argv=None):
     parser.add_argument("--lap", action="store_true", help="also time dense LAP solvers")
     parser.add_argument("--lap-size", type=int, default=14336, help="n of the --lap problems")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--activations", action="store_true",
+                        help="also time alignment: activations' neuron matching")
+    parser.add_argument("--activation-tokens", type=int, default=8192)
+    parser.add_argument("--skip-mlp", action="store_true", help="skip the weight MLP matching")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = layer_spec("llama", GEOMETRY)
     gen = torch.Generator().manual_seed(0)
     anchor = {k: 0.02 * torch.randn(s, generator=gen) for k, s in SHAPES.items()}
-    mlp_benchmark(args, spec, anchor, gen)
+    if not args.skip_mlp:
+        mlp_benchmark(args, spec, anchor, gen)
+    if args.activations:
+        activation_benchmark(args, gen)
     if not args.skip_layer:
         layer_benchmark(args, spec, anchor, gen)
     if args.lap:
