@@ -136,14 +136,14 @@ def mlp_benchmark(args, spec, anchor, gen):
 
 def activation_benchmark(args, gen):
     """``alignment: activations``' neuron matching (``activations.match_neurons``) at
-    Llama-3.1-8B's 14336 neurons over ``--activation-tokens`` tokens, sketched (the default
+    Llama-3.1-8B's 14336 neurons (``--activation-neurons``) over ``--activation-tokens`` tokens, sketched (the default
     path) against the dense cosines. Synthetic SwiGLU activations of a rank-256 token stream
     with a shared offset (so that distinct neurons correlate, as real ones do: cosines of
     about 0.5); the model's neurons are the reference's under a random permutation and
     signed scales in [0.5, 2], plus 5 % noise."""
     from mergekit_symalign.activations import match_neurons
 
-    n, tokens, rank = 14336, args.activation_tokens, 256
+    n, tokens, rank = args.activation_neurons, args.activation_tokens, 256
     stream = torch.randn(rank, tokens, generator=gen)
     stream[0] = 2.0  # the shared offset
     w_gate, w_up = (torch.randn(n, rank, generator=gen) / rank ** 0.5 for _ in range(2))
@@ -256,6 +256,7 @@ def main(argv=None):
     parser.add_argument("--activations", action="store_true",
                         help="also time alignment: activations' neuron matching")
     parser.add_argument("--activation-tokens", type=int, default=8192)
+    parser.add_argument("--activation-neurons", type=int, default=14336)
     parser.add_argument("--skip-mlp", action="store_true", help="skip the weight MLP matching")
     args = parser.parse_args(argv)
     if args.threads:

@@ -183,3 +183,14 @@ def test_independent_init_pipeline_smoke(tmp_path):
     assert checks and max(checks) < 1e-5
     # the report reads the saved results back without training or measuring
     ii.main(["--workdir", str(work), "--from-results", "--no-docs"])
+
+
+def test_bench_assignment_activation_matching_smoke(capsys):
+    """benchmarks/bench_assignment.py's activation matching at a small width (the script
+    runs at 8B widths in scripts/benchmarks.sh): both paths find the planted permutation."""
+    import bench_assignment
+
+    bench_assignment.main(["--skip-mlp", "--skip-layer", "--activations", "--repeats", "1",
+                           "--activation-neurons", "640", "--activation-tokens", "512"])
+    out = capsys.readouterr().out
+    assert out.count("exact=True") == 2 and ("path=rowwise" in out or "path=sparse" in out)
