@@ -93,8 +93,17 @@ def internals_problems() -> List[str]:
                                 "arch_info"} <= set(planner().__annotations__))
     check("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask fields",
           lambda: {"method_name", "gather_tensors", "model_order", "base_model", "output_weight",
-                   "parameters", "input_parameters", "dtype"}
+                   "parameters", "input_parameters", "dtype", "out_dtype"}
           <= fields("mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask"))
+    gta = lambda: module("mergekit.merge_methods.generalized_task_arithmetic")  # noqa: E731
+    check("mergekit.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge "
+          "(consensus_method, sparsification_method).merge_group: weights the deltas, divides "
+          "by the weights' sum when normalize, scales by lambda (tasks.single_delta_task_arithmetic "
+          "repeats it for one skill; tests/test_merge.py compares them bit for bit)",
+          lambda: {"consensus_method", "sparsification_method"}
+          <= set(gta().GeneralizedTaskArithmeticMerge.__dataclass_fields__)
+          and {"normalize", "lambda", 1e-08} <= set(gta().GeneralizedTaskArithmeticMerge.merge_group.__code__.co_consts)
+          and {"mul_", "sum"} <= set(gta().GeneralizedTaskArithmeticMerge.merge_group.__code__.co_names))
     check("mergekit.io.tasks.GatherTensors fields == {weight_info, dtype, device}",
           lambda: fields("mergekit.io.tasks.GatherTensors") == {"weight_info", "dtype", "device"})
     check("mergekit.io.tasks.LoadTensor fields",

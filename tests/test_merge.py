@@ -503,3 +503,43 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
     nodes_out = load(run_recipe(recipe, tmp_path / "nodes"))
     assert ("AlignTensorTask" in seen) == aligned and "SkillDeltas" in seen
     assert all(torch.equal(out[k], nodes_out[k]) for k in out)
+
+
+@pytest.mark.parametrize("method,skill_params,params,dtype,direct", [
+    ("task_arithmetic", {}, {}, "float32", True),
+    ("task_arithmetic", {"weight": 0.5}, {}, "float32", True),
+    ("task_arithmetic", {"weight": 0.7}, {"normalize": True, "lambda": 0.6}, "float32", True),
+    ("task_arithmetic", {"weight": 1e-9}, {"normalize": True}, "float32", True),
+    ("task_arithmetic", {"weight": 0.5}, {"lambda": 1.5}, "bfloat16", True),
+    ("ties", {"weight": 0.5, "density": 0.5}, {}, "float32", False),
+    ("task_arithmetic", "two skills", {}, "float32", False),
+])
+def test_single_skill_task_arithmetic_is_the_kernel_bit_for_bit(family, tmp_path, monkeypatch, method,
+                                                               skill_params, params, dtype, direct):
+    """A transfer of one skill with task_arithmetic skips mergekit's kernel
+    (tasks.single_delta_task_arithmetic: the kernel's operations in place on the delta); the
+    merged model must equal the kernel's bit for bit, and every other method or a second
+    skill must still go through the kernel."""
+    from mergekit_symalign import tasks
+
+    calls = []
+    real = tasks.single_delta_task_arithmetic
+
+    def spy(task, deltas):
+        out = real(task, deltas)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tasks, "single_delta_task_arithmetic", spy)
+    if skill_params == "two skills":
+        skills = [(family["skill"], {"weight": 0.5}), (family["sibling"], {"weight": 0.25})]
+    else:
+        skills = [(family["skill"], skill_params)]
+    recipe = transfer(PREFIX + method, family["sibling_scrambled"], family["reference"], skills,
+                      dtype=dtype, **params)
+    out = load(run_recipe(recipe, tmp_path / "direct"))
+    assert calls and all(c == direct for c in calls)
+    monkeypatch.setattr(tasks, "single_delta_task_arithmetic", lambda task, deltas: None)
+    kernel = load(run_recipe(recipe, tmp_path / "kernel"))
+    assert out.keys() == kernel.keys()
+    assert all(torch.equal(out[k], kernel[k]) and out[k].dtype == kernel[k].dtype for k in out)
