@@ -649,8 +649,15 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                 f"measured against it."
             )
         work = torch.promote_types(base.dtype, torch.float32)
+        # Fused, ``merged`` is this task's alone (the single-skill path's delta, or a tensor
+        # the kernel made from this task's deltas), except a broadcast view of the zero base
+        # when no skill has the tensor: written in place unless it is that view. As a node,
+        # mergekit may hand the same result to other tasks: never written.
+        owned = self.fused and merged.is_contiguous()
         if transform is None or not transform.touches(self.name):  # one pass per operation
             delta = merged.to(work) if self.merged_is_delta else merged.to(work) - reference
+            if delta is not merged or owned:  # no fresh tensor-sized output: add in place
+                return delta.add_(base).to(out_dtype)
             return torch.add(delta, base).to(out_dtype)
         if self.output_frame == "base" and work == torch.float32 and self.fold_norm is None:
             blocks = transform.inverse().gathered_blocks(self.name, tuple(base.shape), delta=True)
@@ -659,7 +666,7 @@ class TransferTask(Task[Optional[torch.Tensor]]):
                                            base, blocks, out_dtype)
         # In place on this task's own temporaries: at 8B shapes every extra tensor-sized
         # float32 copy is 224 MiB of fresh memory (a bf16 operand is widened exactly).
-        delta = merged.to(work, copy=True)
+        delta = merged.to(work, copy=not owned)
         if not self.merged_is_delta:
             delta.sub_(reference)
         if self.output_frame == "base" and norm_merged is not None and \
