@@ -23,7 +23,8 @@ one 8B-shaped layer per symmetry through `spec.align_layer` (median of --repeats
 bfloat16 weights), in-process, on CPU (on CUDA with --cuda).
 
 Results go to docs/performance.md unless --no-docs: region ``merge_cost_<suite>`` (with a bar
-chart), ``layer_8b_cpu`` / ``layer_8b_cuda`` for --layer-only; ``_cuda`` suffix with --cuda.
+chart), ``layer_8b_cpu`` / ``layer_8b_cuda`` for --layer-only; ``_cuda`` suffix with --cuda,
+``_mmap`` with --mmap-threshold (memory figures without the allocator's retention).
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ def merge_benchmark(args, suite: str):
     print(f"[{suite}] models ready in {time.perf_counter() - t:.0f} s", flush=True)
     dtype = "float32" if suite == "smollm2" else "bfloat16"
     extra = ["--cuda"] if args.cuda else []
+    if args.mmap_threshold:  # read by each child's glibc at start-up (see --mmap-threshold)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
     plan = recipes(paths, dtype, suite, cache)
     results = {name: [] for name in plan}
@@ -235,6 +238,11 @@ def merge_benchmark(args, suite: str):
             "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16"}[suite]
     header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
               f"one layer = {lb:.1f} MiB")
+    suffix = ("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
+    if args.mmap_threshold:
+        header += (f"; every merge with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (each "
+                   f"allocation above it returned to the system when freed: the anonymous peak "
+                   f"is the live peak; the times are slower than by default and not compared)")
     t0, m0, a0 = rows[0]["t"], rows[0]["rss"], rows[0]["anon"]
     lines = ["| method | wall time (s) | time vs plain | peak anonymous memory (MiB) | "
              "anonymous vs plain | peak RSS (MiB) | RSS vs plain |",
@@ -249,11 +257,10 @@ def merge_benchmark(args, suite: str):
     table = "\n".join(lines)
     print(header)
     print(table, flush=True)
-    (workdir / f"bench-{suite}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
+    (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
                                                             indent=1))
     if args.no_docs:
         return
-    suffix = "_cuda" if args.cuda else ""
     title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
              f"({what}, {device}, median of {args.repeats})")
     image = cost_plot([(r["name"], r["t"], r["anon"]) for r in rows], title,
@@ -382,6 +389,12 @@ def main(argv=None):
     parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--layer-only", action="store_true")
+    parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                        help="run every merge with glibc's MALLOC_MMAP_THRESHOLD_=BYTES, so that "
+                             "freed tensors above it leave the process at once and the peak "
+                             "anonymous memory measures live memory, not what the allocator "
+                             "keeps (it moves by +-150 MiB from run to run on SmolLM2 by "
+                             "default); region merge_cost_<suite>_mmap")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
     if args.cuda and not torch.cuda.is_available():
