@@ -88,14 +88,15 @@ def test_neuron_matching_survives_finetuning_and_negative_scales():
     assert _max_rel_diff(aligned, relative) < 0.1
 
 
-def test_neuron_matching_on_the_sketched_path_equals_the_dense_one(monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])  # SwiGLU, GeGLU, fused gate_up
+def test_neuron_matching_on_the_sketched_path_equals_the_dense_one(monkeypatch, arch):
     """Above assignment.DENSE_BELOW neurons the activation matching sketches the token
     dimension and scores candidate pairs only (forced here at test size): the same
     permutations as the dense cosines, the true ones, and fit margins that are never smaller
     than the dense path's (the tie check must still see a close competitor)."""
     from mergekit_symalign import assignment
 
-    model = make_model("llama", seed=7)
+    model = make_model(arch, seed=7)
     reference = _state(model)
     relative = perturbed(model, seed=1, scale=0.02)
     scrambled, truth = scramble_state_dict(relative, model.config, seed=3)
