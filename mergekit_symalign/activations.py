@@ -673,21 +673,20 @@ def _empty_slots(symmetry: Symmetry, model: Activations) -> int:
     return int((energy <= tiny).sum())
 
 
-def _residuals(solved: LayerTransform, reference: Activations, model: Activations,
-               chunk: int = 1024) -> Dict[str, float]:
-    """Relative residual per block, one activation tensor moved at a time and compared in
+def _residuals(reference: Activations, moved: Activations, chunk: int = 1024) -> Dict[str, float]:
+    """Relative residual per block between the reference's activations and the model's
+    ``moved`` by the solved transform (as :func:`spec.align_layer` leaves them), compared in
     row chunks (bounded memory at 8B widths)."""
     sums: Dict[str, List[float]] = {}
     for key, ref in reference.items():
-        if key not in model:
+        if key not in moved:
             continue
-        moved = solved.apply_one(key, model[key]) if solved.touches(key) else model[key]
+        model = moved[key]
         acc = sums.setdefault(key.split(".", 1)[0], [0.0, 0.0])
         for i in range(0, ref.shape[0], chunk):
             a = ref[i:i + chunk]
-            acc[0] += float(torch.linalg.vector_norm(a - moved[i:i + chunk].to(a.dtype)).double() ** 2)
+            acc[0] += float(torch.linalg.vector_norm(a - model[i:i + chunk].to(a.dtype)).double() ** 2)
             acc[1] += float(torch.linalg.vector_norm(a).double() ** 2)
-        del moved
     return {block: math.sqrt(num / den) if den > 0 else 0.0 for block, (num, den) in sums.items()}
 
 
@@ -705,12 +704,15 @@ def solve_layer_with_quality(
     def mlp_neurons(_symmetry, reference, model):
         return _solve_mlp_permutation(plan, reference, model, margins)
 
+    moved: Activations = {}
     try:
         solved = align_layer(plan.spec, reference, model, switches, label=label,
-                             solvers={"mlp.neurons": mlp_neurons})
+                             solvers={"mlp.neurons": mlp_neurons}, moved=moved)
     except ValueError as err:
         raise ValueError(f"(activations of {label}) {err}") from None
     quality = FitQuality(model=label, layer=layer)
+    quality.residual = _residuals(reference, moved)
+    del moved  # a moved copy of the layer's activations
     for symmetry in plan.spec.symmetries():
         if not switches.enabled(symmetry):
             continue
@@ -722,7 +724,6 @@ def solve_layer_with_quality(
         quality.neuron_margin = float(margins[0].abs().min())
         quality.tied_neurons = int((margins[0].abs() < TIE).sum())
         quality.neurons = int(margins[0].numel())
-    quality.residual = _residuals(solved, reference, model)
     transform = LayerTransform(tuple((plan.weight_symmetry(symmetry.name), element.detach().cpu())
                                      for symmetry, element in solved.steps))
     return transform, quality

@@ -323,6 +323,7 @@ def align_layer(
     solvers: Optional[Mapping[str, Solver]] = None,
     snap: bool = True,
     timings: Optional[Dict[str, float]] = None,
+    moved: Optional[Dict[str, torch.Tensor]] = None,
 ) -> LayerTransform:
     """The element of the layer's group that best maps ``model`` onto ``reference``.
 
@@ -332,7 +333,10 @@ def align_layer(
     explain clearly more than fitting noise would is replaced by the identity
     (:func:`groups.explains_more_than_noise`), so descendants of one base stay untouched.
     Identity elements are left out of the returned steps. ``timings`` (optional) receives
-    the seconds each symmetry took (solve, fit test and apply; for benchmarks).
+    the seconds each symmetry took (solve, fit test and apply; for benchmarks). ``moved``
+    (optional) receives ``model`` moved by every returned step, which is then applied to the
+    working copy even where no later symmetry reads it (the activation path's fit residuals
+    compare it with the reference instead of moving every activation a second time).
     """
     current = dict(model)
     steps: List[Step] = []
@@ -351,7 +355,7 @@ def align_layer(
         for symmetry in block.symmetries():
             if not switches.enabled(symmetry):
                 continue
-            still_read = solvers or bool(read_later[position] & set(symmetry.tensors))
+            still_read = solvers or moved is not None or bool(read_later[position] & set(symmetry.tensors))
             position += 1
             started = time.perf_counter()
             try:
@@ -382,6 +386,8 @@ def align_layer(
                 if any(t.is_cuda for t in current.values()):
                     torch.cuda.synchronize()
                 timings[symmetry.name] = time.perf_counter() - started
+    if moved is not None:
+        moved.update(current)
     return LayerTransform(tuple(steps), tuple(fits))
 
 
