@@ -382,12 +382,40 @@ def test_search_proxy_estimates_the_whole_similarity():
     split = assignment._split(terms)
     exact = assignment._exact(split, None, None).float()
     for d, d_search in ((64, 32), (64, 64), (128, 32)):
-        gen = torch.Generator().manual_seed(0)
-        sketches = [assignment._Sketch(pairs, d, gen) if pairs else None for pairs in split]
+        draws = iter(assignment._projections(0, tuple(a.shape[1] for pairs in split for a, *_ in pairs), d))
+        sketches = [assignment._Sketch(pairs, d, draws) if pairs else None for pairs in split]
         p_a, p_t, q_a, q_t = assignment._proxy_features(*sketches, d_search)
         proxy = (p_a * p_t).sum(1) + (q_a * q_t).sum(1).abs()
         ratio = float(proxy.mean() / exact.mean())
         assert abs(ratio - 1) < 0.1, (d, d_search, ratio)
+
+
+def test_shared_sketch_of_one_matrix_as_both_scaled_terms():
+    """The activation matcher passes the same ``h`` rows as its covariant and contragredient
+    term: they share one sketch (``v is u``), whose search proxy must still estimate the whole
+    similarity (2 |cos| for that pair of terms, not 4 |cos|), and the matcher must still find
+    the planted permutation with the same margins as the dense path."""
+    n, m = 700, 96
+    truth, weighted = _normalized_terms(n, m, seed=21, weighted=True)
+    gate_term, (up, ut, _role, up_w) = weighted[0], weighted[1]  # one object, as match_neurons
+    terms = [gate_term, (up, ut, COVARIANT, up_w), (up, ut, CONTRAGREDIENT, up_w)]
+    split = assignment._split(terms)
+    assert assignment._same_terms(split[1], split[2])
+    exact = assignment._exact(split, torch.arange(n), truth).float()  # the true pairs
+    for d, d_search in ((128, 128), (128, 64)):
+        draws = iter(assignment._projections(0, (m, m), d))
+        p, u = assignment._Sketch(split[0], d, draws), assignment._Sketch(split[1], d, draws)
+        p_a, p_t, q_a, q_t = assignment._proxy_features(p, u, u, d_search)
+        proxy = (p_a * p_t[truth]).sum(1) + (q_a * q_t[truth]).sum(1).abs()
+        ratio = float(proxy.mean() / exact.mean())
+        assert abs(ratio - 1) < 0.1, (d, d_search, ratio)
+    sparse, dense, info = [], [], {}
+    perm = assignment.match(terms, n, dense_below=0, sketch_dim=128, search_dim=128,
+                            margins=sparse, info=info)
+    assert info["path"] in ("rowwise", "sparse")
+    assert torch.equal(perm, truth)
+    assert torch.equal(assignment.match(terms, n, dense_below=n, margins=dense), truth)
+    assert bool((sparse[0] >= dense[0] - 1e-9).all())
 
 
 def _normalized_terms(n, m, seed, weighted):
