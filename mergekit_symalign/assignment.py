@@ -516,7 +516,8 @@ def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) ->
 
     total = summed(plain)
     if cov:
-        prod = summed(cov) * summed(contra)
+        x = summed(cov)
+        prod = x * (x if _same_terms(cov, contra) else summed(contra))  # shared: x^2
         invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
         total = invariant if total is None else total + invariant
     return total
@@ -711,11 +712,13 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
             total = sim if total is None else total.add_(sim)
         return total
 
+    shared = bool(cov) and _same_terms(cov, contra)
     for s in range(0, rows.numel(), _ROWS_PER_BLOCK):
         r = rows[s:s + _ROWS_PER_BLOCK]
         sim = summed(plain, r)
         if cov:
-            prod = summed(cov, r).mul_(summed(contra, r))
+            x = summed(cov, r)
+            prod = x * x if shared else x.mul_(summed(contra, r))
             invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
             sim = invariant if sim is None else sim.add_(invariant)
         out[s:s + r.numel()] = sim
