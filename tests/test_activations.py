@@ -128,6 +128,37 @@ def test_neuron_matching_on_the_sketched_path_equals_the_dense_one(monkeypatch, 
         assert s.neuron_margin >= d.neuron_margin - 1e-6 and s.tied_neurons == d.tied_neurons
 
 
+def test_fit_residuals_measure_the_moved_model():
+    """The fit-quality residual compares the reference's activations with the model's as
+    align_layer leaves them (``moved=``, which must equal applying the returned transform):
+    ~0 for an exact scramble (the unmoved activations would be far off), clearly above it
+    for a fine-tune."""
+    from mergekit_symalign.spec import align_layer, random_transform
+    from mergekit_symalign.statedict import spec_for_config
+
+    model = make_model("llama", seed=8)
+    spec = spec_for_config(model.config)
+    layer = {k.split("layers.0.", 1)[1]: v for k, v in _state(model).items() if "layers.0." in k}
+    target = random_transform(spec, torch.Generator().manual_seed(9)).apply(layer)
+    moved = {}
+    transform = align_layer(spec, layer, target, moved=moved)
+    expected = transform.apply(target)
+    assert moved.keys() == expected.keys()
+    assert all(torch.equal(moved[k], expected[k]) for k in expected)
+    assert _max_rel_diff(moved, layer) < 1e-4
+
+    reference = _state(model)
+    residuals = {}
+    for name, other in (("exact", reference), ("fine-tune", perturbed(model, seed=2, scale=0.05))):
+        scrambled, _ = scramble_state_dict(other, model.config, seed=4)
+        report = []
+        align_by_activations(reference.__getitem__, {"m": scrambled.__getitem__}, model.config,
+                             IDS, progress=False, fit_report=report)
+        residuals[name] = max(v for quality in report for v in quality.residual.values())
+        assert {"mlp", "self_attn"} <= set(report[0].residual)
+    assert residuals["exact"] < 1e-5 < 1e-3 < residuals["fine-tune"], residuals
+
+
 # --------------------------------------------------------------------------- streaming
 
 
