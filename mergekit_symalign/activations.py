@@ -752,6 +752,38 @@ def required_tokens(plan: ActivationPlan, switches: Switches = Switches()) -> Li
     return needs
 
 
+#: Above this many floating-point operations of forward passes on a CPU, the activation
+#: alignment warns before it starts (100 TFLOP: ~17 minutes at 100 GFLOP/s, about what a
+#: few CPU cores sustain in float32; SmolLM2's default run is 1.7 TFLOP, Llama-3.1-8B's
+#: ~800 TFLOP per model and reference).
+CPU_FORWARD_WARN_FLOP = 1e14
+
+
+def forward_flop(geometry: Geometry, num_layers: int, tokens: int, runs: int) -> float:
+    """Floating-point operations of the linear projections in ``runs`` forward passes
+    (reference and models) of ``num_layers`` decoder layers over ``tokens`` tokens: q, k, v,
+    o and a gated MLP's three projections, ``2`` per multiply-add. Attention scores, norms
+    and the LM head are left out (the streamer never runs the head)."""
+    g = geometry
+    attention = g.hidden_size * (2 * g.num_heads + 2 * g.num_kv_heads) * g.head_dim
+    mlp = 3 * g.hidden_size * g.intermediate_size
+    return 2.0 * (attention + mlp) * tokens * num_layers * runs
+
+
+def _announce_cost(geometry: Geometry, num_layers: int, tokens: int, runs: int, device: Any) -> float:
+    flop = forward_flop(geometry, num_layers, tokens, runs)
+    minutes = flop / 100e9 / 60
+    message = (f"alignment: activations runs {runs} models (the reference included) over {tokens} "
+               f"calibration tokens: ~{flop / 1e12:.1f} TFLOP of forward passes on {device}")
+    if torch.device(device).type == "cpu" and flop > CPU_FORWARD_WARN_FLOP:
+        LOG.warning("%s, about %.0f minutes at 100 GFLOP/s (a few CPU cores in float32). Run "
+                    "mergekit-yaml with --cuda, or lower calibration_samples (the fit-quality "
+                    "check refuses a set too small to determine the transforms).", message, minutes)
+    else:
+        LOG.info("%s.", message)
+    return flop
+
+
 def align_by_activations(
     reference: GetTensor,
     models: Mapping[str, GetTensor],
@@ -807,6 +839,8 @@ def align_by_activations(
     if residual != "none":
         res.check_supported(plan.arch, residual, tied, text_config(config))
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
+    _announce_cost(plan.geometry, int(text_config(config).num_hidden_layers), token_ids.numel(),
+                   1 + len(models), device)
     ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
     model_configs = model_configs or {}
     streamers = {key: LayerStreamer(model_configs.get(key, config), get_tensor, token_ids,

@@ -159,6 +159,32 @@ def test_fit_residuals_measure_the_moved_model():
     assert residuals["exact"] < 1e-5 < 1e-3 < residuals["fine-tune"], residuals
 
 
+def test_forward_cost_is_announced_and_warned_about_on_cpu(monkeypatch, caplog):
+    """The activation alignment logs its forward passes' cost before it starts, and warns on a
+    CPU above CPU_FORWARD_WARN_FLOP (with the remedy); the count is the linear layers'."""
+    import logging
+
+    from mergekit_symalign import activations
+    from mergekit_symalign.architectures import Geometry
+
+    smollm2 = Geometry("llama", 576, 9, 3, 64, 1536, 64, 100000.0)
+    assert activations.forward_flop(smollm2, 30, 4096, 2) == 2 * 3538944 * 4096 * 30 * 2  # 1.74e12
+    llama8b = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
+    assert 7.9e14 < activations.forward_flop(llama8b, 32, 2 * 14336, 2) < 8.1e14
+    assert activations.forward_flop(llama8b, 32, 2 * 14336, 2) > activations.CPU_FORWARD_WARN_FLOP
+    model = make_model("llama", seed=10)
+    sd = _state(model)
+    for limit, level in ((activations.CPU_FORWARD_WARN_FLOP, logging.INFO), (0.0, logging.WARNING)):
+        monkeypatch.setattr(activations, "CPU_FORWARD_WARN_FLOP", limit)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=activations.LOG.name):
+            align_by_activations(sd.__getitem__, {"m": sd.__getitem__}, model.config, IDS, progress=False)
+        notes = [r for r in caplog.records if "TFLOP of forward passes" in r.getMessage()]
+        assert len(notes) == 1 and notes[0].levelno == level
+        assert f"over {IDS.numel()} calibration tokens" in notes[0].getMessage()
+        assert ("--cuda" in notes[0].getMessage()) == (level == logging.WARNING)
+
+
 # --------------------------------------------------------------------------- streaming
 
 
