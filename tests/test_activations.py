@@ -185,6 +185,50 @@ def test_forward_cost_is_announced_and_warned_about_on_cpu(monkeypatch, caplog):
         assert ("--cuda" in notes[0].getMessage()) == (level == logging.WARNING)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])  # SwiGLU, GeGLU, fused gate_up
+def test_mlp_records_feature_major_without_changing_the_layer(arch):
+    """While recording, the MLP's input projections compute feature-major: the layer's
+    output is the unhooked layer's, the records are the projections' outputs and down_proj's
+    input, and the class forward is back afterwards."""
+    from mergekit_symalign.activations import _Recorder
+
+    model = make_model(arch, seed=11)
+    plan = activation_plan(model.config)
+    layer = model.base_model.layers[0]
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(12))
+    position_ids = torch.arange(16)[None].expand(2, -1)
+    kwargs = dict(position_embeddings=model.base_model.rotary_emb(x, position_ids), attention_mask=None)
+
+    def run():
+        out = layer(x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    seen = {}
+    down = layer.get_submodule(plan.arch.down)
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp", a[0].clone())),
+               down.register_forward_pre_hook(lambda m, a: seen.__setitem__("down", a[0].clone()))]
+    with torch.no_grad():
+        plain = run()
+        recorder = _Recorder(layer, plan)
+        patched = recorder.patched
+        assert patched and all("forward" in vars(m) for m in patched)
+        hooked = run()
+        recorder.remove()
+    for handle in handles:
+        handle.remove()
+    assert all("forward" not in vars(m) for m in patched)
+    assert torch.allclose(hooked, plain, atol=1e-6, rtol=1e-5)
+    acts = recorder.result()
+    names = {m: n for n, m in layer.named_modules()}
+    mlp_in = seen["mlp"].reshape(-1, x.shape[-1])
+    for module in patched:
+        expected = torch.nn.functional.linear(mlp_in, module.weight, module.bias).T
+        assert torch.allclose(acts[f"{names[module]}:out"], expected, atol=1e-5, rtol=1e-4)
+    recorded_h = acts[f"{plan.arch.down}:in"]
+    assert recorded_h.is_contiguous()
+    assert torch.allclose(recorded_h, seen["down"].reshape(-1, seen["down"].shape[-1]).T, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- streaming
 
 
