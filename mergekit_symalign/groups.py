@@ -591,7 +591,6 @@ def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
 
 SKETCH_DIM = 512  # head-matching Grams: feature rows longer than SKETCH_ABOVE are sketched
 SKETCH_ABOVE = 2048
-UNSKETCHED_MIN_ROWS = 128  # see _sketch_pays
 
 
 @functools.lru_cache(maxsize=8)
@@ -662,11 +661,6 @@ class RowSketches:
         self._entries[key] = (weakref.ref(tensor), value)
         return value
 
-    def holds(self, name: str, tensor: Optional[torch.Tensor], axis: int, width: int, offset: int) -> bool:
-        """Does :meth:`positions` have this entry without computing it?"""
-        entry = self._entries.get((name, axis, width, offset))
-        return tensor is not None and entry is not None and entry[0]() is tensor
-
     def follow(self, symmetry: Symmetry, element: torch.Tensor, before: Tensors, after: Tensors) -> None:
         for key, (ref, value) in list(self._entries.items()):
             name, axis = key[0], key[1]
@@ -700,29 +694,6 @@ def _sketched_feature(feature: Tuple[Site, ...], tensors: Tensors, sketch: torch
         total = part if total is None else total + part
         offset += rest
     return total
-
-
-def _site_offsets(feature: Tuple[Site, ...], tensors: Tensors):
-    """``(site, offset)``: where each present site's values start in the feature's rows."""
-    offset = 0
-    for site, tensor in _feature_sites(feature, tensors):
-        yield site, offset
-        offset += tensor.numel() // tensor.shape[site.axis]
-
-
-def _sketch_pays(k: int, width: int, block: int, cached: bool) -> bool:
-    """Is sketching a feature's ``k x width`` rows to :data:`SKETCH_DIM` columns cheaper than
-    scoring them as they are? Per slot and copy: sketching both models' rows costs
-    ``2 k width SKETCH_DIM`` multiply-adds (nothing when both are cached), then the norms and
-    a block's pairs ``(2 + block) k^2 SKETCH_DIM``; unsketched those take
-    ``(2 + block) k^2 width``, counted as ``(2 + block) k max(k, UNSKETCHED_MIN_ROWS) width``
-    because products of fewer rows (Q/K planes: 2) are bound by memory, not arithmetic.
-    SmolLM2's 3 KV heads of 64 over 4096 calibration tokens are cheaper unsketched (its
-    activation merge spent 2.2 s of 30 layers sketching them); 8B shapes (blocks of 8 KV
-    heads of 128; the query heads reading the KV matching's cached sketches) are not."""
-    pairs = (2 + block) * k * k
-    unsketched = (2 + block) * k * max(k, UNSKETCHED_MIN_ROWS) * width
-    return (0 if cached else 2 * k * width * SKETCH_DIM) + pairs * SKETCH_DIM < unsketched
 
 
 def _cross_by_grams(k: int, r: int, block: int) -> bool:
@@ -762,12 +733,7 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
                 width = (width or 0) + tensor.numel() // tensor.shape[site.axis]
         if width is None:
             continue
-        k = feature[0].index.shape[2]
-        cached = all(cache is not None and cache.holds(site.tensor, tensors.get(site.tensor), site.axis,
-                                                        width, offset)
-                     for tensors, cache in ((reference, ref_cache), (model, model_cache))
-                     for site, offset in _site_offsets(feature, tensors))
-        if width > SKETCH_ABOVE and _sketch_pays(k, width, block, cached):
+        if width > SKETCH_ABOVE:
             a = _sketched_feature(feature, reference, _sketch(width), ref_cache)
             m = _sketched_feature(feature, model, _sketch(width), model_cache).to(a.device)
         else:

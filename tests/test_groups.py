@@ -317,35 +317,6 @@ def test_along_axis_is_the_transform_where_it_applies(delta):
         assert "self_attn.v_proj.weight" not in described  # V/O rotations
 
 
-def test_head_features_are_sketched_only_where_that_is_cheaper(monkeypatch):
-    """The cost rule: Llama-3.1-8B's weight features (blocks of 8 KV heads of 128 rows over
-    4096 columns; Q/K planes of 2 rows; the query heads on cached sketches) are sketched,
-    SmolLM2's activation features (3 KV heads of 64 over 4096 tokens) are not; and a wide
-    feature scored unsketched matches the same heads as sketched (the true match scores 1
-    either way)."""
-    for k, block, cached in ((128, 8, False), (512, 8, False), (2, 8, False), (8, 8, False),
-                             (128, 4, True), (2, 4, True)):
-        assert groups._sketch_pays(k, 4096, block, cached), (k, block, cached)
-    for k in (64, 192, 2, 6):
-        assert not groups._sketch_pays(k, 4096, 3, False), k
-    model = make_model("llama", seed=16)
-    spec = spec_for_config(model.config)
-    layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
-    moved = random_transform(spec, torch.Generator().manual_seed(17)).apply(layer)
-    monkeypatch.setattr(groups, "SKETCH_ABOVE", 4)
-    kv = next(s for s in spec.symmetries() if s.name == "attn.kv_heads")
-    scores = {}
-    for sketched in (False, True):
-        monkeypatch.setattr(groups, "_sketch_pays", lambda *a, sketched=sketched: sketched)
-        scores[sketched] = groups.gram_similarity(kv, layer, moved)
-    assert not torch.equal(scores[False], scores[True])  # the two paths really differ
-    truth = groups.assign(scores[False], kv)
-    assert torch.equal(groups.assign(scores[True], kv), truth)
-    copies = sum(f[0].index.shape[1] for f in kv.features)  # a cosine in [0, 1] per copy
-    assert torch.allclose(scores[False][torch.arange(kv.slots), truth],
-                          torch.full((kv.slots,), float(copies), dtype=torch.float64))
-
-
 def test_head_matching_on_shared_sketches(monkeypatch):
     """Wide head features are sketched (here forced on a tiny model): the sketched features
     are the concatenated features times the sketch; the KV heads and the query heads share
@@ -357,7 +328,6 @@ def test_head_matching_on_shared_sketches(monkeypatch):
     layer = {k.split("layers.0.", 1)[1]: v for k, v in model.state_dict().items() if "layers.0." in k}
     moved = random_transform(spec, torch.Generator().manual_seed(15)).apply(layer)
     monkeypatch.setattr(groups, "SKETCH_ABOVE", 4)
-    monkeypatch.setattr(groups, "_sketch_pays", lambda *a: True)  # tiny heads: never by cost
     kv = next(s for s in spec.symmetries() if s.name == "attn.kv_heads")
     for feature in kv.features:
         width = sum(layer[s.tensor].numel() // layer[s.tensor].shape[s.axis]
@@ -372,7 +342,6 @@ def test_head_matching_on_shared_sketches(monkeypatch):
     assert torch.allclose(both[False], both[True], rtol=1e-5, atol=1e-6)
     monkeypatch.undo()
     monkeypatch.setattr(groups, "SKETCH_ABOVE", 4)
-    monkeypatch.setattr(groups, "_sketch_pays", lambda *a: True)
     calls = []
     real = groups._sketch_positions
     monkeypatch.setattr(groups, "_sketch_positions", lambda *a: calls.append(a[1]) or real(*a))
