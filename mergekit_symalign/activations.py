@@ -803,18 +803,17 @@ def forward_flop(geometry: Geometry, num_layers: int, tokens: int, runs: int) ->
     return 2.0 * (attention + mlp) * tokens * num_layers * runs
 
 
-def _announce_cost(geometry: Geometry, num_layers: int, tokens: int, runs: int, device: Any) -> float:
+def _announce_cost(geometry: Geometry, num_layers: int, tokens: int, runs: int, device: Any) -> None:
     flop = forward_flop(geometry, num_layers, tokens, runs)
-    minutes = flop / 100e9 / 60
     message = (f"alignment: activations runs {runs} models (the reference included) over {tokens} "
                f"calibration tokens: ~{flop / 1e12:.1f} TFLOP of forward passes on {device}")
     if torch.device(device).type == "cpu" and flop > CPU_FORWARD_WARN_FLOP:
         LOG.warning("%s, about %.0f minutes at 100 GFLOP/s (a few CPU cores in float32). Run "
                     "mergekit-yaml with --cuda, or lower calibration_samples (the fit-quality "
-                    "check refuses a set too small to determine the transforms).", message, minutes)
+                    "check refuses a set too small to determine the transforms).", message,
+                    flop / 100e9 / 60)
     else:
         LOG.info("%s.", message)
-    return flop
 
 
 def align_by_activations(

@@ -344,13 +344,17 @@ def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def _split(terms: Sequence[Term]):
-    """(plain, covariant, contragredient) term lists; one-sided scaled terms count as plain."""
+    """(plain, covariant, contragredient) term lists; one-sided scaled terms count as plain.
+    Where the contragredient terms read the same rows as the covariant ones (the activation
+    path's ``h``), the same list object is returned for both (``contra is cov``): their
+    sketch and exact scores are then computed once."""
     parts = [_parts(term) for term in terms]
     by_role = {role: [(a, t, w_a, w_t) for a, t, r, w_a, w_t in parts if r == role] for role in ROLES}
     if not (by_role[COVARIANT] and by_role[CONTRAGREDIENT]):
         plain = [(a, t, w_a, w_t) for a, t, _, w_a, w_t in parts]  # the plain sum of all terms
         return plain, [], []
-    return by_role[PLAIN], by_role[COVARIANT], by_role[CONTRAGREDIENT]
+    cov, contra = by_role[COVARIANT], by_role[CONTRAGREDIENT]
+    return by_role[PLAIN], cov, cov if _same_terms(cov, contra) else contra
 
 
 def _unit(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -517,7 +521,7 @@ def _exact(split, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) ->
     total = summed(plain)
     if cov:
         x = summed(cov)
-        prod = x * (x if _same_terms(cov, contra) else summed(contra))  # shared: x^2
+        prod = x * (x if contra is cov else summed(contra))  # shared: x^2
         invariant = 2 * torch.sign(prod) * prod.abs().sqrt()
         total = invariant if total is None else total + invariant
     return total
@@ -543,9 +547,9 @@ def _sparse(terms, n, k, d, d_search, margin, seed, include_identity, name, info
     split = _split(terms)
     plain, cov, contra = split
     device = terms[0][0].device
-    # A covariant and a contragredient term over the same rows share one sketch (``v is
-    # u``): two independent sketches of one matrix cost twice and estimate no better.
-    shared = bool(cov) and _same_terms(cov, contra)
+    # A covariant and a contragredient term over the same rows (``_split``) share one sketch
+    # (``v is u``): two independent sketches of one matrix cost twice and estimate no better.
+    shared = bool(cov) and contra is cov
     sketched = plain + cov + ([] if shared else contra)
     draws = iter(_projections(seed, tuple(a.shape[1] for a, *_ in sketched), d))
     p = _Sketch(plain, d, draws) if plain else None
@@ -712,7 +716,7 @@ def _exact_rows(split, rows: torch.Tensor) -> torch.Tensor:
             total = sim if total is None else total.add_(sim)
         return total
 
-    shared = bool(cov) and _same_terms(cov, contra)
+    shared = bool(cov) and contra is cov
     for s in range(0, rows.numel(), _ROWS_PER_BLOCK):
         r = rows[s:s + _ROWS_PER_BLOCK]
         sim = summed(plain, r)

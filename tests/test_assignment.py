@@ -400,7 +400,7 @@ def test_shared_sketch_of_one_matrix_as_both_scaled_terms():
     gate_term, (up, ut, _role, up_w) = weighted[0], weighted[1]  # one object, as match_neurons
     terms = [gate_term, (up, ut, COVARIANT, up_w), (up, ut, CONTRAGREDIENT, up_w)]
     split = assignment._split(terms)
-    assert assignment._same_terms(split[1], split[2])
+    assert assignment._same_terms(split[1], split[2]) and split[2] is split[1]
     exact = assignment._exact(split, torch.arange(n), truth).float()  # the true pairs
     for d, d_search in ((128, 128), (128, 64)):
         draws = iter(assignment._projections(0, (m, m), d))
