@@ -299,7 +299,7 @@ def cost_plot(rows, title, name) -> str:
 def layer_benchmark(args):
     from mergekit_symalign.architectures import Geometry, layer_spec
     from mergekit_symalign.report import distances_before_after
-    from mergekit_symalign.spec import align_layer, random_transform
+    from mergekit_symalign.spec import WorkingCopy, align_layer, random_transform
 
     g = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
     spec = layer_spec("llama", g)
@@ -323,14 +323,16 @@ def layer_benchmark(args):
         for _ in range(args.repeats):  # the merge's own code path, median of the repeats
             seconds = {}
             t = time.perf_counter()
-            aligned = align_layer(spec, anchor, target, timings=seconds)
+            working = WorkingCopy()  # as the merge's record reads it (report.distances_before_after)
+            aligned = align_layer(spec, anchor, target, timings=seconds, working=working)
             if device == "cuda":
                 torch.cuda.synchronize()
             totals.append(time.perf_counter() - t)
             runs.append(seconds)
             # The model card's / report's per-layer record (distances before and after).
             t = time.perf_counter()
-            distances_before_after(anchor, target, aligned)
+            distances_before_after(anchor, target, aligned, working)
+            del working
             if device == "cuda":
                 torch.cuda.synchronize()
             records.append(time.perf_counter() - t)

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from mergekit.common import ModelReference
 
 from .report import IDENTITY_TOLERANCE, layer_record
-from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform
+from .spec import WorkingCopy
+from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform, cleans_output
 
 _KEEP = 16  # collectors of merges that never asked for theirs back (a merge that failed)
 _LOCK = threading.Lock()
@@ -97,14 +98,14 @@ def _split(tensors: Mapping[str, Any]):
 
 def _record(key: str, model, reference, layer: int, prefix: str, transform,
             tensors: Mapping[str, Any], seconds: Optional[float],
-            cache_folder: Optional[str] = None) -> None:
+            cache_folder: Optional[str] = None, working: Optional[WorkingCopy] = None) -> None:
     collector = get(key)
     if collector is None:  # released (or another process): nothing to report to
         return
     reference_tensors, model_tensors = _split(tensors)
     collector.add(layer_record(str(model), str(reference), layer, prefix, transform,
                                reference_tensors, model_tensors, seconds, collector.tolerance,
-                               cache_folder=cache_folder))
+                               cache_folder=cache_folder, working=working))
 
 
 class CollectedLayerAlignment(LayerAlignmentTask):
@@ -113,12 +114,15 @@ class CollectedLayerAlignment(LayerAlignmentTask):
     collector: str
     layer: int  # the model's own layer index
 
-    def execute(self, **kwargs):
+    @cleans_output
+    def execute(self, residual=None, **kwargs):
         start = time.perf_counter()
-        transform = super().execute(**kwargs)
+        working = WorkingCopy()  # the record measures the aligned layer on the solve's copy
+        transform = self.solve(residual, working=working, **kwargs)
         seconds = time.perf_counter() - start
         _record(self.collector, self.model, self.reference, self.layer, self.layer_prefix,
-                transform, kwargs, seconds, self.settings.alignment_cache or None)
+                transform, kwargs, seconds, self.settings.alignment_cache or None,
+                working if working.tensors else None)
         return transform
 
 

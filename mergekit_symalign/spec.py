@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -314,6 +314,18 @@ class Fit:
 Solver = Callable[[Symmetry, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
 
+@dataclass(eq=False)
+class WorkingCopy:
+    """What :func:`align_layer` leaves of its working copy of the model: ``tensors``, moved by
+    every returned step except ``pending`` (steps whose tensors no later symmetry reads, e.g.
+    each block's last scale, which the solve leaves unapplied to save a copy of their
+    tensors). ``pending`` applied to ``tensors`` is the aligned model, so a record of the
+    aligned layer (the model card's distances) need not move the model a second time."""
+
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: LayerTransform = field(default_factory=LayerTransform)
+
+
 def align_layer(
     spec: LayerSpec,
     reference: Mapping[str, torch.Tensor],
@@ -324,6 +336,7 @@ def align_layer(
     snap: bool = True,
     timings: Optional[Dict[str, float]] = None,
     moved: Optional[Dict[str, torch.Tensor]] = None,
+    working: Optional[WorkingCopy] = None,
 ) -> LayerTransform:
     """The element of the layer's group that best maps ``model`` onto ``reference``.
 
@@ -337,9 +350,12 @@ def align_layer(
     (optional) receives ``model`` moved by every returned step, which is then applied to the
     working copy even where no later symmetry reads it (the activation path's fit residuals
     compare it with the reference instead of moving every activation a second time).
+    ``working`` (optional) receives the working copy as it is, with the steps left unapplied
+    (:class:`WorkingCopy`); unlike ``moved`` it changes nothing in the solve.
     """
     current = dict(model)
     steps: List[Step] = []
+    pending: List[Step] = []  # returned steps not applied to ``current``
     fits: List[Fit] = []
     sketches = (RowSketches(), RowSketches())  # the reference's and the model's, shared by head matchings
     order = [s for s in spec.symmetries() if switches.enabled(s)]
@@ -381,6 +397,8 @@ def align_layer(
                 if still_read:
                     before, current = current, apply(symmetry, element, current)
                     sketches[1].follow(symmetry, element, before, current)
+                else:
+                    pending.append((symmetry, element))
                 steps.append((symmetry, element))
             if timings is not None:
                 if any(t.is_cuda for t in current.values()):
@@ -388,6 +406,8 @@ def align_layer(
                 timings[symmetry.name] = time.perf_counter() - started
     if moved is not None:
         moved.update(current)
+    if working is not None:
+        working.tensors, working.pending = current, LayerTransform(tuple(pending))
     return LayerTransform(tuple(steps), tuple(fits))
 
 

@@ -45,7 +45,7 @@ from .architectures import ARCHITECTURES, Geometry, layer_spec
 from .groups import rows_per_chunk
 from .rope import attention_logit_change
 from .settings import AlignSettings
-from .spec import LayerTransform, align_layer
+from .spec import LayerTransform, WorkingCopy, align_layer
 from .statedict import RESIDUAL_ROWS, _rows
 from .validation import check_finite
 
@@ -224,6 +224,13 @@ class LayerAlignmentTask(Task[LayerTransform]):
 
     @cleans_output
     def execute(self, residual: Optional[ResidualResult] = None, **kwargs) -> LayerTransform:
+        return self.solve(residual, **kwargs)
+
+    def solve(self, residual: Optional[ResidualResult] = None, working: Optional[WorkingCopy] = None,
+              **kwargs) -> LayerTransform:
+        """:meth:`execute`'s work; ``working`` receives what the solve leaves of its working
+        copy (nothing when the transform came from the alignment cache), for the model
+        card's record (:class:`.collect.CollectedLayerAlignment`)."""
         moving: Dict[str, torch.Tensor] = {}
         fixed: Dict[str, torch.Tensor] = {}
         sides = {"model": (self.model, dict(self.model_tensors), moving),
@@ -253,7 +260,8 @@ class LayerAlignmentTask(Task[LayerTransform]):
                 first = res.transform(arch, sites, residual.element, moving, fixed, str(self.model))
                 moving = first.apply(moving)
             if solved is None:
-                solved = align_layer(spec, fixed, moving, settings.switches, label=str(self.model))
+                solved = align_layer(spec, fixed, moving, settings.switches, label=str(self.model),
+                                     working=working)
                 if store is not None:
                     cache.save_layer(store, key, solved)
             transform = first.then(solved)

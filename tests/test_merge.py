@@ -174,9 +174,9 @@ def test_alignment_runs_once_per_layer_and_model(family, tmp_path, monkeypatch):
     calls = []
     real = tasks.align_layer
 
-    def counting(spec, reference, model, switches, label):
+    def counting(spec, reference, model, switches, label, **kwargs):
         calls.append(label)
-        return real(spec, reference, model, switches, label=label)
+        return real(spec, reference, model, switches, label=label, **kwargs)
 
     monkeypatch.setattr(tasks, "align_layer", counting)
     run_recipe(
