@@ -238,12 +238,15 @@ class LayerTransform:
                 factor = f if factor is None else factor * f
         return None if axis is None else (axis, index, factor)
 
-    def gathered_blocks(self, name: str, shape: Tuple[int, ...], delta: bool = False):
+    def gathered_blocks(self, name: str, shape: Tuple[int, ...], delta: bool = False,
+                        views: bool = False):
         """For a tensor :meth:`along_axis` describes: blocks of rows (dim 0) of the moved
         tensor, as ``(rows, take, factor)``: ``factor * take(x)`` is rows ``rows`` of the
         moved ``x`` (``factor`` None or broadcastable; ``take`` gathers those rows' values in
         ``x``'s dtype). A column permutation (down_proj) gathers within contiguous rows.
-        ``None`` where :meth:`along_axis` is."""
+        ``None`` where :meth:`along_axis` is. ``views``: where nothing is permuted (only
+        scales or signs), ``take`` returns a view of ``x``'s rows instead of a gathered copy
+        (for readers only: a caller that writes into ``take``'s result must leave it off)."""
         moves = self.along_axis(name, shape, delta)
         if moves is None:
             return None
@@ -253,10 +256,14 @@ class LayerTransform:
         factor = factor.view(view) if factor is not None else None
         rows = shape[0]
         step = rows_per_chunk(math.prod(shape[1:]))
+        unpermuted = views and torch.equal(index, torch.arange(index.numel()))
         blocks = []
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
-            if axis == 0:
+            if unpermuted:  # a view of the rows: no gathered copy
+                blocks.append((part, functools.partial(_rows, part),
+                               factor[part] if factor is not None and axis == 0 else factor))
+            elif axis == 0:
                 picked = index[part]
                 blocks.append((part, functools.partial(_take, 0, picked),
                                factor[part] if factor is not None else None))
@@ -288,6 +295,10 @@ class LayerTransform:
 
 def _take(axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return index_along(x, axis, index)
+
+
+def _rows(rows: slice, x: torch.Tensor) -> torch.Tensor:
+    return x[rows]
 
 
 def _take_in_rows(rows: slice, axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
