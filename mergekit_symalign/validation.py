@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import weakref
 from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -277,12 +278,25 @@ def _count_non_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
     return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
 
 
+# Tensors that passed check_finite, by id (a weak reference: a tensor is forgotten when freed).
+# One load is often the input of several tasks (the reference's layer tensors go to every
+# aligned model's layer alignment): it is summed once.
+_PASSED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
 def check_finite(tensor: Optional[torch.Tensor], model, name: str) -> None:
     """Refuse a NaN/Inf weight. One reduction over the tensor (no copy): any NaN or Inf makes
     the sum non-finite; only then (or when a half-precision sum overflows) are the values
-    counted."""
+    counted. A tensor object that passed already is not summed again."""
     if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
         return
+    if _PASSED.get(id(tensor)) is tensor:
+        return
+    _check_values(tensor, model, name)
+    _PASSED[id(tensor)] = tensor
+
+
+def _check_values(tensor: torch.Tensor, model, name: str) -> None:
     if bool(torch.isfinite(tensor.sum())):
         return
     bad = _count_non_finite(tensor)

@@ -77,6 +77,10 @@ def digest(folder) -> str:
     ("reference", "lm_head.weight", float("-inf")),  # lm_head of the reference
     ("unaligned", "model.layers.1.mlp.down_proj.weight", float("nan")),  # an `align: false` model
     ("base", "model.layers.1.self_attn.v_proj.weight", float("nan")),  # aligned layer tensor
+    # the reference's layer tensors are checked by the layer alignments that read them, its
+    # norms (which they do not read) by the transfer
+    ("reference", "model.layers.1.mlp.up_proj.weight", float("nan")),
+    ("reference", "model.layers.0.post_attention_layernorm.weight", float("inf")),
 ])
 def test_non_finite_weight_anywhere_is_refused(family, tmp_path, role, tensor, value):
     source = {"skill": "skill", "unaligned": "skill", "reference": "reference", "base": "sibling"}[role]
@@ -92,6 +96,28 @@ def test_non_finite_weight_anywhere_is_refused(family, tmp_path, role, tensor, v
             rec["models"][1]["parameters"]["align"] = False
     msg = refused(rec, tmp_path / "out", NonFiniteTensorError)
     assert broken in msg and tensor in msg and "NaN/Inf" in msg
+
+
+def test_every_input_tensor_is_checked_once(family, tmp_path, monkeypatch):
+    """Each tensor of each model the merge reads is summed for NaN/Inf exactly once: the
+    layer alignments check what they load (the aligned models' and the reference's layer
+    tensors: one load, shared by the base's and the skill's alignments), the transfer the
+    rest (norms, embeddings)."""
+    from mergekit_symalign import validation
+
+    seen = {}
+    real = validation._check_values
+
+    def counting(tensor, model, name):
+        seen[(str(model), name)] = seen.get((str(model), name), 0) + 1
+        return real(tensor, model, name)
+
+    monkeypatch.setattr(validation, "_check_values", counting)
+    run_recipe(recipe(family), tmp_path / "out")
+    names = list(load_file(f"{family['reference']}/model.safetensors"))
+    models = (family["sibling"], family["reference"], family["skill"])
+    assert set(seen) == {(m, n) for m in models for n in names}
+    assert set(seen.values()) == {1}, sorted(k for k, v in seen.items() if v > 1)
 
 
 def test_non_finite_embeddings_under_a_tokenizer_section(family_with_tokenizers, tmp_path):
