@@ -256,7 +256,7 @@ class LayerTransform:
         factor = factor.view(view) if factor is not None else None
         rows = shape[0]
         step = rows_per_chunk(math.prod(shape[1:]))
-        unpermuted = views and torch.equal(index, torch.arange(index.numel()))
+        unpermuted = views and torch.equal(index, torch.arange(index.numel(), device=index.device))
         blocks = []
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
