@@ -160,7 +160,7 @@ def _distance_after(name: str, a: torch.Tensor, t: torch.Tensor, transform, step
         return _squared_distance(t, a, step)
     blocks = transform.gathered_blocks(name, tuple(t.shape), views=True) if a.dim() else None
     if blocks is None:  # rotations: moved a block at a time along an axis no step acts on
-        free = _free_axis(name, t, transform)
+        free = transform.free_axis(name, tuple(t.shape))
         if free is None:  # the tensor is moved whole (attention tensors: smaller)
             moved = _working(t)
             return _squared_distance(transform.apply_one(name, moved, inplace=moved is not t), a, step)
@@ -179,16 +179,6 @@ def _distance_after(name: str, a: torch.Tensor, t: torch.Tensor, transform, step
             part = part * factor.to(part.device)
         total += float(torch.linalg.vector_norm(part - a[rows])) ** 2
     return total
-
-
-def _free_axis(name: str, t: torch.Tensor, transform) -> Optional[int]:
-    """An axis of ``t`` (more than one position) that no step of ``transform`` acts on: the
-    transform moves each slice along it on its own (o_proj's rows, q_proj's columns), so it
-    can be applied a block of that axis at a time, in cache."""
-    acted = {site.axis for symmetry, _ in transform.steps for site in symmetry.sites
-             if site.tensor == name}
-    free = [axis for axis in range(t.dim()) if axis not in acted and t.shape[axis] > 1]
-    return free[0] if free else None
 
 
 def _block_rows(a: torch.Tensor) -> int:

@@ -271,6 +271,15 @@ class LayerTransform:
                 blocks.append((part, functools.partial(_take_in_rows, part, axis, index), factor))
         return blocks
 
+    def free_axis(self, name: str, shape: Tuple[int, ...]) -> Optional[int]:
+        """An axis of ``name`` (of ``shape``, more than one position) that no step acts on:
+        the transform moves each slice along it on its own (o_proj's rows, q_proj's
+        columns), so it can be applied a block of that axis at a time, in cache. ``None``
+        when every axis is acted on (or the tensor is 1-D and touched)."""
+        acted = {site.axis for symmetry, _ in self.steps for site in symmetry.sites if site.tensor == name}
+        free = [axis for axis in range(len(shape)) if axis not in acted and shape[axis] > 1]
+        return free[0] if free else None
+
     def inverse(self) -> "LayerTransform":
         return LayerTransform(tuple((s, inverse(s.kind, e)) for s, e in reversed(self.steps)))
 
