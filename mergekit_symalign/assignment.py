@@ -295,8 +295,11 @@ class _Sketch:
 
     def pairs(self, cand: torch.Tensor):
         """Estimates ``[n, c]`` for model slots ``cand[n, c]``, and their Cauchy-Schwarz bound."""
-        est = torch.einsum("nd,ncd->nc", self.a, self.t[cand])
-        return est, self.norm_a[:, None] * self.norm_t[cand]
+        # index_select of the flattened index, not ``self.t[cand]``: advanced indexing of rows
+        # by a 2-D index took 8x longer (0.60 against 0.07 ms at 1536 x 9 x 64).
+        t = self.t.index_select(0, cand.reshape(-1)).view(*cand.shape, -1)
+        est = torch.einsum("nd,ncd->nc", self.a, t)
+        return est, self.norm_a[:, None] * self.norm_t.take(cand)
 
 
 @functools.lru_cache(maxsize=2)
@@ -479,8 +482,15 @@ def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch
         run = _as_range(rows[s:e])
         ag = _work(a[run] if run is not None else a.index_select(0, rows[s:e]))
         tg = _work(t.index_select(0, cols[s:e]))
-        out[s:e] = torch.einsum("pm,pm->p", ag, tg).double()
+        out[s:e] = _rowwise_dots(ag, tg).double()
     return out
+
+
+def _rowwise_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``<a[p], t[p]>`` per row, in their dtype. Not ``einsum("pm,pm->p")``: torch runs that
+    as a batch of 1 x m by m x 1 products, 5x slower than this (1024 x 576 float32: 0.39
+    against 0.07 ms)."""
+    return torch.linalg.vecdot(a, t)
 
 
 def _diagonal_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -495,10 +505,10 @@ def _diagonal_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             acc += (_work(a_s[k0:k1]) * t_s[k0:k1]).sum(0).double()
         return acc
     if a.dtype == torch.promote_types(a.dtype, torch.float32):
-        return torch.einsum("nm,nm->n", a, t).double()
+        return _rowwise_dots(a, t).double()
     n, m = a.shape
     step = _rows_per_chunk(m)
-    return torch.cat([torch.einsum("nm,nm->n", _work(a[s:s + step]), _work(t[s:s + step])).double()
+    return torch.cat([_rowwise_dots(_work(a[s:s + step]), _work(t[s:s + step])).double()
                       for s in range(0, n, step)])
 
 

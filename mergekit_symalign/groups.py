@@ -704,6 +704,19 @@ def _cross_by_grams(k: int, r: int, block: int) -> bool:
     return 2 * k * r * r + block * r * r < block * k * k * r
 
 
+def _cross_by_rows(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``[n, n', c]``: ``||a[i, c] m[j, c]^T||_F^2`` for rows ``a [n, c, k, r]`` and ``m [n', c, k, r]``,
+    as one ``[n k, r] x [r, n' k]`` product per copy. ``einsum("ncir,mcjr->nmcij")`` computes
+    the same products but ran 1.3x-2.5x slower at SmolLM2's head shapes (e.g. 32 copies of
+    2 rows: 0.65 against 0.25 ms)."""
+    n, c, k, r = a.shape
+    n_m = m.shape[0]
+    rows_a = a.permute(1, 0, 2, 3).reshape(c, n * k, r)
+    rows_m = m.permute(1, 0, 2, 3).reshape(c, n_m * k, r)
+    products = torch.bmm(rows_a, rows_m.transpose(1, 2)).view(c, n, k, n_m, k)
+    return products.pow_(2).sum((2, 4)).permute(1, 2, 0)
+
+
 def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
                     sketches: Optional[Tuple[RowSketches, RowSketches]] = None, **_kw) -> torch.Tensor:
     """``[n, n]`` similarity of slots, invariant to any orthogonal map or scale of each
@@ -753,7 +766,7 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
             if by_grams:
                 cross = torch.einsum("ncrs,mcrs->nmc", gram_a[part], gram_m[part])
             else:
-                cross = torch.einsum("ncir,mcjr->nmcij", a[part], m[part]).pow(2).sum((-1, -2))
+                cross = _cross_by_rows(a[part], m[part])
             den = norm_a[part, None, :] * norm_m[None, part, :]
             score = torch.where(den > 0, cross / den.clamp_min(1e-300), torch.zeros_like(cross))
             total[part, part] += score.sum(-1).double().cpu()

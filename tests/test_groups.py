@@ -317,6 +317,19 @@ def test_along_axis_is_the_transform_where_it_applies(delta):
         assert "self_attn.v_proj.weight" not in described  # V/O rotations
 
 
+def test_cross_by_rows_is_the_squared_norm_of_each_pairs_product():
+    """``_cross_by_rows`` (one product per copy) against its definition, pair by pair."""
+    g = torch.Generator().manual_seed(31)
+    a, m = torch.randn(3, 4, 2, 7, generator=g), torch.randn(5, 4, 2, 7, generator=g)
+    got = groups._cross_by_rows(a, m)
+    assert got.shape == (3, 5, 4)
+    for i in range(3):
+        for j in range(5):
+            for c in range(4):
+                expected = (a[i, c].double() @ m[j, c].double().T).pow(2).sum()
+                assert float(got[i, j, c]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_head_matching_on_shared_sketches(monkeypatch):
     """Wide head features are sketched (here forced on a tiny model): the sketched features
     are the concatenated features times the sketch; the KV heads and the query heads share
