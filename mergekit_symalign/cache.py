@@ -33,8 +33,8 @@ import torch
 import xxhash
 
 LOG = logging.getLogger(__name__)
-FORMAT = 3  # bump when what an entry means or its key changes (2: tensors hashed in blocks;
-# 3: block digests by XXH3-128)
+FORMAT = 4  # bump when what an entry means or its key changes (2: tensors hashed in blocks;
+# 3: block digests by XXH3-128; 4: elements within groups.SNAP_DEVIATION of the identity snapped)
 
 
 class Fingerprint:

@@ -25,7 +25,6 @@ from .groups import (
     Symmetry,
     apply,
     distance,
-    explains_more_than_noise,
     fit_gain,
     identity_element,
     inverse,
@@ -36,6 +35,7 @@ from .groups import (
     rows_per_chunk,
     solve,
     solve_and_fit,
+    worth_keeping,
 )
 
 
@@ -363,8 +363,9 @@ def align_layer(
     Each block's main symmetry, then its scale, each solved on ``model`` moved by the steps
     before. ``solvers`` replaces the generic solver of the symmetries it names (e.g. a
     matching cost measured on activations). ``snap``: a continuous element that does not
-    explain clearly more than fitting noise would is replaced by the identity
-    (:func:`groups.explains_more_than_noise`), so descendants of one base stay untouched.
+    explain clearly more than fitting noise would, or moves no slot by more than
+    :data:`groups.SNAP_DEVIATION`, is replaced by the identity (:func:`groups.worth_keeping`),
+    so descendants of one base stay untouched.
     Identity elements are left out of the returned steps. ``timings`` (optional) receives
     the seconds each symmetry took (solve, fit test and apply; for benchmarks). ``moved``
     (optional) receives ``model`` moved by every returned step, which is then applied to the
@@ -407,7 +408,7 @@ def align_layer(
                     element = solve(symmetry, reference, current, label=label, **kw)
                 if symmetry.kind in DEGREES_OF_FREEDOM:
                     gain, baseline, entries = fit or fit_gain(symmetry, element, reference, current)
-                    snapped = snap and not explains_more_than_noise(symmetry, gain, baseline, entries)
+                    snapped = snap and not worth_keeping(symmetry, element, gain, baseline, entries)
                     fits.append(Fit(symmetry.name, gain, baseline, entries, snapped))
                     if snapped:
                         element = identity_element(symmetry)

@@ -364,3 +364,61 @@ def test_head_matching_on_shared_sketches(monkeypatch):
     aligned = transform.apply(moved)
     assert max(float((aligned[k] - layer[k]).abs().max()) / (scale_of(layer[k]) + 1e-12)
                for k in layer) < 1e-5
+
+
+def _decayed_sibling(seed: int = 0):
+    """Layer 0 of a tiny Llama and a fine-tune-like sibling: 1 % noise on every weight and
+    v_proj shrunk by 2 % (as weight decay shrinks a tensor the task gradient barely reaches)."""
+    model = make_model("llama", seed=12)
+    prefix = "model.layers.0."
+    ref = {k[len(prefix):]: v for k, v in model.state_dict().items()
+           if k.startswith(prefix) and "norm" not in k}
+    g = torch.Generator().manual_seed(seed)
+    sibling = {k: (t + 0.01 * t.std() * torch.randn(t.shape, generator=g)) * (0.98 if "v_proj" in k else 1.0)
+               for k, t in ref.items()}
+    return spec_for_config(model.config), ref, sibling
+
+
+def test_a_fit_to_a_fine_tunes_systematic_change_is_kept_at_the_identity():
+    """The V/O scale fitted to the shrunk v_proj removes more of the distance than fitting
+    noise would (the noise test alone kept it), but moves no slot by 1 %: it is a fit to the
+    fine-tune, not a change of coordinates, and the alignment is the identity."""
+    spec, ref, sibling = _decayed_sibling()
+    unsnapped = align_layer(spec, ref, sibling, snap=False)
+    element = dict((s.name, e) for s, e in unsnapped.steps)["attn.vo_scale"]
+    vo = next(s for s in spec.symmetries() if s.name == "attn.vo_scale")
+    fit = next(f for f in unsnapped.fits if f.symmetry == "attn.vo_scale")
+    assert groups.explains_more_than_noise(vo, fit.gain, fit.baseline, fit.entries)
+    assert fit.explained > 0.05
+    assert 1e-3 < groups.deviation(Kind.scale, element) < groups.SNAP_DEVIATION
+    aligned = align_layer(spec, ref, sibling)
+    assert aligned.is_identity() and not aligned.steps
+    assert all(f.snapped for f in aligned.fits)
+
+
+def test_a_change_of_coordinates_beyond_the_size_floor_is_still_undone():
+    """The same sibling with one KV group's values rescaled by 1.05 (its output columns by
+    1 / 1.05, an exact symmetry): that scale is found and undone, up to the ~0.5 % fit to the
+    shrunk v_proj that comes with it."""
+    spec, ref, sibling = _decayed_sibling()
+    vo = next(s for s in spec.symmetries() if s.name == "attn.vo_scale")
+    planted = groups.apply(vo, torch.tensor([1.05] + [1.0] * (vo.slots - 1), dtype=torch.float64), sibling)
+    found = align_layer(spec, ref, planted)
+    assert [s.name for s, _ in found.steps] == ["attn.vo_scale"]
+    aligned = found.apply(planted)
+    for name in ("self_attn.v_proj.weight", "self_attn.o_proj.weight"):
+        before = float((planted[name] - sibling[name]).abs().max()) / scale_of(sibling[name])
+        after = float((aligned[name] - sibling[name]).abs().max()) / scale_of(sibling[name])
+        assert before > 0.04 and after < 0.01, (name, before, after)
+
+
+@pytest.mark.parametrize("kind", [Kind.scale, Kind.plane_rotation, Kind.orthogonal])
+def test_deviation_is_the_reports_measure(kind):
+    from mergekit_symalign.report import step_summary
+
+    n, k = 5, {Kind.scale: 1, Kind.plane_rotation: 2, Kind.orthogonal: 4}[kind]
+    site = groups.Site("w", 0, torch.arange(n * k).view(n, 1, k))
+    sym = groups.Symmetry("s", kind, (site,))
+    element = groups.random_element(sym, torch.Generator().manual_seed(1))
+    assert groups.deviation(kind, element) == pytest.approx(step_summary(sym, element)["max_deviation"])
+    assert groups.deviation(kind, groups.identity_element(sym)) == 0.0
