@@ -368,18 +368,24 @@ def check_plain_ta(merged: Path, target: Path, reference: Path, skill: Path) -> 
     return worst
 
 
+def max_relative_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    """max over tensors of max |a - b| / max |b| (the same tensor names in both)."""
+    if a.keys() != b.keys():
+        raise ValueError(f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}")
+    worst = 0.0
+    for name, value in a.items():
+        expected = b[name].to(value.dtype)
+        scale = max(float(expected.abs().max()), 1e-12)
+        worst = max(worst, float((value - expected).abs().max()) / scale)
+    return worst
+
+
 def equivariance_error(merged_scrambled: Path, merged: Path, config, seed: int) -> float:
     """max over tensors of max |A - T(B)| / max |T(B)|, T = the scramble with ``seed``."""
     from mergekit_symalign.statedict import scramble_state_dict
 
-    a = load_tensors(merged_scrambled)
     tb, _ = scramble_state_dict(load_tensors(merged), config, seed=seed)
-    worst = 0.0
-    for name, value in a.items():
-        expected = tb[name].to(value.dtype)
-        scale = max(float(expected.abs().max()), 1e-12)
-        worst = max(worst, float((value - expected).abs().max()) / scale)
-    return worst
+    return max_relative_difference(load_tensors(merged_scrambled), tb)
 
 
 # --------------------------------------------------------------------------- main
@@ -474,6 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     merges_dir = opts.workdir / "merges"
     config = None
     equivariance: Dict[str, float] = {}
+    same_as_plain: Dict[str, float] = {}
     keep_for_check: List[Path] = []
     for target in TARGETS:
         for method in METHODS:
@@ -509,6 +516,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _log(f"{'':>20} aligned merge onto {target} = scramble(aligned merge onto "
                      f"{base}) up to max |delta w| / max |w| = {err:.1e}")
             if short == "aligned" and base is None:
+                # Same base: the alignment is the identity, so the aligned merge is plain task
+                # arithmetic's up to float rounding (the two sum the deltas in another order).
+                err = max_relative_difference(load_tensors(out),
+                                              load_tensors(merges_dir / f"{target}--plain"))
+                same_as_plain[target] = err
+                row["max_rel_err_vs_plain_merge"] = err
+                _log(f"{'':>20} aligned merge onto {target} = plain merge onto {target} up to "
+                     f"max |delta w| / max |w| = {err:.1e}")
+            if base is None:  # kept for the checks above and below
                 keep_for_check.append(out)
             elif not opts.keep_merges:
                 shutil.rmtree(out, ignore_errors=True)
@@ -523,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"KL: mean KL(skill || model) of the next-token distribution at the answer positions. "
         f"Merges: mergekit-yaml wall time (includes process start-up).\n"
     )
-    notes = summary_lines(rows, facts, equivariance)
+    notes = summary_lines(rows, facts, equivariance, same_as_plain)
     print()
     print(header)
     print(table)
@@ -548,7 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def summary_lines(rows, facts, equivariance) -> List[str]:
+def summary_lines(rows, facts, equivariance, same_as_plain=None) -> List[str]:
     acc = {(r["target"], r["method"]): r["accuracy"] for r in rows}
 
     def accs(method):
@@ -563,6 +579,12 @@ def summary_lines(rows, facts, equivariance) -> List[str]:
         "scrambles are exact: max |delta logits| scrambled vs original: "
         + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()),
     ]
+    if same_as_plain:
+        lines.append(
+            "aligned merge onto an unscrambled target = plain task_arithmetic's (the alignment "
+            "is the identity), up to max |delta w| / max |w| of "
+            + ", ".join(f"{k} {v:.1e}" for k, v in same_as_plain.items())
+        )
     if equivariance:
         lines.append(
             "aligned merge onto a scrambled target = the scramble of the aligned merge onto the "
