@@ -6,12 +6,16 @@
 Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's ru_maxrss;
 peak anonymous memory = the largest RssAnon of /proc/self/status sampled every 5 ms, i.e.
 without the memory-mapped input files' pages, see CHILD); runs alternate between the methods so that they share the machine's noise; each figure is
-the median over the repeats, with the range. Suites:
+the median over the repeats, with the range, and each row's time is also divided run by run
+by the plain run of the same round (the median and range of those ratios), which cancels the
+machine's slow and fast spells. Suites:
 
 * ``smollm2``: the real SmolLM2-135M-Instruct (reference), a perturbed copy (skill) and a
   perturbed copy under a random exact symmetry of its layers (target): plain, aligned by
-  weights, + ``residual: permutation``, by activations, and a second merge with other
-  weights reusing a saved alignment (``alignment_cache``, filled by one untimed run first).
+  weights, the same onto the perturbed copy not moved (sibling: the alignment finds the
+  identity, as on descendants of one base), + ``residual: permutation``, by activations,
+  and a second merge with other weights reusing a saved alignment (``alignment_cache``,
+  filled by one untimed run first).
 * ``8b-layer``: a one-layer model with Llama-3.1-8B's layer shapes (hidden 4096, 32/8 heads,
   MLP 14336, vocabulary 512), random bfloat16 weights, target = a perturbed sibling under a
   random exact symmetry (neurons, heads, V/O, Q/K planes and scales).
@@ -122,11 +126,13 @@ def _save(state, config, path: Path, dtype: torch.dtype, tokenizer=None) -> None
 
 def build_models(workdir: Path, suite: str):
     """reference, skill (perturbed reference), target (perturbed reference under a random
-    exact symmetry); cached in ``workdir/<suite>``."""
+    exact symmetry) and, for SmolLM2, sibling (the same perturbed reference, not moved: the
+    alignment finds the identity); cached in ``workdir/<suite>``."""
     from mergekit_symalign.statedict import scramble_state_dict
 
     root = workdir / suite
-    paths = {n: root / n for n in ("reference", "skill", "target")}
+    names = ("reference", "skill", "target") + (("sibling",) if suite == "smollm2" else ())
+    paths = {n: root / n for n in names}
     if all((p / ".complete").is_file() for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
     if suite == "smollm2":
@@ -149,16 +155,18 @@ def build_models(workdir: Path, suite: str):
         if config.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     skill = perturbed(sd, seed=0, scale=0.01)
-    target, _ = scramble_state_dict(perturbed(sd, seed=2, scale=0.01), config, seed=1)
-    for name, weights in (("reference", sd), ("skill", skill), ("target", target)):
-        _save(weights, config, paths[name], dtype, tokenizer)
+    sibling = perturbed(sd, seed=2, scale=0.01)
+    target, _ = scramble_state_dict(sibling, config, seed=1)
+    models = {"reference": sd, "skill": skill, "target": target, "sibling": sibling}
+    for name in paths:
+        _save(models[name], config, paths[name], dtype, tokenizer)
     return {k: str(v) for k, v in paths.items()}
 
 
 def recipes(paths, dtype, suite: str, cache: Path):
     """name -> (recipe, untimed warm-up recipe or None)."""
-    def aligned(weight=1.0, **parameters):  # the skill is the reference's fine-tune: not aligned
-        return aligned_recipe(ALIGNED_TASK_ARITHMETIC, paths["target"], paths["reference"],
+    def aligned(weight=1.0, target="target", **parameters):  # the skill: not aligned
+        return aligned_recipe(ALIGNED_TASK_ARITHMETIC, paths[target], paths["reference"],
                               [(paths["skill"], {"align": False, "weight": weight})],
                               dtype=dtype, **parameters)
 
@@ -166,6 +174,10 @@ def recipes(paths, dtype, suite: str, cache: Path):
                                                              paths["skill"], dtype), None),
            "aligned (weights)": (aligned(), None)}
     if suite == "smollm2":
+        # The common case (descendants of one base): same work for plain, which does not care
+        # whether the target was moved.
+        out["aligned (weights), target not moved: the alignment finds the identity"] = (
+            aligned(target="sibling"), None)
         out["aligned (weights, residual: permutation)"] = (aligned(residual="permutation"), None)
         out["aligned (activations)"] = (aligned(alignment="activations"), None)
         out["aligned (weights), second merge reusing alignment_cache"] = (
@@ -225,31 +237,38 @@ def merge_benchmark(args, suite: str):
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     rows = []
+    plain_times = [r[0] for r in next(iter(results.values()))]
     for name, runs in results.items():
         times, rss, anon = ([r[i] for r in runs] for i in range(3))
+        # Each run against the plain run of the same round (they ran minutes apart at most):
+        # the machine's slow and fast spells cancel, which the ratio of the medians does not.
+        paired = [t / p for t, p in zip(times, plain_times)]
         rows.append({"name": name, "t": statistics.median(times), "t_min": min(times),
                      "t_max": max(times), "rss": statistics.median(rss), "rss_min": min(rss),
                      "rss_max": max(rss), "anon": statistics.median(anon), "anon_min": min(anon),
-                     "anon_max": max(anon)})
+                     "anon_max": max(anon), "times": times, "paired": statistics.median(paired),
+                     "paired_min": min(paired), "paired_max": max(paired)})
     lb = layer_mib(paths)
     device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
     what = {"smollm2": "SmolLM2-135M-Instruct, float32",
             "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
             "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16"}[suite]
     header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
-              f"one layer = {lb:.1f} MiB")
+              f"one layer = {lb:.1f} MiB; *time vs plain, run by run*: the median (range) of "
+              f"each run's time over the plain run of the same round")
     suffix = ("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
     if args.mmap_threshold:
         header += (f"; every merge with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (each "
                    f"allocation above it returned to the system when freed: the anonymous peak "
                    f"is the live peak; the times are slower than by default and not compared)")
     t0, m0, a0 = rows[0]["t"], rows[0]["rss"], rows[0]["anon"]
-    lines = ["| method | wall time (s) | time vs plain | peak anonymous memory (MiB) | "
-             "anonymous vs plain | peak RSS (MiB) | RSS vs plain |",
-             "|---|---:|---:|---:|---|---:|---|"]
+    lines = ["| method | wall time (s) | time vs plain | time vs plain, run by run | "
+             "peak anonymous memory (MiB) | anonymous vs plain | peak RSS (MiB) | RSS vs plain |",
+             "|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['t']:.1f} ({r['t_min']:.1f}–{r['t_max']:.1f}) | {r['t'] / t0:.2f}x | "
+            f"{r['paired']:.2f}x ({r['paired_min']:.2f}–{r['paired_max']:.2f}) | "
             f"{r['anon']:.0f} ({r['anon_min']:.0f}–{r['anon_max']:.0f}) | "
             f"{r['anon'] - a0:+.0f} MiB = {(r['anon'] - a0) / lb:+.1f} layers | "
             f"{r['rss']:.0f} ({r['rss_min']:.0f}–{r['rss_max']:.0f}) | "
