@@ -969,16 +969,22 @@ def solve_and_fit(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw):
 SNAP_DEVIATION = 1e-2
 
 
-def deviation(kind: Kind, element: torch.Tensor) -> float:
-    """How far a continuous element moves its furthest slot from the identity (see
-    :data:`SNAP_DEVIATION`)."""
+def slot_deviations(element: torch.Tensor) -> torch.Tensor:
+    """Per slot (float64, CPU), how far a continuous element is from the identity: ``|s - 1|``
+    of a scalar per slot ``[n]`` (scale or sign), ``||R - I||_F / sqrt(k)`` of a matrix per
+    slot ``[n, k, k]`` (rotation). The report's measure too (``report.step_summary``)."""
     value = element.detach().double().cpu()
-    if value.numel() == 0:
-        return 0.0
-    if kind in (Kind.scale, Kind.sign):
-        return float((value - 1).abs().max())
+    if value.dim() == 1:
+        return (value - 1).abs()
     k = value.shape[-1]
-    return float(((value - torch.eye(k, dtype=value.dtype)).flatten(1).norm(dim=1) / math.sqrt(k)).max())
+    return (value - torch.eye(k, dtype=value.dtype)).flatten(1).norm(dim=1) / math.sqrt(k)
+
+
+def deviation(element: torch.Tensor) -> float:
+    """How far a continuous element moves its furthest slot from the identity (see
+    :data:`SNAP_DEVIATION`); 0 for no slots."""
+    per_slot = slot_deviations(element)
+    return float(per_slot.max()) if per_slot.numel() else 0.0
 
 
 def worth_keeping(symmetry: Symmetry, element: torch.Tensor, gain: float, baseline: float,
@@ -987,7 +993,7 @@ def worth_keeping(symmetry: Symmetry, element: torch.Tensor, gain: float, baseli
     would (:func:`explains_more_than_noise`) and moves some slot by more than
     :data:`SNAP_DEVIATION`; otherwise the identity is kept."""
     return (explains_more_than_noise(symmetry, gain, baseline, entries)
-            and deviation(symmetry.kind, element) > SNAP_DEVIATION)
+            and deviation(element) > SNAP_DEVIATION)
 
 
 def explains_more_than_noise(symmetry: Symmetry, gain: float, baseline: float, entries: int) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import Kind, _working, rows_per_chunk  # the solver's working dtype and chunks: the distances see what it sees
+from .groups import Kind, _working, rows_per_chunk, slot_deviations  # the solver's working dtype and chunks: the distances see what it sees
 
 IDENTITY_TOLERANCE = 1e-6
 # A pair whose alignment moves weights but brings no layer closer to the reference by more than
@@ -66,7 +66,7 @@ def step_summary(symmetry, element: torch.Tensor, tol: float = IDENTITY_TOLERANC
         out["moved"] = int(moved.sum())
     elif element.dim() == 1:  # a scalar per slot (scale or sign)
         value = element.double()
-        deviation = (value - 1).abs()
+        deviation = slot_deviations(value)
         out["moved"] = int((deviation > tol).sum())
         out["max_deviation"] = float(deviation.max()) if value.numel() else 0.0
         if value.numel():
@@ -76,9 +76,7 @@ def step_summary(symmetry, element: torch.Tensor, tol: float = IDENTITY_TOLERANC
             out["max_abs_log"] = float(magnitude.log().abs().max())  # spread: e^x-fold at most
     elif element.dim() == 3 and element.shape[-1] == element.shape[-2]:  # a matrix per slot
         matrix = element.double()
-        k = matrix.shape[-1]
-        eye = torch.eye(k, dtype=matrix.dtype)
-        deviation = (matrix - eye).flatten(1).norm(dim=1) / math.sqrt(k)
+        deviation = slot_deviations(matrix)
         out["moved"] = int((deviation > tol).sum())
         out["max_deviation"] = float(deviation.max()) if matrix.shape[0] else 0.0
         if matrix.shape[0]:

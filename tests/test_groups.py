@@ -390,7 +390,7 @@ def test_a_fit_to_a_fine_tunes_systematic_change_is_kept_at_the_identity():
     fit = next(f for f in unsnapped.fits if f.symmetry == "attn.vo_scale")
     assert groups.explains_more_than_noise(vo, fit.gain, fit.baseline, fit.entries)
     assert fit.explained > 0.05
-    assert 1e-3 < groups.deviation(Kind.scale, element) < groups.SNAP_DEVIATION
+    assert 1e-3 < groups.deviation(element) < groups.SNAP_DEVIATION
     aligned = align_layer(spec, ref, sibling)
     assert aligned.is_identity() and not aligned.steps
     assert all(f.snapped for f in aligned.fits)
@@ -420,5 +420,5 @@ def test_deviation_is_the_reports_measure(kind):
     site = groups.Site("w", 0, torch.arange(n * k).view(n, 1, k))
     sym = groups.Symmetry("s", kind, (site,))
     element = groups.random_element(sym, torch.Generator().manual_seed(1))
-    assert groups.deviation(kind, element) == pytest.approx(step_summary(sym, element)["max_deviation"])
-    assert groups.deviation(kind, groups.identity_element(sym)) == 0.0
+    assert groups.deviation(element) == pytest.approx(step_summary(sym, element)["max_deviation"])
+    assert groups.deviation(groups.identity_element(sym)) == 0.0
