@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_merge.py [--suites smollm2 8b-layer 1b] [--repeats 3]
     .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
 
-Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's ru_maxrss;
+Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's VmHWM;
 peak anonymous memory = the largest RssAnon of /proc/self/status sampled every 5 ms, i.e.
 without the memory-mapped input files' pages, see CHILD); runs alternate between the methods so that they share the machine's noise; each figure is
 the median over the repeats, with the range, and each row's time is also divided run by run
@@ -21,6 +21,11 @@ machine's slow and fast spells. Suites:
   random exact symmetry (neurons, heads, V/O, Q/K planes and scales).
 * ``1b``: a synthetic Llama-3.2-1B-shaped model (hidden 2048, 16 layers, MLP 8192, 32/8
   heads, vocabulary 2048), bfloat16, built the same way.
+* ``smollm2-random``: the ``smollm2`` suite's models and rows with SmolLM2-135M-Instruct's
+  config and tokenizer but random float32 weights, built the same way, for a machine without
+  the GGUF (the GPU machine: the package is larger than what travels there); the config and
+  tokenizer come from ``--smollm2-dir`` (default: the float32 SmolLM2 folder that
+  examples/smollm.py caches). The cost of a merge does not depend on the weights' values.
 
 Synthetic models are generated here, never downloaded. `--layer-only` times the alignment of
 one 8B-shaped layer per symmetry through `spec.align_layer` (median of --repeats; float32 and
@@ -61,7 +66,7 @@ from examples.common import (  # noqa: E402
 )
 
 PAGE = "performance.md"
-SUITES = ("smollm2", "8b-layer", "1b")
+SUITES = ("smollm2", "8b-layer", "1b", "smollm2-random")
 
 # The timed child: mergekit-yaml in-process, its wall time (imports included), peak RSS, and
 # peak *anonymous* memory, sampled every 5 ms from /proc/self/status (Linux; 0 elsewhere).
@@ -72,15 +77,24 @@ CHILD = """
 import resource, sys, threading, time
 sys.argv = ["mergekit-yaml"] + sys.argv[1:]
 
-def anon_kib():
+def status_kib(field):
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+def anon_kib():
+    return status_kib("RssAnon:")
+
+def peak_rss_kib():
+    # VmHWM: this process image's own peak. ru_maxrss keeps the parent's peak across
+    # fork + exec, so it read the benchmark's own size (e.g. 18.9 GiB for every 1B merge,
+    # whose models the benchmark had just built) whenever that was the larger.
+    return status_kib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 peak, done = [anon_kib()], threading.Event()
 
@@ -95,8 +109,8 @@ try:
     main(standalone_mode=False)
 finally:
     done.set()
-    print("BENCH", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-          max(peak[0], anon_kib()), file=sys.stderr)
+    print("BENCH", time.perf_counter() - t, peak_rss_kib(), max(peak[0], anon_kib()),
+          file=sys.stderr)
 """
 
 SYNTHETIC = {  # LlamaConfig fields of the generated models
@@ -124,14 +138,14 @@ def _save(state, config, path: Path, dtype: torch.dtype, tokenizer=None) -> None
     (path / ".complete").write_text("")
 
 
-def build_models(workdir: Path, suite: str):
+def build_models(workdir: Path, suite: str, smollm2_dir=None):
     """reference, skill (perturbed reference), target (perturbed reference under a random
     exact symmetry) and, for SmolLM2, sibling (the same perturbed reference, not moved: the
     alignment finds the identity); cached in ``workdir/<suite>``."""
     from mergekit_symalign.statedict import scramble_state_dict
 
     root = workdir / suite
-    names = ("reference", "skill", "target") + (("sibling",) if suite == "smollm2" else ())
+    names = ("reference", "skill", "target") + (("sibling",) if suite.startswith("smollm2") else ())
     paths = {n: root / n for n in names}
     if all((p / ".complete").is_file() for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
@@ -143,9 +157,17 @@ def build_models(workdir: Path, suite: str):
         sd = {k: v.clone() for k, v in model.state_dict().items()}
         del model
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        config, dtype, tokenizer = LlamaConfig(**SYNTHETIC[suite]), torch.bfloat16, None
+        if suite == "smollm2-random":
+            if smollm2_dir is None:
+                from examples import smollm
+
+                smollm2_dir = smollm.cached_smollm2_dir()
+            config = AutoConfig.from_pretrained(smollm2_dir)
+            dtype, tokenizer = torch.float32, AutoTokenizer.from_pretrained(smollm2_dir)
+        else:
+            config, dtype, tokenizer = LlamaConfig(**SYNTHETIC[suite]), torch.bfloat16, None
         config.architectures = ["LlamaForCausalLM"]
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -173,7 +195,7 @@ def recipes(paths, dtype, suite: str, cache: Path):
     out = {"task_arithmetic (plain)": (plain_transfer_recipe(paths["target"], paths["reference"],
                                                              paths["skill"], dtype), None),
            "aligned (weights)": (aligned(), None)}
-    if suite == "smollm2":
+    if suite.startswith("smollm2"):
         # The common case (descendants of one base): same work for plain, which does not care
         # whether the target was moved.
         out["aligned (weights), target not moved: the alignment finds the identity"] = (
@@ -215,14 +237,17 @@ def merge_benchmark(args, suite: str):
     workdir = Path(args.workdir).resolve()  # absolute: mergekit asks the Hub about "a/b" paths
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    paths = build_models(workdir, suite)
+    paths = build_models(workdir, suite, args.smollm2_dir)
     print(f"[{suite}] models ready in {time.perf_counter() - t:.0f} s", flush=True)
-    dtype = "float32" if suite == "smollm2" else "bfloat16"
+    dtype = "float32" if suite.startswith("smollm2") else "bfloat16"
     extra = ["--cuda"] if args.cuda else []
     if args.mmap_threshold:  # read by each child's glibc at start-up (see --mmap-threshold)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
     plan = recipes(paths, dtype, suite, cache)
+    if args.rows:  # plain always: every ratio is against it
+        plan = {name: r for i, (name, r) in enumerate(plan.items())
+                if i == 0 or any(word in name for word in args.rows)}
     results = {name: [] for name in plan}
     try:
         for name, (_recipe, warm) in plan.items():
@@ -252,7 +277,9 @@ def merge_benchmark(args, suite: str):
     device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
     what = {"smollm2": "SmolLM2-135M-Instruct, float32",
             "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
-            "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16"}[suite]
+            "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16",
+            "smollm2-random": "SmolLM2-135M-Instruct's config and tokenizer, random weights, "
+                              "float32"}[suite]
     header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
               f"one layer = {lb:.1f} MiB; *time vs plain, run by run*: the median (range) of "
               f"each run's time over the plain run of the same round")
@@ -407,7 +434,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="bench-output")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES[:3]))
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--layer-only", action="store_true")
     parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
@@ -417,6 +444,11 @@ def main(argv=None):
                              "keeps (it moves by +-150 MiB from run to run on SmolLM2 by "
                              "default); region merge_cost_<suite>_mmap")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
+    parser.add_argument("--rows", nargs="+", metavar="WORD",
+                        help="only the rows whose name contains one of these words (and plain)")
+    parser.add_argument("--smollm2-dir", metavar="DIR",
+                        help="smollm2-random: a folder with SmolLM2's config.json and tokenizer "
+                             "(default: the SmolLM2 folder cached by examples/smollm.py)")
     args = parser.parse_args(argv)
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: torch sees no CUDA GPU on this machine; run without --cuda for "

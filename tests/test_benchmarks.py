@@ -194,3 +194,48 @@ def test_bench_assignment_activation_matching_smoke(capsys):
                            "--activation-neurons", "640", "--activation-tokens", "512"])
     out = capsys.readouterr().out
     assert out.count("exact=True") == 2 and ("path=rowwise" in out or "path=sparse" in out)
+
+
+def test_bench_merge_child_reports_its_own_peak_rss(family, tmp_path):
+    """bench_merge's timed child reports the merge's own peak RSS. It read ru_maxrss, which
+    Linux carries across fork and exec: every merge of the GPU run showed the benchmark's own
+    size (it had just built the models). A parent holding 2 GiB more than usual must not show
+    up in the child's figure."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status")
+    import bench_merge
+    from examples.common import plain_transfer_recipe
+
+    ballast = torch.ones(2**29)  # 2 GiB of float32, touched: this process's RSS grows by it
+    with open("/proc/self/status") as f:
+        parent_mib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    recipe = plain_transfer_recipe(family["sibling"], family["reference"], family["skill"])
+    seconds, rss_mib, anon_mib = bench_merge.run_one(recipe, tmp_path, [])
+    del ballast
+    assert seconds > 0 and 0 < anon_mib <= rss_mib
+    assert rss_mib < parent_mib - 1024, (rss_mib, parent_mib)
+
+
+def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path):
+    """The GPU machine's stand-in for SmolLM2 (suite smollm2-random): the models have the
+    given config's shapes and its tokenizer (activation alignment needs it), and the target is
+    the sibling moved by an exact symmetry (same shapes, other values), not the sibling."""
+    import bench_merge
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_config, save_word_tokenizer
+
+    shape = tmp_path / "shape"
+    make_config("llama").save_pretrained(shape)
+    save_word_tokenizer(shape)
+    paths = bench_merge.build_models(tmp_path / "work", "smollm2-random", str(shape))
+    assert sorted(paths) == ["reference", "sibling", "skill", "target"]
+    want = make_config("llama")
+    states = {name: load_file(f"{p}/model.safetensors") for name, p in paths.items()}
+    for name, p in paths.items():
+        assert (Path(p) / "tokenizer.json").is_file(), name
+        assert states[name]["model.layers.0.mlp.up_proj.weight"].shape == (
+            want.intermediate_size, want.hidden_size)
+        assert states[name]["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(states["target"][up], states["sibling"][up])
