@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_merge.py [--suites smollm2 8b-layer 1b] [--repeats 3]
     .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
+    python3 benchmarks/bench_merge.py --cuda --suites smollm2-random --rows activations \
+        --smollm2-dir DIR --no-docs   # plain and the named rows only, printed
 
 Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's VmHWM;
 peak anonymous memory = the largest RssAnon of /proc/self/status sampled every 5 ms, i.e.
