@@ -27,7 +27,8 @@ machine's slow and fast spells. Suites:
   config and tokenizer but random float32 weights, built the same way, for a machine without
   the GGUF (the GPU machine: the package is larger than what travels there); the config and
   tokenizer come from ``--smollm2-dir`` (default: the float32 SmolLM2 folder that
-  examples/smollm.py caches). The cost of a merge does not depend on the weights' values.
+  examples/smollm.py caches). Its costs are the real model's except where the matchers'
+  work depends on the values (how many neurons they must score exactly).
 
 Synthetic models are generated here, never downloaded. `--layer-only` times the alignment of
 one 8B-shaped layer per symmetry through `spec.align_layer` (median of --repeats; float32 and
