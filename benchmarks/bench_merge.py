@@ -7,7 +7,8 @@
 
 Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's VmHWM;
 peak anonymous memory = the largest RssAnon of /proc/self/status sampled every 5 ms, i.e.
-without the memory-mapped input files' pages, see CHILD); runs alternate between the methods so that they share the machine's noise; each figure is
+without the memory-mapped input files' pages, see CHILD; with --cuda also the CUDA caching
+allocator's peak, torch.cuda.max_memory_allocated); runs alternate between the methods so that they share the machine's noise; each figure is
 the median over the repeats, with the range, and each row's time is also divided run by run
 by the plain run of the same round (the median and range of those ratios), which cancels the
 machine's slow and fast spells. Suites:
@@ -99,6 +100,16 @@ def peak_rss_kib():
     # whose models the benchmark had just built) whenever that was the larger.
     return status_kib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
+def gpu_peak_kib():
+    # the CUDA caching allocator's peak (--cuda); 0 where the merge never used CUDA
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() // 1024
+    except Exception:
+        pass
+    return 0
+
 peak, done = [anon_kib()], threading.Event()
 
 def sample():
@@ -113,7 +124,7 @@ try:
 finally:
     done.set()
     print("BENCH", time.perf_counter() - t, peak_rss_kib(), max(peak[0], anon_kib()),
-          file=sys.stderr)
+          gpu_peak_kib(), file=sys.stderr)
 """
 
 SYNTHETIC = {  # LlamaConfig fields of the generated models
@@ -217,8 +228,8 @@ def run_one(recipe, workdir: Path, extra):
                                 "--no-copy-tokenizer", *extra,
                                 command=[sys.executable, "-c", CHILD])
         line = [l for l in run.stderr.splitlines() if l.startswith("BENCH ")][-1]
-        _, seconds, maxrss_kb, anon_kb = line.split()
-        return float(seconds), int(maxrss_kb) / 1024, int(anon_kb) / 1024
+        _, seconds, maxrss_kb, anon_kb, gpu_kb = line.split()
+        return float(seconds), int(maxrss_kb) / 1024, int(anon_kb) / 1024, int(gpu_kb) / 1024
 
 
 def layer_mib(paths):
@@ -259,15 +270,16 @@ def merge_benchmark(args, suite: str):
         for _ in range(args.repeats):
             for name, (recipe, _warm) in plan.items():
                 results[name].append(run_one(recipe, workdir, extra))
-                seconds, rss, anon = results[name][-1]
+                seconds, rss, anon, gpu = results[name][-1]
                 print(f"  {name}: {seconds:.1f} s, peak RSS {rss:.0f} MiB, peak anonymous "
-                      f"{anon:.0f} MiB", flush=True)
+                      f"{anon:.0f} MiB" + (f", peak GPU {gpu:.0f} MiB" if args.cuda else ""),
+                      flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     rows = []
     plain_times = [r[0] for r in next(iter(results.values()))]
     for name, runs in results.items():
-        times, rss, anon = ([r[i] for r in runs] for i in range(3))
+        times, rss, anon, gpu = ([r[i] for r in runs] for i in range(4))
         # Each run against the plain run of the same round (they ran minutes apart at most):
         # the machine's slow and fast spells cancel, which the ratio of the medians does not.
         paired = [t / p for t, p in zip(times, plain_times)]
@@ -275,7 +287,8 @@ def merge_benchmark(args, suite: str):
                      "t_max": max(times), "rss": statistics.median(rss), "rss_min": min(rss),
                      "rss_max": max(rss), "anon": statistics.median(anon), "anon_min": min(anon),
                      "anon_max": max(anon), "times": times, "paired": statistics.median(paired),
-                     "paired_min": min(paired), "paired_max": max(paired)})
+                     "paired_min": min(paired), "paired_max": max(paired),
+                     "gpu": statistics.median(gpu), "gpu_min": min(gpu), "gpu_max": max(gpu)})
     lb = layer_mib(paths)
     device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
     what = {"smollm2": "SmolLM2-135M-Instruct, float32",
@@ -291,19 +304,7 @@ def merge_benchmark(args, suite: str):
         header += (f"; every merge with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (each "
                    f"allocation above it returned to the system when freed: the anonymous peak "
                    f"is the live peak; the times are slower than by default and not compared)")
-    t0, m0, a0 = rows[0]["t"], rows[0]["rss"], rows[0]["anon"]
-    lines = ["| method | wall time (s) | time vs plain | time vs plain, run by run | "
-             "peak anonymous memory (MiB) | anonymous vs plain | peak RSS (MiB) | RSS vs plain |",
-             "|---|---:|---:|---:|---:|---|---:|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['t']:.1f} ({r['t_min']:.1f}–{r['t_max']:.1f}) | {r['t'] / t0:.2f}x | "
-            f"{r['paired']:.2f}x ({r['paired_min']:.2f}–{r['paired_max']:.2f}) | "
-            f"{r['anon']:.0f} ({r['anon_min']:.0f}–{r['anon_max']:.0f}) | "
-            f"{r['anon'] - a0:+.0f} MiB = {(r['anon'] - a0) / lb:+.1f} layers | "
-            f"{r['rss']:.0f} ({r['rss_min']:.0f}–{r['rss_max']:.0f}) | "
-            f"{r['rss'] - m0:+.0f} MiB = {(r['rss'] - m0) / lb:+.1f} layers |")
-    table = "\n".join(lines)
+    table = merge_table(rows, lb, gpu_columns=args.cuda)
     print(header)
     print(table, flush=True)
     (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
@@ -318,6 +319,29 @@ def merge_benchmark(args, suite: str):
                               f"{header}:\n\n{table}\n\n![Merge cost relative to plain "
                               f"task_arithmetic]({image})\n")
     print(f"wrote {path} and docs/{image}")
+
+
+def merge_table(rows: List[dict], lb: float, gpu_columns: bool = False) -> str:
+    """Markdown of a suite's rows (medians and ranges; memory also in layers of ``lb`` MiB),
+    each against the first row (plain). ``gpu_columns``: the CUDA caching allocator's peak
+    (``torch.cuda.max_memory_allocated`` in each merge's process, --cuda)."""
+    t0, m0, a0, g0 = rows[0]["t"], rows[0]["rss"], rows[0]["anon"], rows[0]["gpu"]
+    lines = ["| method | wall time (s) | time vs plain | time vs plain, run by run | "
+             "peak anonymous memory (MiB) | anonymous vs plain | peak RSS (MiB) | RSS vs plain |"
+             + (" peak GPU memory (MiB) | GPU vs plain |" if gpu_columns else ""),
+             "|---|---:|---:|---:|---:|---|---:|---|" + ("---:|---|" if gpu_columns else "")]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['t']:.1f} ({r['t_min']:.1f}–{r['t_max']:.1f}) | {r['t'] / t0:.2f}x | "
+            f"{r['paired']:.2f}x ({r['paired_min']:.2f}–{r['paired_max']:.2f}) | "
+            f"{r['anon']:.0f} ({r['anon_min']:.0f}–{r['anon_max']:.0f}) | "
+            f"{r['anon'] - a0:+.0f} MiB = {(r['anon'] - a0) / lb:+.1f} layers | "
+            f"{r['rss']:.0f} ({r['rss_min']:.0f}–{r['rss_max']:.0f}) | "
+            f"{r['rss'] - m0:+.0f} MiB = {(r['rss'] - m0) / lb:+.1f} layers |"
+            + (f" {r['gpu']:.0f} ({r['gpu_min']:.0f}–{r['gpu_max']:.0f}) | "
+               f"{r['gpu'] - g0:+.0f} MiB = {(r['gpu'] - g0) / lb:+.1f} layers |"
+               if gpu_columns else ""))
+    return "\n".join(lines)
 
 
 def cost_plot(rows, title, name) -> str:
@@ -433,7 +457,7 @@ def layer_table(where: str, results: List[LayerResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="bench-output")
     parser.add_argument("--repeats", type=int, default=3)
@@ -452,6 +476,11 @@ def main(argv=None):
     parser.add_argument("--smollm2-dir", metavar="DIR",
                         help="smollm2-random: a folder with SmolLM2's config.json and tokenizer "
                              "(default: the SmolLM2 folder cached by examples/smollm.py)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: torch sees no CUDA GPU on this machine; run without --cuda for "

@@ -210,9 +210,9 @@ def test_bench_merge_child_reports_its_own_peak_rss(family, tmp_path):
     with open("/proc/self/status") as f:
         parent_mib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     recipe = plain_transfer_recipe(family["sibling"], family["reference"], family["skill"])
-    seconds, rss_mib, anon_mib = bench_merge.run_one(recipe, tmp_path, [])
+    seconds, rss_mib, anon_mib, gpu_mib = bench_merge.run_one(recipe, tmp_path, [])
     del ballast
-    assert seconds > 0 and 0 < anon_mib <= rss_mib
+    assert seconds > 0 and 0 < anon_mib <= rss_mib and gpu_mib == 0  # no --cuda
     assert rss_mib < parent_mib - 1024, (rss_mib, parent_mib)
 
 
@@ -239,3 +239,54 @@ def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path)
         assert states[name]["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
     up = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(states["target"][up], states["sibling"][up])
+
+
+def test_bench_merge_table_gpu_columns():
+    """With --cuda the table adds each merge's peak GPU memory against plain's; every line has
+    the header's number of cells."""
+    import bench_merge
+
+    def row(name, t, anon, gpu):
+        return {"name": name, "t": t, "t_min": t, "t_max": t, "paired": t / 10, "paired_min": 1,
+                "paired_max": 1, "anon": anon, "anon_min": anon, "anon_max": anon, "rss": 3000,
+                "rss_min": 3000, "rss_max": 3000, "gpu": gpu, "gpu_min": gpu, "gpu_max": gpu}
+
+    rows = [row("plain", 10.0, 1000, 800), row("aligned", 12.0, 1100, 1216)]
+    for gpu_columns in (False, True):
+        lines = bench_merge.merge_table(rows, 416.0, gpu_columns).splitlines()
+        assert len({line.count("|") for line in lines}) == 1
+        assert ("peak GPU memory" in lines[0]) == gpu_columns
+    assert lines[-1].endswith("| 1216 (1216–1216) | +416 MiB = +1.0 layers |")
+    assert "| 1.20x |" in lines[-1]
+
+
+def test_host_memory_probe_runs_every_step(capsys):
+    """benchmarks/host_memory.py (the GPU session's probe of the --cuda merges' host memory)
+    runs each step on CPU and prints one figure per step."""
+    import host_memory
+
+    host_memory.main(["--device", "cpu"])
+    out = capsys.readouterr().out
+    names = [name for name, _ in host_memory.steps("cpu")]
+    assert all(name in out for name in names) and "total over import torch" in out
+    assert "nan" not in out.lower() or not Path("/proc/self/status").is_file()
+
+
+def test_gpu_check_script_names_what_exists():
+    """scripts/gpu_check.sh (run on a GPU machine, never in CI) is valid bash, and every
+    benchmark, test file and bench_merge option it names exists."""
+    import re
+    import subprocess
+
+    import bench_merge
+
+    root = BENCH.parent
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check.sh")], check=True)
+    paths = set(re.findall(r"\b(?:benchmarks|tests)/[\w/]+\.py", script))
+    assert paths and all((root / p).is_file() for p in paths), paths
+    lines = [line for line in script.splitlines()
+             if "bench_merge.py" in line or line.startswith("SMOLLM2=")]
+    flags = {f for line in lines for f in re.findall(r"--[a-z][\w-]*", line)}
+    known = {o for action in bench_merge.build_parser()._actions for o in action.option_strings}
+    assert {"--smollm2-dir", "--rows", "--cuda"} <= flags <= known, flags - known
