@@ -262,6 +262,10 @@ def merge_benchmark(args, suite: str):
     if args.rows:  # plain always: every ratio is against it
         plan = {name: r for i, (name, r) in enumerate(plan.items())
                 if i == 0 or any(word in name for word in args.rows)}
+        if len(plan) == 1:
+            shutil.rmtree(cache, ignore_errors=True)
+            raise SystemExit(f"--rows {' '.join(args.rows)}: no row of suite {suite} matches "
+                             f"(rows: {'; '.join(recipes(paths, dtype, suite, cache))})")
     results = {name: [] for name in plan}
     try:
         for name, (_recipe, warm) in plan.items():
@@ -309,7 +313,7 @@ def merge_benchmark(args, suite: str):
     print(table, flush=True)
     (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
                                                             indent=1))
-    if args.no_docs:
+    if args.no_docs or args.rows:  # a partial table never replaces the page's full one
         return
     title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
              f"({what}, {device}, median of {args.repeats})")
@@ -472,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default); region merge_cost_<suite>_mmap")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     parser.add_argument("--rows", nargs="+", metavar="WORD",
-                        help="only the rows whose name contains one of these words (and plain)")
+                        help="only the rows whose name contains one of these words (and plain); "
+                             "printed, not written to docs/")
     parser.add_argument("--smollm2-dir", metavar="DIR",
                         help="smollm2-random: a folder with SmolLM2's config.json and tokenizer "
                              "(default: the SmolLM2 folder cached by examples/smollm.py)")

@@ -290,3 +290,26 @@ def test_gpu_check_script_names_what_exists():
     flags = {f for line in lines for f in re.findall(r"--[a-z][\w-]*", line)}
     known = {o for action in bench_merge.build_parser()._actions for o in action.option_strings}
     assert {"--smollm2-dir", "--rows", "--cuda"} <= flags <= known, flags - known
+
+
+def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tmp_path, monkeypatch):
+    """--rows keeps plain and the rows named (a partial table: printed, never written over the
+    page's full one), and names the suite's rows when none matches."""
+    import bench_merge
+
+    from tests.conftest import make_config, save_word_tokenizer
+
+    shape = tmp_path / "shape"
+    make_config("llama").save_pretrained(shape)
+    save_word_tokenizer(shape)
+    ran = []
+    monkeypatch.setattr(bench_merge, "run_one",
+                        lambda recipe, workdir, extra: ran.append(recipe) or (1.0, 2.0, 1.0, 0.0))
+    monkeypatch.setattr(bench_merge.report, "update_page",
+                        lambda *a, **k: pytest.fail("a --rows run wrote docs/"))
+    common = ["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
+              "--workdir", str(tmp_path / "work")]
+    bench_merge.main(common + ["--rows", "activations"])
+    assert len(ran) == 2 and ran[1]["parameters"]["alignment"] == "activations"
+    with pytest.raises(SystemExit, match="no row of suite smollm2-random matches.*activations"):
+        bench_merge.main(common + ["--rows", "no-such-row"])
