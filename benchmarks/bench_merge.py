@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
     python3 benchmarks/bench_merge.py --cuda --suites smollm2-random --rows activations \
         --smollm2-dir DIR --no-docs   # plain and the named rows only, printed
+    .venv/bin/python benchmarks/bench_merge.py --suites smollm2 --calibration-samples 36 20 14
+        # alignment: activations against its calibration budget
 
 Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's VmHWM;
 peak anonymous memory = the largest RssAnon of /proc/self/status sampled every 5 ms, i.e.
@@ -37,7 +39,9 @@ bfloat16 weights), in-process, on CPU (on CUDA with --cuda).
 
 Results go to docs/performance.md unless --no-docs: region ``merge_cost_<suite>`` (with a bar
 chart), ``layer_8b_cpu`` / ``layer_8b_cuda`` for --layer-only; ``_cuda`` suffix with --cuda,
-``_mmap`` with --mmap-threshold (memory figures without the allocator's retention).
+``_mmap`` with --mmap-threshold (memory figures without the allocator's retention),
+``_calibration`` with --calibration-samples (plain, weights, and activations at the default
+calibration budget and at N prompts each, with the model card's distance after alignment).
 """
 
 from __future__ import annotations
@@ -48,13 +52,14 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -199,8 +204,22 @@ def build_models(workdir: Path, suite: str, smollm2_dir=None):
     return {k: str(v) for k, v in paths.items()}
 
 
-def recipes(paths, dtype, suite: str, cache: Path):
-    """name -> (recipe, untimed warm-up recipe or None)."""
+def calibration_token_count(paths, samples: int) -> int:
+    """The calibration tokens an activation alignment of these models runs on: the first
+    ``samples`` prompts of the shipped set, or (0) the default budget (the task's rule)."""
+    from mergekit_symalign.calibration import calibration_token_ids, default_token_budget
+
+    config = json.loads((Path(paths["reference"]) / "config.json").read_text())
+    budget = None if samples else default_token_budget(config["intermediate_size"])
+    ids = calibration_token_ids((("reference", str(paths["reference"]), None),), None, samples,
+                                128, False, budget)
+    return ids.numel()
+
+
+def recipes(paths, dtype, suite: str, cache: Path, calibration_samples=()):
+    """name -> (recipe, untimed warm-up recipe or None). ``calibration_samples``: plain,
+    weights and activations with the default calibration budget and with each of these
+    numbers of prompts instead of the suite's rows."""
     def aligned(weight=1.0, target="target", **parameters):  # the skill: not aligned
         return aligned_recipe(ALIGNED_TASK_ARITHMETIC, paths[target], paths["reference"],
                               [(paths["skill"], {"align": False, "weight": weight})],
@@ -209,7 +228,14 @@ def recipes(paths, dtype, suite: str, cache: Path):
     out = {"task_arithmetic (plain)": (plain_transfer_recipe(paths["target"], paths["reference"],
                                                              paths["skill"], dtype), None),
            "aligned (weights)": (aligned(), None)}
-    if suite.startswith("smollm2"):
+    if calibration_samples:
+        for samples in (0, *calibration_samples):
+            what = (f"calibration_samples: {samples}" if samples else "the default budget")
+            name = (f"aligned (activations), {what}: "
+                    f"{calibration_token_count(paths, samples)} tokens")
+            parameters = {"calibration_samples": samples} if samples else {}
+            out[name] = (aligned(alignment="activations", **parameters), None)
+    elif suite.startswith("smollm2"):
         # The common case (descendants of one base): same work for plain, which does not care
         # whether the target was moved.
         out["aligned (weights), target not moved: the alignment finds the identity"] = (
@@ -222,14 +248,32 @@ def recipes(paths, dtype, suite: str, cache: Path):
     return out
 
 
-def run_one(recipe, workdir: Path, extra):
+class MergeRun(NamedTuple):
+    seconds: float
+    rss_mib: float
+    anon_mib: float
+    gpu_mib: float
+    distance_after: Optional[float]  # the model card's median over layers; None for plain
+
+
+def card_distance_after(card: Path) -> Optional[float]:
+    """The median distance to the reference after alignment, from the model card's "What
+    alignment did" table (the first aligned model's row), or None where there is none."""
+    if not card.is_file():
+        return None
+    match = re.search(r"\| \S+ → (\S+) \|$", card.read_text(), re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def run_one(recipe, workdir: Path, extra) -> MergeRun:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         run = run_mergekit_yaml(recipe, Path(tmp) / "recipe.yml", Path(tmp) / "out",
                                 "--no-copy-tokenizer", *extra,
                                 command=[sys.executable, "-c", CHILD])
         line = [l for l in run.stderr.splitlines() if l.startswith("BENCH ")][-1]
         _, seconds, maxrss_kb, anon_kb, gpu_kb = line.split()
-        return float(seconds), int(maxrss_kb) / 1024, int(anon_kb) / 1024, int(gpu_kb) / 1024
+        return MergeRun(float(seconds), int(maxrss_kb) / 1024, int(anon_kb) / 1024,
+                        int(gpu_kb) / 1024, card_distance_after(Path(tmp) / "out" / "README.md"))
 
 
 def layer_mib(paths):
@@ -258,7 +302,7 @@ def merge_benchmark(args, suite: str):
     if args.mmap_threshold:  # read by each child's glibc at start-up (see --mmap-threshold)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
-    plan = recipes(paths, dtype, suite, cache)
+    plan = recipes(paths, dtype, suite, cache, args.calibration_samples or ())
     if args.rows:  # plain always: every ratio is against it
         plan = {name: r for i, (name, r) in enumerate(plan.items())
                 if i == 0 or any(word in name for word in args.rows)}
@@ -274,7 +318,7 @@ def merge_benchmark(args, suite: str):
         for _ in range(args.repeats):
             for name, (recipe, _warm) in plan.items():
                 results[name].append(run_one(recipe, workdir, extra))
-                seconds, rss, anon, gpu = results[name][-1]
+                seconds, rss, anon, gpu = results[name][-1][:4]
                 print(f"  {name}: {seconds:.1f} s, peak RSS {rss:.0f} MiB, peak anonymous "
                       f"{anon:.0f} MiB" + (f", peak GPU {gpu:.0f} MiB" if args.cuda else ""),
                       flush=True)
@@ -284,6 +328,7 @@ def merge_benchmark(args, suite: str):
     plain_times = [r[0] for r in next(iter(results.values()))]
     for name, runs in results.items():
         times, rss, anon, gpu = ([r[i] for r in runs] for i in range(4))
+        after = [r[4] for r in runs if len(r) > 4 and r[4] is not None]
         # Each run against the plain run of the same round (they ran minutes apart at most):
         # the machine's slow and fast spells cancel, which the ratio of the medians does not.
         paired = [t / p for t, p in zip(times, plain_times)]
@@ -292,7 +337,8 @@ def merge_benchmark(args, suite: str):
                      "rss_max": max(rss), "anon": statistics.median(anon), "anon_min": min(anon),
                      "anon_max": max(anon), "times": times, "paired": statistics.median(paired),
                      "paired_min": min(paired), "paired_max": max(paired),
-                     "gpu": statistics.median(gpu), "gpu_min": min(gpu), "gpu_max": max(gpu)})
+                     "gpu": statistics.median(gpu), "gpu_min": min(gpu), "gpu_max": max(gpu),
+                     "distance_after": statistics.median(after) if after else None})
     lb = layer_mib(paths)
     device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
     what = {"smollm2": "SmolLM2-135M-Instruct, float32",
@@ -303,12 +349,18 @@ def merge_benchmark(args, suite: str):
     header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
               f"one layer = {lb:.1f} MiB; *time vs plain, run by run*: the median (range) of "
               f"each run's time over the plain run of the same round")
-    suffix = ("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
+    suffix = (("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
+              + ("_calibration" if args.calibration_samples else ""))
     if args.mmap_threshold:
         header += (f"; every merge with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (each "
                    f"allocation above it returned to the system when freed: the anonymous peak "
                    f"is the live peak; the times are slower than by default and not compared)")
-    table = merge_table(rows, lb, gpu_columns=args.cuda)
+    if args.calibration_samples:
+        header += ("; *distance after*: the model card's distance of the aligned target to the "
+                   "reference after alignment, median over layers (the target is the skill's "
+                   "sibling under a random exact symmetry: weights alignment undoes it exactly)")
+    table = merge_table(rows, lb, gpu_columns=args.cuda,
+                        distance_column=bool(args.calibration_samples))
     print(header)
     print(table, flush=True)
     (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
@@ -325,15 +377,19 @@ def merge_benchmark(args, suite: str):
     print(f"wrote {path} and docs/{image}")
 
 
-def merge_table(rows: List[dict], lb: float, gpu_columns: bool = False) -> str:
+def merge_table(rows: List[dict], lb: float, gpu_columns: bool = False,
+                distance_column: bool = False) -> str:
     """Markdown of a suite's rows (medians and ranges; memory also in layers of ``lb`` MiB),
     each against the first row (plain). ``gpu_columns``: the CUDA caching allocator's peak
-    (``torch.cuda.max_memory_allocated`` in each merge's process, --cuda)."""
+    (``torch.cuda.max_memory_allocated`` in each merge's process, --cuda).
+    ``distance_column``: the model card's median distance after alignment ("—" for plain)."""
     t0, m0, a0, g0 = rows[0]["t"], rows[0]["rss"], rows[0]["anon"], rows[0]["gpu"]
     lines = ["| method | wall time (s) | time vs plain | time vs plain, run by run | "
              "peak anonymous memory (MiB) | anonymous vs plain | peak RSS (MiB) | RSS vs plain |"
-             + (" peak GPU memory (MiB) | GPU vs plain |" if gpu_columns else ""),
-             "|---|---:|---:|---:|---:|---|---:|---|" + ("---:|---|" if gpu_columns else "")]
+             + (" peak GPU memory (MiB) | GPU vs plain |" if gpu_columns else "")
+             + (" distance after |" if distance_column else ""),
+             "|---|---:|---:|---:|---:|---|---:|---|" + ("---:|---|" if gpu_columns else "")
+             + ("---:|" if distance_column else "")]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['t']:.1f} ({r['t_min']:.1f}–{r['t_max']:.1f}) | {r['t'] / t0:.2f}x | "
@@ -344,8 +400,13 @@ def merge_table(rows: List[dict], lb: float, gpu_columns: bool = False) -> str:
             f"{r['rss'] - m0:+.0f} MiB = {(r['rss'] - m0) / lb:+.1f} layers |"
             + (f" {r['gpu']:.0f} ({r['gpu_min']:.0f}–{r['gpu_max']:.0f}) | "
                f"{r['gpu'] - g0:+.0f} MiB = {(r['gpu'] - g0) / lb:+.1f} layers |"
-               if gpu_columns else ""))
+               if gpu_columns else "")
+            + (f" {_distance(r.get('distance_after'))} |" if distance_column else ""))
     return "\n".join(lines)
+
+
+def _distance(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def cost_plot(rows, title, name) -> str:
@@ -478,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", metavar="WORD",
                         help="only the rows whose name contains one of these words (and plain); "
                              "printed, not written to docs/")
+    parser.add_argument("--calibration-samples", nargs="+", type=int, metavar="N",
+                        help="smollm2 suites: time alignment: activations with the default "
+                             "calibration budget and with each N prompts of the shipped set "
+                             "(plain and weights beside them), with the model card's distance "
+                             "after alignment; region merge_cost_<suite>_calibration")
     parser.add_argument("--smollm2-dir", metavar="DIR",
                         help="smollm2-random: a folder with SmolLM2's config.json and tokenizer "
                              "(default: the SmolLM2 folder cached by examples/smollm.py)")
@@ -490,6 +556,9 @@ def main(argv=None):
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: torch sees no CUDA GPU on this machine; run without --cuda for "
                      "the CPU figures")
+    if args.calibration_samples and (args.layer_only or not all(
+            s.startswith("smollm2") for s in args.suites)):
+        parser.error("--calibration-samples: only the smollm2 suites align by activations")
     if args.layer_only:
         layer_benchmark(args)
     else:

@@ -210,10 +210,61 @@ def test_bench_merge_child_reports_its_own_peak_rss(family, tmp_path):
     with open("/proc/self/status") as f:
         parent_mib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     recipe = plain_transfer_recipe(family["sibling"], family["reference"], family["skill"])
-    seconds, rss_mib, anon_mib, gpu_mib = bench_merge.run_one(recipe, tmp_path, [])
+    seconds, rss_mib, anon_mib, gpu_mib, distance = bench_merge.run_one(recipe, tmp_path, [])
     del ballast
     assert seconds > 0 and 0 < anon_mib <= rss_mib and gpu_mib == 0  # no --cuda
     assert rss_mib < parent_mib - 1024, (rss_mib, parent_mib)
+    assert distance is None  # mergekit's own card: no alignment
+
+
+def test_bench_merge_reads_the_distance_after_from_the_aligned_merges_card(family, tmp_path):
+    """run_one returns the model card's median distance to the reference after alignment:
+    onto the scrambled reference itself (the alignment undoes it exactly) ~0, onto the
+    unmoved sibling its own distance; read from a real merge's card, so a change of the
+    card's table shows here."""
+    import bench_merge
+    from examples.common import aligned_recipe
+
+    def after(target):
+        recipe = aligned_recipe("symmetry_aligned_task_arithmetic", family[target],
+                                family["reference"], [(family["skill"], {"align": False})])
+        return bench_merge.run_one(recipe, tmp_path, []).distance_after
+
+    exact, sibling = after("reference_scrambled"), after("sibling")
+    assert exact is not None and sibling is not None
+    assert exact < 1e-4 < sibling, (exact, sibling)
+
+
+def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
+    """--calibration-samples times plain, weights and alignment: activations at the default
+    budget and at each number of prompts, with a distance column, into its own region."""
+    import bench_merge
+
+    from tests.conftest import make_config, save_word_tokenizer
+
+    shape = tmp_path / "shape"
+    make_config("llama").save_pretrained(shape)
+    save_word_tokenizer(shape)
+    ran, written = [], []
+    monkeypatch.setattr(bench_merge, "run_one", lambda recipe, workdir, extra: ran.append(recipe)
+                        or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, 0.5 if len(ran) > 1 else None))
+    monkeypatch.setattr(bench_merge, "calibration_token_count", lambda paths, samples: 100 + samples)
+    monkeypatch.setattr(bench_merge, "cost_plot", lambda *a, **k: "img/x.png")
+    monkeypatch.setattr(bench_merge.report, "update_page",
+                        lambda page, region, text: written.append((region, text)))
+    bench_merge.main(["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
+                      "--workdir", str(tmp_path / "work"), "--calibration-samples", "20", "14"])
+    assert [r.get("parameters", {}).get("calibration_samples") for r in ran] == [None, None, None,
+                                                                                 20, 14]
+    assert [r.get("parameters", {}).get("alignment") for r in ran[2:]] == ["activations"] * 3
+    (region, text), = written
+    assert region == "merge_cost_smollm2-random_calibration"
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].endswith("| distance after |") and len({line.count("|") for line in table}) == 1
+    assert "the default budget: 100 tokens" in text and "calibration_samples: 14: 114 tokens" in text
+    assert table[2].endswith("| — |") and table[-1].endswith("| 0.5 |")
+    with pytest.raises(SystemExit):
+        bench_merge.main(["--suites", "1b", "--calibration-samples", "20"])
 
 
 def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path):
@@ -304,7 +355,8 @@ def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tm
     save_word_tokenizer(shape)
     ran = []
     monkeypatch.setattr(bench_merge, "run_one",
-                        lambda recipe, workdir, extra: ran.append(recipe) or (1.0, 2.0, 1.0, 0.0))
+                        lambda recipe, workdir, extra: ran.append(recipe)
+                        or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, None))
     monkeypatch.setattr(bench_merge.report, "update_page",
                         lambda *a, **k: pytest.fail("a --rows run wrote docs/"))
     common = ["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
