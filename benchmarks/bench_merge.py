@@ -206,14 +206,15 @@ def build_models(workdir: Path, suite: str, smollm2_dir=None):
 
 def calibration_token_count(paths, samples: int) -> int:
     """The calibration tokens an activation alignment of these models runs on: the first
-    ``samples`` prompts of the shipped set, or (0) the default budget (the task's rule)."""
-    from mergekit_symalign.calibration import calibration_token_ids, default_token_budget
+    ``samples`` prompts of the shipped set, or (0) the default budget; counted by the
+    alignment task's own function."""
+    from mergekit.common import ModelReference
 
-    config = json.loads((Path(paths["reference"]) / "config.json").read_text())
-    budget = None if samples else default_token_budget(config["intermediate_size"])
-    ids = calibration_token_ids((("reference", str(paths["reference"]), None),), None, samples,
-                                128, False, budget)
-    return ids.numel()
+    from mergekit_symalign.settings import BY_NAME
+    from mergekit_symalign.tasks import calibration_tokens
+
+    return calibration_tokens(ModelReference.parse(str(paths["reference"])), (), None, samples,
+                              BY_NAME["calibration_max_tokens"].default).numel()
 
 
 def recipes(paths, dtype, suite: str, cache: Path, calibration_samples=()):
@@ -302,14 +303,14 @@ def merge_benchmark(args, suite: str):
     if args.mmap_threshold:  # read by each child's glibc at start-up (see --mmap-threshold)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
-    plan = recipes(paths, dtype, suite, cache, args.calibration_samples or ())
+    plan = every_row = recipes(paths, dtype, suite, cache, args.calibration_samples or ())
     if args.rows:  # plain always: every ratio is against it
-        plan = {name: r for i, (name, r) in enumerate(plan.items())
+        plan = {name: r for i, (name, r) in enumerate(every_row.items())
                 if i == 0 or any(word in name for word in args.rows)}
         if len(plan) == 1:
             shutil.rmtree(cache, ignore_errors=True)
             raise SystemExit(f"--rows {' '.join(args.rows)}: no row of suite {suite} matches "
-                             f"(rows: {'; '.join(recipes(paths, dtype, suite, cache))})")
+                             f"(rows: {'; '.join(every_row)})")
     results = {name: [] for name in plan}
     try:
         for name, (_recipe, warm) in plan.items():
@@ -318,17 +319,18 @@ def merge_benchmark(args, suite: str):
         for _ in range(args.repeats):
             for name, (recipe, _warm) in plan.items():
                 results[name].append(run_one(recipe, workdir, extra))
-                seconds, rss, anon, gpu = results[name][-1][:4]
-                print(f"  {name}: {seconds:.1f} s, peak RSS {rss:.0f} MiB, peak anonymous "
-                      f"{anon:.0f} MiB" + (f", peak GPU {gpu:.0f} MiB" if args.cuda else ""),
-                      flush=True)
+                run = results[name][-1]
+                print(f"  {name}: {run.seconds:.1f} s, peak RSS {run.rss_mib:.0f} MiB, peak "
+                      f"anonymous {run.anon_mib:.0f} MiB"
+                      + (f", peak GPU {run.gpu_mib:.0f} MiB" if args.cuda else ""), flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     rows = []
-    plain_times = [r[0] for r in next(iter(results.values()))]
+    plain_times = [r.seconds for r in next(iter(results.values()))]
     for name, runs in results.items():
-        times, rss, anon, gpu = ([r[i] for r in runs] for i in range(4))
-        after = [r[4] for r in runs if len(r) > 4 and r[4] is not None]
+        times, rss, anon, gpu = ([getattr(r, field) for r in runs]
+                                 for field in ("seconds", "rss_mib", "anon_mib", "gpu_mib"))
+        after = [r.distance_after for r in runs if r.distance_after is not None]
         # Each run against the plain run of the same round (they ran minutes apart at most):
         # the machine's slow and fast spells cancel, which the ratio of the medians does not.
         paired = [t / p for t, p in zip(times, plain_times)]
