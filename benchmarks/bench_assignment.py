@@ -1,9 +1,9 @@
 """MLP neuron matching and one whole layer at Llama-3.1-8B's shapes: dense vs sketch path.
 
-    .venv/bin/python benchmarks/bench_assignment.py                 # everything (~3 min on 2 CPUs)
-    .venv/bin/python benchmarks/bench_assignment.py --skip-dense    # new path only (~30 s)
-    .venv/bin/python benchmarks/bench_assignment.py --lap           # + dense LAP solvers (scipy, lapx)
-    .venv/bin/python benchmarks/bench_assignment.py --activations --skip-layer  # + activation matching
+    .venv/bin/python -m benchmarks.bench_assignment                 # everything (~3 min on 2 CPUs)
+    .venv/bin/python -m benchmarks.bench_assignment --skip-dense    # new path only (~30 s)
+    .venv/bin/python -m benchmarks.bench_assignment --lap           # + dense LAP solvers (scipy, lapx)
+    .venv/bin/python -m benchmarks.bench_assignment --activations --skip-layer  # + activation matching
 
 MLP: F = 14336 neurons, D = 4096, random weights (0.02 * N(0, 1)). Two targets:
 
@@ -33,7 +33,7 @@ import torch
 
 from mergekit_symalign import assignment
 from mergekit_symalign.architectures import Geometry, layer_spec
-from mergekit_symalign.groups import _site_pairs, apply, random_element, solve, solve_permutation
+from mergekit_symalign.groups import apply, random_element, solve, solve_permutation
 from mergekit_symalign.spec import align_layer, random_transform
 
 GEOMETRY = Geometry("llama", 4096, 32, 8, 128, 14336, 128, 500000.0)
@@ -107,18 +107,23 @@ def mlp_benchmark(args, spec, anchor, gen):
     for case, (target, truth) in targets.items():
         info = {}
 
-        def new_path():
+        def solved(**forced):
+            """solve_permutation's own terms and matcher, ``forced`` options passed to
+            ``assignment.match`` (its ``info`` filled for the report)."""
             info.clear()
             original = assignment.match
 
             def spy(*a, **kw):
-                return original(*a, **{**kw, "info": info})
+                return original(*a, **{**kw, "info": info, **forced})
 
             assignment.match = spy
             try:
                 return solve_permutation(mlp.main, anchor, target, scale=mlp.scale)
             finally:
                 assignment.match = original
+
+        def new_path():
+            return solved()
 
         found, timing = timed(new_path, args.repeats)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in info.get("seconds", {}).items())
@@ -128,9 +133,7 @@ def mlp_benchmark(args, spec, anchor, gen):
         print(f"            stages (s): {stages}")
         if args.skip_dense:
             continue
-        terms = [(a, t, role) for (site, a, t), role in zip(
-            _site_pairs(mlp.main, anchor, target), roles(mlp))]
-        found, timing = timed(lambda: assignment.match(terms, n, dense_below=n), 1)
+        found, timing = timed(lambda: solved(dense_below=n), 1)
         print(f"  {case:9s} dense path {timing}  exact={torch.equal(found, truth)}")
 
 
@@ -175,19 +178,6 @@ def activation_benchmark(args, gen):
     if not args.skip_dense:
         found, timing = timed(lambda: match_neurons(gate, gate_t, h, h_t, dense_below=n), 1)
         print(f"  dense      {timing}  exact={torch.equal(found, truth)}")
-
-
-def roles(mlp):
-    """The term roles solve_permutation gives the MLP's sites (gate plain, up covariant,
-    down contragredient); bias sites are absent on Llama."""
-    out = []
-    for site in mlp.main.sites:
-        if site.optional:
-            continue
-        scaled = [s for s in mlp.scale.sites if s.tensor == site.tensor and s.axis == site.axis]
-        out.append(assignment.PLAIN if not scaled else assignment.CONTRAGREDIENT
-                   if scaled[0].contragredient else assignment.COVARIANT)
-    return out
 
 
 def layer_benchmark(args, spec, anchor, gen):

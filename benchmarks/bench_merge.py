@@ -1,10 +1,10 @@
 """Wall time and peak memory: mergekit's plain task_arithmetic vs the aligned method, same run.
 
-    .venv/bin/python benchmarks/bench_merge.py [--suites smollm2 8b-layer 1b] [--repeats 3]
-    .venv/bin/python benchmarks/bench_merge.py --layer-only   # one Llama-3.1-8B-shaped layer
-    python3 benchmarks/bench_merge.py --cuda --suites smollm2-random --rows activations \
+    .venv/bin/python -m benchmarks.bench_merge [--suites smollm2 8b-layer 1b] [--repeats 3]
+    .venv/bin/python -m benchmarks.bench_merge --layer-only   # one Llama-3.1-8B-shaped layer
+    python3 -m benchmarks.bench_merge --cuda --suites smollm2-random --rows activations \
         --smollm2-dir DIR --no-docs   # plain and the named rows only, printed
-    .venv/bin/python benchmarks/bench_merge.py --suites smollm2 --calibration-samples 36 20 14
+    .venv/bin/python -m benchmarks.bench_merge --suites smollm2 --calibration-samples 36 20 14
         # alignment: activations against its calibration budget
 
 Every merge runs `mergekit-yaml` in its own process (peak RSS = that process's VmHWM;
@@ -63,16 +63,14 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
-import report  # noqa: E402
-from examples.common import (  # noqa: E402
+from benchmarks import docs_pages
+from examples.common import (
     ALIGNED_TASK_ARITHMETIC,
     aligned_recipe,
-    perturbed,
     plain_transfer_recipe,
     run_mergekit_yaml,
 )
+from tests.support import perturbed
 
 PAGE = "performance.md"
 SUITES = ("smollm2", "8b-layer", "1b", "smollm2-random")
@@ -373,7 +371,7 @@ def merge_benchmark(args, suite: str):
              f"({what}, {device}, median of {args.repeats})")
     image = cost_plot([(r["name"], r["t"], r["anon"]) for r in rows], title,
                       f"merge_cost_{suite}{suffix}.png")
-    path = report.update_page(PAGE, f"merge_cost_{suite}{suffix}",
+    path = docs_pages.update_page(PAGE, f"merge_cost_{suite}{suffix}",
                               f"{header}:\n\n{table}\n\n![Merge cost relative to plain "
                               f"task_arithmetic]({image})\n")
     print(f"wrote {path} and docs/{image}")
@@ -414,7 +412,7 @@ def _distance(value: Optional[float]) -> str:
 def cost_plot(rows, title, name) -> str:
     """Two panels: wall time and peak anonymous memory of each method relative to plain
     task_arithmetic."""
-    plt = report.pyplot()
+    plt = docs_pages.pyplot()
     _, t0, m0 = rows[0]
     methods = [r[0] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
@@ -433,7 +431,7 @@ def cost_plot(rows, title, name) -> str:
     axes[0].set_yticklabels(methods)
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=10)
-    return report.save_figure(fig, name)
+    return docs_pages.save_figure(fig, name)
 
 
 def layer_benchmark(args):
@@ -491,7 +489,7 @@ def layer_benchmark(args):
         results.append(LayerResult(str(dtype)[6:], timings, total, err, record, totals))
         del anchor, target, current
     if not args.no_docs:
-        path = report.update_page(PAGE, f"layer_8b_{device}", layer_table(where, results))
+        path = docs_pages.update_page(PAGE, f"layer_8b_{device}", layer_table(where, results))
         print(f"wrote region layer_8b_{device} of {path}")
 
 

@@ -1,6 +1,6 @@
 """Host anonymous memory (RssAnon) that each first use of a library adds to one process.
 
-    python3 benchmarks/host_memory.py [--device cuda]
+    python3 -m benchmarks.host_memory [--device cuda]
 
 Written to attribute the +550 to +680 MiB of host anonymous memory that every aligned
 ``--cuda`` merge showed over plain ``task_arithmetic`` on the H200 (docs/performance.md,
@@ -15,12 +15,9 @@ runs the same steps.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 
 
 def rss_anon_mib() -> float:

@@ -1,6 +1,6 @@
 """Per-layer relative distance to the anchor, before and after alignment, on the real model.
 
-    .venv/bin/python benchmarks/layer_distances.py [--sibling demo-output/models/sibling] [--no-docs]
+    .venv/bin/python -m benchmarks.layer_distances [--sibling demo-output/models/sibling] [--no-docs]
 
 Anchor: SmolLM2-135M-Instruct. Targets: the anchor under a random exact symmetry, and a
 fine-tuned sibling (the demo's, when given; otherwise a copy perturbed by 1 % noise) under
@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
-import report  # noqa: E402
-from examples import smollm  # noqa: E402
-from examples.common import perturbed  # noqa: E402
-from mergekit_symalign.architectures import split_layer_name, ARCHITECTURES  # noqa: E402
-from mergekit_symalign.spec import align_layer, layer_distance  # noqa: E402
-from mergekit_symalign.statedict import scramble_state_dict, spec_for_config  # noqa: E402
+from benchmarks import docs_pages
+from examples import smollm
+from mergekit_symalign.architectures import split_layer_name, ARCHITECTURES
+from mergekit_symalign.spec import align_layer, layer_distance
+from mergekit_symalign.statedict import scramble_state_dict, spec_for_config
+from tests.support import perturbed
 
 
 def by_layer(sd):
@@ -40,7 +36,7 @@ def by_layer(sd):
 
 
 def distance_plot(per_layer, label) -> str:
-    plt = report.pyplot()
+    plt = docs_pages.pyplot()
     fig, axes = plt.subplots(1, len(per_layer), figsize=(4 * len(per_layer), 3.8), sharey=True)
     for ax, (name, (before, after)) in zip(axes, per_layer.items()):
         layers = range(len(before))
@@ -53,7 +49,7 @@ def distance_plot(per_layer, label) -> str:
     axes[0].set_ylabel("relative distance ||T - A|| / ||A||")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct: per-layer distance to the anchor; {label}", fontsize=10)
-    return report.save_figure(fig, "layer_distances.png")
+    return docs_pages.save_figure(fig, "layer_distances.png")
 
 
 def main(argv=None):
@@ -109,7 +105,7 @@ def main(argv=None):
     caption = (f"{header}. Distance: ||T − A|| / ||A|| over the tensors the symmetries move, "
                f"anchor A = SmolLM2-135M-Instruct; time: weight alignment of one layer on CPU "
                f"(indicative only; timings proper are in performance.md).")
-    path = report.update_page(
+    path = docs_pages.update_page(
         "layer-distances.md", "layer_distances",
         f"{caption}\n\n{table}\n\n![Per-layer distance to the anchor before and after alignment]({image})\n")
     print(f"\nwrote {path} and docs/{image}")

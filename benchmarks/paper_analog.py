@@ -1,6 +1,6 @@
 """The paper's transfer table, rebuilt from scratch on a toy world small enough for a CPU.
 
-    .venv/bin/python benchmarks/paper_analog.py [--seeds 3] [--workdir bench-output/paper-analog]
+    .venv/bin/python -m benchmarks.paper_analog [--seeds 3] [--workdir bench-output/paper-analog]
 
 For each seed it trains (see ``toyworld.py``; cached under ``--workdir``):
 
@@ -38,11 +38,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
-import report  # noqa: E402
-import toyworld as tw  # noqa: E402
-from examples.common import mean_kl, run_recipe, transfer_recipe  # noqa: E402
+from benchmarks import docs_pages  # noqa: E402
+from benchmarks import toyworld as tw  # noqa: E402
+from examples.common import mean_kl, transfer_recipe  # noqa: E402
+from tests.support import run_recipe  # noqa: E402
 
 BUILD_VERSION = 2  # bump when the recipes below change: invalidates cached models
 
@@ -261,7 +260,7 @@ def table(rows: List[Dict], setting: str) -> str:
 
 
 def plot(rows: List[Dict], seeds: int) -> str:
-    plt = report.pyplot()
+    plt = docs_pages.pyplot()
     variants = ["target", *VARIANTS]
     titles = {"same base": "target from the reference's base (the paper's setting)",
               "same base, scrambled": "that target under a random exact symmetry",
@@ -289,7 +288,7 @@ def plot(rows: List[Dict], seeds: int) -> str:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"exact-match accuracy (mean ± SE, {seeds} seeds)")
     axes[0].legend(loc="upper left", fontsize=8)
-    return report.save_figure(fig, "paper_analog_accuracy.png")
+    return docs_pages.save_figure(fig, "paper_analog_accuracy.png")
 
 
 def main(argv=None) -> int:
@@ -330,7 +329,7 @@ def main(argv=None) -> int:
         f"hidden {tw.model_config().hidden_size}, GQA 4/2 heads, MLP "
         f"{tw.model_config().intermediate_size}; training steps (batch 32): "
         + ", ".join(f"{k} {v.steps}" for k, v in plan.items())
-        + f". Regenerate: `.venv/bin/python benchmarks/paper_analog.py --seeds {args.seeds}` "
+        + f". Regenerate: `.venv/bin/python -m benchmarks.paper_analog --seeds {args.seeds}` "
         f"(this run: {wall / 60:.0f} min on 2 CPU cores; models already trained in the workdir "
         f"are reused, a seed from scratch trains for about 9 min)."
     )
@@ -344,7 +343,7 @@ def main(argv=None) -> int:
     if not args.no_docs:
         image = plot(rows, args.seeds)
         text += ["", f"![accuracy per variant]({image})"]
-        report.update_page("paper-analog.md", "paper_analog", "\n".join(text))
+        docs_pages.update_page("paper-analog.md", "paper_analog", "\n".join(text))
         print(f"wrote docs/paper-analog.md and docs/{image}")
     return 0
 

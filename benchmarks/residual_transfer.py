@@ -1,7 +1,7 @@
 """The aligned transfer onto targets whose residual stream and attention heads moved too
 (issue 10's real-model evidence), on the demo's SmolLM2-135M family.
 
-    .venv/bin/python benchmarks/residual_transfer.py [--workdir demo-output] [--threads 2] [--no-docs]
+    .venv/bin/python -m benchmarks.residual_transfer [--workdir demo-output] [--threads 2] [--no-docs]
 
 Targets, built once from the demo family (under WORKDIR/residual/):
 
@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-import report  # noqa: E402
-import transfer_ablation as ablation  # noqa: E402
-from examples import demo, smollm  # noqa: E402
-from examples.common import mean_kl  # noqa: E402
+from benchmarks import docs_pages
+from benchmarks import transfer_ablation as ablation
+from examples import demo, smollm
+from examples.common import mean_kl
 
 SEEDS = {"reference": 301, "sibling": 302}
 PERMUTED = {
@@ -130,7 +127,7 @@ def main(argv=None):
     print(f"\n{caption}\n\n{table}")
     (work / "results.json").write_text(json.dumps({"rows": rows}, indent=1))
     if not args.no_docs:
-        path = report.update_page("transfer.md", "residual_table", f"{caption}\n\n{table}\n")
+        path = docs_pages.update_page("transfer.md", "residual_table", f"{caption}\n\n{table}\n")
         print(f"\nwrote {path}")
 
 

@@ -1,6 +1,6 @@
 """Ablations of the aligned transfer on the demo's real-model family (SmolLM2-135M).
 
-    .venv/bin/python benchmarks/transfer_ablation.py [--workdir demo-output] [--target sibling-scrambled]
+    .venv/bin/python -m benchmarks.transfer_ablation [--workdir demo-output] [--target sibling-scrambled]
         [--threads 2] [--no-docs]
 
 Reuses (or builds) the demo family: reference, arithmetic skill fine-tune, a sibling
@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and the repo's examples/
-import report  # noqa: E402
-from examples import demo, smollm  # noqa: E402
-from examples.common import mean_kl, run_mergekit_yaml, text_logits, transfer_recipe  # noqa: E402
+from benchmarks import docs_pages
+from examples import demo, smollm
+from examples.common import mean_kl, run_mergekit_yaml, text_logits, transfer_recipe
 
 VARIANTS = {
     "plain task_arithmetic": None,
@@ -64,7 +62,7 @@ def markdown_table(rows) -> str:
 
 
 def accuracy_plot(rows, targets, skill_acc) -> str:
-    plt = report.pyplot()
+    plt = docs_pages.pyplot()
     variants = list(VARIANTS)
     acc = {(r["target"], r["variant"]): r["accuracy"] for r in rows}
     fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -85,7 +83,7 @@ def accuracy_plot(rows, targets, skill_acc) -> str:
     ax.set_ylim(0, 1.1)
     ax.set_title("Skill (2-3 digit addition) transferred onto each target, by merge variant")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    return report.save_figure(fig, "transfer_accuracy.png")
+    return docs_pages.save_figure(fig, "transfer_accuracy.png")
 
 
 def run_variants(targets, variants, out_dir: Path, tok, problems, skill_logp, texts,
@@ -194,7 +192,7 @@ def main(argv=None):
         print(f"\n(--target {args.target}: docs/transfer.md not updated, it shows all targets)")
         return
     image = accuracy_plot(rows, targets, skill_acc)
-    path = report.update_page(
+    path = docs_pages.update_page(
         "transfer.md", "transfer_table",
         f"{caption}\n\n{table}\n\n![Skill accuracy per variant and target]({image})\n")
     print(f"\nwrote {path} and docs/{image}")

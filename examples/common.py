@@ -1,5 +1,6 @@
-"""What the demo, the benchmarks and the tests share: transfer recipes, the two ways they run a
-merge (in this process, or through an unmodified ``mergekit-yaml``), and small tensor helpers.
+"""The demo's helpers (the benchmarks built on its model family use them too): transfer
+recipes, a merge through an unmodified ``mergekit-yaml`` in its own process, and reading
+checkpoints, batches and logits. What only the tests need lives in ``tests/support.py``.
 
 Paths in recipes are written as given: mergekit treats a relative ``a/b`` as a Hub id in places
 (its model card), so callers that care pass absolute paths.
@@ -72,21 +73,6 @@ def transfer_recipe(target: PathLike, reference: PathLike, skill: PathLike,
 # --------------------------------------------------------------------------- merges
 
 
-def run_recipe(recipe: Recipe, out: PathLike, **options) -> str:
-    """Merge ``recipe`` into ``out`` in this process (mergekit's ``run_merge``); returns ``out``.
-
-    ``options`` go to ``MergeOptions``; unless overridden: no tokenizer copy, no model card,
-    no progress output.
-    """
-    import mergekit_symalign  # noqa: F401  (registers the symmetry_aligned_* methods)
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    options = {"copy_tokenizer": False, "write_model_card": False, "quiet": True, **options}
-    run_merge(MergeConfiguration.model_validate(recipe), str(out), options=MergeOptions(**options))
-    return str(out)
-
-
 def write_recipe(recipe: Recipe, path: PathLike) -> str:
     """``recipe`` as a YAML file at ``path`` (folders created); returns the path."""
     import yaml
@@ -151,18 +137,6 @@ def load_tensors(folder: PathLike) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def perturbed(model, seed: int, scale: float = 0.02) -> Dict[str, torch.Tensor]:
-    """A fine-tuned-looking relative of a model (or state dict): every weight moved by
-    ``scale`` times its own standard deviation of Gaussian noise."""
-    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in state.items():
-        noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
-        out[name] = t + scale * (t.std() if t.numel() > 1 else 1.0) * noise
-    return out
-
-
 def pack_examples(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
     """Right-padded ``(input_ids, attention_mask, labels)`` of ``(prompt, completion)`` token
     lists; labels only on the completions."""
@@ -179,15 +153,6 @@ def pack_examples(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int):
 
 
 # --------------------------------------------------------------------------- logits
-
-
-@torch.no_grad()
-def logits(path: PathLike, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the float32 model saved in ``path`` on ``ids``."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model(ids).logits
 
 
 @torch.no_grad()

@@ -10,19 +10,19 @@ source scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=.venv/bin/python
 if [ "${1:-}" = "--quick" ]; then
-  $PY benchmarks/paper_analog.py --seeds 1 --scale 0.02 --problems 20 --workdir bench-output/quick --no-docs
-  $PY benchmarks/bench_merge.py --suites smollm2 --repeats 1 --no-docs
-  $PY benchmarks/independent_init.py --quick --workdir bench-output/quick-independent-init --no-docs
+  $PY -m benchmarks.paper_analog --seeds 1 --scale 0.02 --problems 20 --workdir bench-output/quick --no-docs
+  $PY -m benchmarks.bench_merge --suites smollm2 --repeats 1 --no-docs
+  $PY -m benchmarks.independent_init --quick --workdir bench-output/quick-independent-init --no-docs
   exit 0
 fi
 # timings first, while nothing else runs
-$PY benchmarks/bench_merge.py                       # docs/performance.md: whole merges (SmolLM2, 8B-shaped layer, 1B-class), plain vs aligned
-$PY benchmarks/bench_merge.py --layer-only          # docs/performance.md: one Llama-3.1-8B-shaped layer, per symmetry
-$PY benchmarks/bench_assignment.py                  # prints: the 8B-shaped MLP matching, dense vs sparse, per stage
+$PY -m benchmarks.bench_merge                       # docs/performance.md: whole merges (SmolLM2, 8B-shaped layer, 1B-class), plain vs aligned
+$PY -m benchmarks.bench_merge --layer-only          # docs/performance.md: one Llama-3.1-8B-shaped layer, per symmetry
+$PY -m benchmarks.bench_assignment                  # prints: the 8B-shaped MLP matching, dense vs sparse, per stage
 # then the quality results (the SmolLM2 family is the demo's, built once under demo-output/)
 $PY -m examples.demo                                # docs/demo-results.md's table (printed, and in demo-output/results.md)
-$PY benchmarks/layer_distances.py --sibling demo-output/models/sibling   # docs/layer-distances.md
-$PY benchmarks/transfer_ablation.py                 # docs/transfer.md
-$PY benchmarks/residual_transfer.py                 # docs/transfer.md: targets with moved heads and residual stream
-$PY benchmarks/paper_analog.py --seeds 3            # docs/paper-analog.md
-$PY benchmarks/independent_init.py --seeds 3 --widths 64:3 128:3 256:2   # docs/independent-init.md (about 2 h more on 1 thread: it trains wider models)
+$PY -m benchmarks.layer_distances --sibling demo-output/models/sibling   # docs/layer-distances.md
+$PY -m benchmarks.transfer_ablation                 # docs/transfer.md
+$PY -m benchmarks.residual_transfer                 # docs/transfer.md: targets with moved heads and residual stream
+$PY -m benchmarks.paper_analog --seeds 3            # docs/paper-analog.md
+$PY -m benchmarks.independent_init --seeds 3 --widths 64:3 128:3 256:2   # docs/independent-init.md (about 2 h more on 1 thread: it trains wider models)

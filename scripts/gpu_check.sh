@@ -45,13 +45,13 @@ for step in $STEPS; do
   case $step in
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/tests.log" 2>&1
            echo "rc=$?"; tail -5 "$OUT/tests.log" ;;
-    layer) timeout 110 python3 benchmarks/bench_merge.py --layer-only --cuda --repeats 5 > "$OUT/layer.log" 2>&1
+    layer) timeout 110 python3 -m benchmarks.bench_merge --layer-only --cuda --repeats 5 > "$OUT/layer.log" 2>&1
            echo "rc=$?"; tail -28 "$OUT/layer.log" ;;
-    memory) timeout 60 python3 benchmarks/host_memory.py --device cuda > "$OUT/memory.log" 2>&1
+    memory) timeout 60 python3 -m benchmarks.host_memory --device cuda > "$OUT/memory.log" 2>&1
            echo "rc=$?"; cat "$OUT/memory.log" ;;
-    merges) timeout 330 python3 benchmarks/bench_merge.py --cuda --suites 8b-layer 1b --repeats 3 --workdir /tmp/bench > "$OUT/merges.log" 2>&1
+    merges) timeout 330 python3 -m benchmarks.bench_merge --cuda --suites 8b-layer 1b --repeats 3 --workdir /tmp/bench > "$OUT/merges.log" 2>&1
            echo "rc=$?"; grep "^|" "$OUT/merges.log" ;;
-    activations) timeout 200 python3 benchmarks/bench_merge.py --cuda "${SMOLLM2[@]}" --rows activations --repeats 3 --workdir /tmp/bench --no-docs > "$OUT/activations.log" 2>&1
+    activations) timeout 200 python3 -m benchmarks.bench_merge --cuda "${SMOLLM2[@]}" --rows activations --repeats 3 --workdir /tmp/bench --no-docs > "$OUT/activations.log" 2>&1
            echo "rc=$?"; grep "^|" "$OUT/activations.log" ;;
     *) echo "unknown step $step (tests layer memory merges activations)"; exit 2 ;;
   esac

@@ -1,7 +1,7 @@
 """Tiny random models of each supported architecture, saved like real checkpoints.
 
-Recipe builders, merge runners and other helpers shared with the demo and the benchmarks live
-in ``examples/common.py``.
+Fixtures and model builders; recipe builders, merge runners and the other helpers that are not
+fixtures live in ``tests/support.py``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import mergekit_symalign  # noqa: E402,F401  (registers the methods)
-from examples import common  # noqa: E402
-from examples.common import perturbed  # noqa: E402
 from mergekit_symalign.statedict import scramble_state_dict  # noqa: E402
+
+from . import support  # noqa: E402
+from .support import perturbed  # noqa: E402
 
 VOCAB = 96
 COMMON = dict(
@@ -83,7 +84,7 @@ def logits(path: str, ids=None) -> torch.Tensor:
     """The saved model's logits on ``ids`` (default: two fixed random rows of the tiny vocab)."""
     if ids is None:
         ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(7))
-    return common.logits(path, ids)
+    return support.logits(path, ids)
 
 
 def scale_of(t: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from mergekit_symalign.groups import Kind, Site, Symmetry, slot_index
 from mergekit_symalign.spec import Switches
 from mergekit_symalign.statedict import scramble_state_dict, transform_state_dict
 
-from examples.common import perturbed
+from .support import perturbed
 
 from .conftest import ARCH_CONFIGS, VOCAB, make_model, scale_of
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_symalign.errors import NonFiniteTensorError, SymAlignConfigError
 from mergekit_symalign.methods import PREFIX
 
-from examples.common import aligned_recipe, run_recipe
+from .support import aligned_recipe, run_recipe
 
 from .conftest import make_config, make_model, save
 

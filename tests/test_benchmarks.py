@@ -5,16 +5,14 @@ the regeneration command runs still works, and that its plain baseline is what i
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import toyworld as tw
 
-import toyworld as tw  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_toy_tokenizer_matches_training_ids(tmp_path):
@@ -62,7 +60,7 @@ def test_toy_tasks_and_scorer():
 
 @pytest.mark.filterwarnings("ignore")
 def test_paper_analog_pipeline_smoke(tmp_path):
-    import paper_analog
+    from benchmarks import paper_analog
 
     work = tmp_path / "work"
     paper_analog.main(["--seeds", "1", "--scale", "0.01", "--problems", "5", "--threads", "1",
@@ -111,30 +109,30 @@ def _toy_pair(seed=0, width=32):
 @pytest.mark.parametrize("residual", ["none", "permutation", "orthogonal"])
 def test_one_pass_weight_matching_is_the_packages(residual):
     """The benchmark's weight matching with no re-solve is align_state_dict, tensor by tensor."""
-    import independent_init as ii
-
+    from benchmarks.independent_init.matching import weight_matching
     from mergekit_symalign.statedict import align_state_dict
 
     model, a, _ = _toy_pair(1)
     b = {k: v.clone() for k, v in _toy_pair(2)[1].items()}  # another init: a real problem
-    mine, _ = ii.weight_matching(a, b, model.config, residual)
-    theirs, _ = align_state_dict(a, b, model.config, residual=residual)
-    assert set(mine) == set(theirs)
-    for name in theirs:
-        torch.testing.assert_close(mine[name], theirs[name], atol=0, rtol=0)
+    benchmark, _ = weight_matching(a, b, model.config, residual)
+    package, _ = align_state_dict(a, b, model.config, residual=residual)
+    assert set(benchmark) == set(package)
+    for name in package:
+        torch.testing.assert_close(benchmark[name], package[name], atol=0, rtol=0)
 
 
 def test_iterative_weight_matching_is_exact_and_undoes_a_scramble():
     """Re-solving the residual stream from every layer's readers and writers (in the layers'
     aligned coordinates) keeps the model's function and still finds the true transform."""
-    import independent_init as ii
+    from benchmarks.independent_init.matching import weight_matching
+    from benchmarks.independent_init.states import relative_distance
 
     model, sd, scrambled = _toy_pair(3)
     ids = torch.randint(3, len(tw.VOCAB), (2, 17), generator=torch.Generator().manual_seed(0))
     trace = []
-    aligned, _ = ii.weight_matching(sd, scrambled, model.config, "orthogonal", rounds=2, trace=trace)
+    aligned, _ = weight_matching(sd, scrambled, model.config, "orthogonal", rounds=2, trace=trace)
     assert [t["round"] for t in trace] == [0, 1, 2]
-    assert trace[-1]["distance"] < 1e-5 and ii.relative_distance(sd, aligned) < 1e-5
+    assert trace[-1]["distance"] < 1e-5 and relative_distance(sd, aligned) < 1e-5
     with torch.no_grad():
         model.load_state_dict(scrambled)
         before = model(ids).logits
@@ -144,12 +142,13 @@ def test_iterative_weight_matching_is_exact_and_undoes_a_scramble():
 
 
 def test_barrier_is_the_excess_over_the_endpoints_line():
-    import independent_init as ii
+    from benchmarks.independent_init.fusion import barrier
+    from benchmarks.independent_init.run import parse_widths
 
     alphas = [0, 0.25, 0.5, 0.75, 1]
-    assert ii.barrier(alphas, [1.0, 1.5, 2.5, 2.2, 2.0]) == pytest.approx(1.0)
-    assert ii.barrier(alphas, [1.0, 1.25, 1.5, 1.75, 2.0]) == pytest.approx(0.0)
-    assert ii.parse_widths(["128", "256:2"], 3) == [(128, 3), (256, 2)]
+    assert barrier(alphas, [1.0, 1.5, 2.5, 2.2, 2.0]) == pytest.approx(1.0)
+    assert barrier(alphas, [1.0, 1.25, 1.5, 1.75, 2.0]) == pytest.approx(0.0)
+    assert parse_widths(["128", "256:2"], 3) == [(128, 3), (256, 2)]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -157,14 +156,15 @@ def test_independent_init_pipeline_smoke(tmp_path):
     """Tiny schedules, one width with the transfer: every variant's path ends at the same loss
     as the plain one (the aligned endpoint computes B's function), and mergekit's aligned
     transfer computes what the state-dict formula computes."""
-    import independent_init as ii
+    from benchmarks.independent_init import variants
+    from benchmarks.independent_init.run import main
 
     work = tmp_path / "work"
-    ii.main(["--quick", "--widths", "32", "--transfer-widths", "32", "--points", "3",
+    main(["--quick", "--widths", "32", "--transfer-widths", "32", "--points", "3",
              "--threads", "1", "--workdir", str(work), "--no-docs"])
     saved = json.loads((work / "results.json").read_text())
     (pair,) = saved["pairs"]
-    assert set(pair["variants"]) == set(ii.FUSION)
+    assert set(pair["variants"]) == set(variants.FUSION)
     plain = pair["variants"]["plain"]["losses"]
     for name, row in pair["variants"].items():
         assert len(row["losses"]) == 3
@@ -174,21 +174,21 @@ def test_independent_init_pipeline_smoke(tmp_path):
     fit = pair["residual_fit"]  # the one-pass rotation's keep-or-snap decision, recorded
     assert fit["mode"] in ("permutation", "orthogonal") and fit["entries"] == 2 * 32 * fit["vocab"]
     assert (fit["mode"] == "orthogonal") == (fit["gain_share"] > fit["threshold"])
-    assert set(pair["parts"]) == set(ii.PARTS_VARIANTS)
+    assert set(pair["parts"]) == set(variants.PARTS_VARIANTS)
     rows = saved["transfer"]
     got = {(r["setting"], r["variant"]) for r in rows}
-    assert {("other init", v) for v in ii.TRANSFER} <= got
-    assert {("same base", v) for v in ii.SAME_BASE} <= got
+    assert {("other init", v) for v in variants.TRANSFER} <= got
+    assert {("same base", v) for v in variants.SAME_BASE} <= got
     checks = [r["statedict_check_kl"] for r in rows if "statedict_check_kl" in r]
     assert checks and max(checks) < 1e-5
     # the report reads the saved results back without training or measuring
-    ii.main(["--workdir", str(work), "--from-results", "--no-docs"])
+    main(["--workdir", str(work), "--from-results", "--no-docs"])
 
 
 def test_bench_assignment_activation_matching_smoke(capsys):
     """benchmarks/bench_assignment.py's activation matching at a small width (the script
     runs at 8B widths in scripts/benchmarks.sh): both paths find the planted permutation."""
-    import bench_assignment
+    from benchmarks import bench_assignment
 
     bench_assignment.main(["--skip-mlp", "--skip-layer", "--activations", "--repeats", "1",
                            "--activation-neurons", "640", "--activation-tokens", "512"])
@@ -203,8 +203,8 @@ def test_bench_merge_child_reports_its_own_peak_rss(family, tmp_path):
     up in the child's figure."""
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs Linux's /proc/self/status")
-    import bench_merge
-    from examples.common import plain_transfer_recipe
+    from benchmarks import bench_merge
+    from tests.support import plain_transfer_recipe
 
     ballast = torch.ones(2**29)  # 2 GiB of float32, touched: this process's RSS grows by it
     with open("/proc/self/status") as f:
@@ -222,8 +222,8 @@ def test_bench_merge_reads_the_distance_after_from_the_aligned_merges_card(famil
     onto the scrambled reference itself (the alignment undoes it exactly) ~0, onto the
     unmoved sibling its own distance; read from a real merge's card, so a change of the
     card's table shows here."""
-    import bench_merge
-    from examples.common import aligned_recipe
+    from benchmarks import bench_merge
+    from tests.support import aligned_recipe
 
     def after(target):
         recipe = aligned_recipe("symmetry_aligned_task_arithmetic", family[target],
@@ -238,7 +238,7 @@ def test_bench_merge_reads_the_distance_after_from_the_aligned_merges_card(famil
 def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
     """--calibration-samples times plain, weights and alignment: activations at the default
     budget and at each number of prompts, with a distance column, into its own region."""
-    import bench_merge
+    from benchmarks import bench_merge
 
     from tests.conftest import make_config, save_word_tokenizer
 
@@ -250,7 +250,7 @@ def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
                         or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, 0.5 if len(ran) > 1 else None))
     monkeypatch.setattr(bench_merge, "calibration_token_count", lambda paths, samples: 100 + samples)
     monkeypatch.setattr(bench_merge, "cost_plot", lambda *a, **k: "img/x.png")
-    monkeypatch.setattr(bench_merge.report, "update_page",
+    monkeypatch.setattr(bench_merge.docs_pages, "update_page",
                         lambda page, region, text: written.append((region, text)))
     bench_merge.main(["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
                       "--workdir", str(tmp_path / "work"), "--calibration-samples", "20", "14"])
@@ -271,7 +271,7 @@ def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path)
     """The GPU machine's stand-in for SmolLM2 (suite smollm2-random): the models have the
     given config's shapes and its tokenizer (activation alignment needs it), and the target is
     the sibling moved by an exact symmetry (same shapes, other values), not the sibling."""
-    import bench_merge
+    from benchmarks import bench_merge
     from safetensors.torch import load_file
 
     from tests.conftest import make_config, save_word_tokenizer
@@ -295,7 +295,7 @@ def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path)
 def test_bench_merge_table_gpu_columns():
     """With --cuda the table adds each merge's peak GPU memory against plain's; every line has
     the header's number of cells."""
-    import bench_merge
+    from benchmarks import bench_merge
 
     def row(name, t, anon, gpu):
         return {"name": name, "t": t, "t_min": t, "t_max": t, "paired": t / 10, "paired_min": 1,
@@ -314,7 +314,7 @@ def test_bench_merge_table_gpu_columns():
 def test_host_memory_probe_runs_every_step(capsys):
     """benchmarks/host_memory.py (the GPU session's probe of the --cuda merges' host memory)
     runs each step on CPU and prints one figure per step."""
-    import host_memory
+    from benchmarks import host_memory
 
     host_memory.main(["--device", "cpu"])
     out = capsys.readouterr().out
@@ -326,18 +326,22 @@ def test_host_memory_probe_runs_every_step(capsys):
 def test_gpu_check_script_names_what_exists():
     """scripts/gpu_check.sh (run on a GPU machine, never in CI) is valid bash, and every
     benchmark, test file and bench_merge option it names exists."""
+    import importlib
     import re
     import subprocess
 
-    import bench_merge
+    from benchmarks import bench_merge
 
-    root = BENCH.parent
-    script = (root / "scripts" / "gpu_check.sh").read_text()
-    subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check.sh")], check=True)
-    paths = set(re.findall(r"\b(?:benchmarks|tests)/[\w/]+\.py", script))
-    assert paths and all((root / p).is_file() for p in paths), paths
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
+    paths = set(re.findall(r"\btests/[\w/]+\.py", script))
+    assert paths and all((ROOT / p).is_file() for p in paths), paths
+    modules = set(re.findall(r"-m (benchmarks\.\w+)", script))
+    assert {"benchmarks.bench_merge", "benchmarks.host_memory"} <= modules, modules
+    for module in modules:
+        importlib.import_module(module)
     lines = [line for line in script.splitlines()
-             if "bench_merge.py" in line or line.startswith("SMOLLM2=")]
+             if "benchmarks.bench_merge" in line or line.startswith("SMOLLM2=")]
     flags = {f for line in lines for f in re.findall(r"--[a-z][\w-]*", line)}
     known = {o for action in bench_merge.build_parser()._actions for o in action.option_strings}
     assert {"--smollm2-dir", "--rows", "--cuda"} <= flags <= known, flags - known
@@ -346,7 +350,7 @@ def test_gpu_check_script_names_what_exists():
 def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tmp_path, monkeypatch):
     """--rows keeps plain and the rows named (a partial table: printed, never written over the
     page's full one), and names the suite's rows when none matches."""
-    import bench_merge
+    from benchmarks import bench_merge
 
     from tests.conftest import make_config, save_word_tokenizer
 
@@ -357,7 +361,7 @@ def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tm
     monkeypatch.setattr(bench_merge, "run_one",
                         lambda recipe, workdir, extra: ran.append(recipe)
                         or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, None))
-    monkeypatch.setattr(bench_merge.report, "update_page",
+    monkeypatch.setattr(bench_merge.docs_pages, "update_page",
                         lambda *a, **k: pytest.fail("a --rows run wrote docs/"))
     common = ["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
               "--workdir", str(tmp_path / "work")]

@@ -3,10 +3,10 @@ from, shared between merges and the state-dict API, never applied when unreadabl
 
 import torch
 
-from examples.common import aligned_recipe, run_recipe
 from mergekit_symalign import cache
 from mergekit_symalign.statedict import align_state_dict
 
+from .support import aligned_recipe, run_recipe
 from .conftest import assert_tensors_close, load, save
 
 

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from examples.common import aligned_recipe, run_recipe, write_recipe
 from mergekit_symalign.cli import main
 from mergekit_symalign.methods import PREFIX
 from mergekit_symalign.spec import align_layer, random_transform
 from mergekit_symalign.statedict import align_state_dict, scramble_state_dict, spec_for_config
 
+from .support import aligned_recipe, run_recipe, write_recipe
 from .conftest import ARCH_CONFIGS, assert_tensors_close, load, make_model
 from .test_residual import rotated_family  # noqa: F401  (a fixture)
 

@@ -8,17 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from examples.common import (
+from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
+from mergekit_symalign.statedict import scramble_state_dict
+
+from .support import (
     aligned_recipe as transfer,
     perturbed,
     plain_transfer_recipe as plain_transfer,
     run_mergekit_yaml,
     run_recipe,
 )
-from mergekit_symalign.methods import PREFIX, WRAPPED_METHODS
-
-from mergekit_symalign.statedict import scramble_state_dict
-
 from .conftest import (
     ARCH_CONFIGS,
     assert_tensors_close,

@@ -6,7 +6,7 @@ import torch
 from mergekit_symalign.methods import PREFIX
 from mergekit_symalign.statedict import align_state_dict, scramble_state_dict
 
-from examples.common import aligned_recipe, logits, perturbed, run_recipe
+from .support import aligned_recipe, logits, perturbed, run_recipe
 
 smollm = pytest.importorskip("examples.smollm", reason="examples/smollm.py (the SmolLM2 loader) "
                              "is importable only from a checkout of this repository")

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from examples.common import aligned_recipe, run_recipe
+from .support import aligned_recipe, run_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
 

@@ -24,7 +24,7 @@ from mergekit_symalign.errors import (
 )
 from mergekit_symalign.methods import PREFIX
 
-from examples.common import aligned_recipe, run_mergekit_yaml, run_recipe
+from .support import aligned_recipe, run_mergekit_yaml, run_recipe
 
 from .conftest import VOCAB, make_config, make_model, save, save_word_tokenizer, word_calibration
 

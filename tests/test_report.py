@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from examples.common import aligned_recipe, load_tensors, run_recipe, write_recipe
 from mergekit_symalign.cli import main
 from mergekit_symalign.methods import PREFIX
 from mergekit_symalign.report import (
@@ -20,6 +19,8 @@ from mergekit_symalign.report import (
     step_summary,
     summarize_transform,
 )
+
+from .support import aligned_recipe, load_tensors, run_recipe, write_recipe
 
 TA = PREFIX + "task_arithmetic"
 SAME_MERGE = "alignment is the identity for every layer: plain task_arithmetic gives the same merge."

@@ -5,7 +5,6 @@ where not exact, and the identity on descendants of one base."""
 import pytest
 import torch
 
-from examples.common import perturbed
 from mergekit_symalign import residual as res
 from mergekit_symalign.architectures import architecture_for, geometry_from_config
 from mergekit_symalign.errors import UnsupportedArchitecture
@@ -17,6 +16,7 @@ from mergekit_symalign.statedict import (
     transform_state_dict,
 )
 
+from .support import perturbed
 from .conftest import ARCH_CONFIGS, make_model, scale_of
 
 IDS = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(3))
@@ -186,7 +186,7 @@ def test_transfer_onto_a_residual_scrambled_model_through_mergekit(rotated_famil
     """The skill vector measured on R lands exactly on T(R): the skill model itself in the
     reference's coordinates, T(skill) in the base's (the rotated checkpoint's own
     parameterization: norms folded)."""
-    from examples.common import aligned_recipe, run_recipe
+    from .support import aligned_recipe, run_recipe
 
     from .conftest import assert_tensors_close, load
 
@@ -206,7 +206,7 @@ def test_skill_of_a_rotated_model_onto_an_unrotated_target(rotated_family, tmp_p
     """The other direction: reference and skill rotated (a QuaRot-style pair T(R), T(S)), the
     target the unrotated R. The transfer computes the skill model S itself: in the rotated
     coordinates, or in R's own (the merged model's norms folded back out, R's norms kept)."""
-    from examples.common import aligned_recipe, run_recipe
+    from .support import aligned_recipe, run_recipe
 
     from .conftest import assert_tensors_close, load, logits, save
 
@@ -228,7 +228,7 @@ def test_skill_of_a_rotated_model_onto_an_unrotated_target(rotated_family, tmp_p
 
 @pytest.mark.parametrize("mode", ["permutation", "orthogonal"])
 def test_residual_on_a_same_base_sibling_changes_no_merge(rotated_family, tmp_path, mode):
-    from examples.common import aligned_recipe, run_recipe
+    from .support import aligned_recipe, run_recipe
 
     from .conftest import load
 
