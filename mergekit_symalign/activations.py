@@ -180,8 +180,8 @@ def _feature_major_linear(linear: nn.Linear):
     feature-major ``[out, tokens]`` product (``W x^T``, the same multiply-adds; in the tests
     and on SmolLM2 the same bits). The recorder stores activations as ``[features, tokens]``:
     recorded this way, the MLP's gate and up outputs, and ``act(gate) * up`` computed from
-    them elementwise (torch keeps its inputs' layout), need no transposing copy, which was
-    three quarters of the ~2.8 s of transposes of a SmolLM2 activation merge. Only for the
+    them elementwise (torch keeps its inputs' layout), need no transposing copy (most of an
+    activation merge's transposes otherwise). Only for the
     MLP's input projections, whose consumers are elementwise ops and down_proj's matmul;
     attention projections feed kernels that want the head dimension contiguous."""
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -529,9 +529,8 @@ def full_forward_statistics(
 
 #: Sketch dimensions of the large-n activation matching. Neurons' activations correlate far
 #: more than their weights (cosines of ~0.5 between distinct neurons over the same tokens),
-#: so the weight path's 64 dimensions left 190 of a SmolLM2 layer's 1536 rows uncertain and
-#: sent it to the dense path; 128 left 9 (scored exactly against every neuron) and took
-#: 0.17 s against the dense path's 0.36 s.
+#: so the weight path's 64 dimensions leave too many rows uncertain (a SmolLM2 layer then
+#: goes to the dense path); 128 leave few, scored exactly against every neuron.
 ACTIVATION_SKETCH_DIM = 128
 
 
@@ -567,9 +566,8 @@ def _solve_mlp_permutation(plan: ActivationPlan, reference: Activations, model: 
     rows, weighted by ``1 / |row|``, as both its scaled terms (``2 sqrt(cos^2) = 2 |cos|``).
     Up to :data:`assignment.DENSE_BELOW` neurons that is the dense similarity and scipy's
     assignment; above, sketches of the token dimension find each neuron's candidates and
-    only those pairs are scored exactly (the dense ``n x n x tokens`` cosines were most of
-    the activation path's solving time at SmolLM2's 1536 neurons, and ~24 TFLOP per layer at
-    Llama-3.1-8B's 14336 neurons and default token budget).
+    only those pairs are scored exactly (the dense ``n x n x tokens`` cosines are ~24 TFLOP
+    per layer at Llama-3.1-8B's 14336 neurons and default token budget).
 
     ``margins`` (when given) receives, per reference neuron, its matched score minus the
     best score of any other model neuron scored in its row (every neuron on the dense path;

@@ -13,7 +13,7 @@ role)`` terms, and returns ``perm`` with ``perm[i]`` = the model slot matched to
   ``1/s``), so a neuron rescaled by a negative or large factor still matches its twin.
 
 Small ``n`` (``n <= dense_below``): the dense ``n x n`` similarity and scipy's
-``linear_sum_assignment``, exactly as before this module existed (bit for bit).
+``linear_sum_assignment``.
 
 Large ``n`` (a Llama-3.1-8B MLP has 14336 neurons; its dense similarity is ~5 TFLOP):
 
@@ -58,10 +58,9 @@ COVARIANT = "covariant"  # rows a per-slot scale ``s`` multiplies (that scale is
 CONTRAGREDIENT = "contragredient"  # the matching rows/columns, divided by ``s``
 ROLES = (PLAIN, COVARIANT, CONTRAGREDIENT)
 
-#: ``n <= DENSE_BELOW``: dense similarity + scipy, bit-identical to the pre-sketch solver.
-#: Above, the sketch path: on SmolLM2-135M's MLP (1536 neurons) it found the same permutations
-#: as the dense path on the demo's sibling and scrambled targets in 40 % less time (the three
-#: dense n x n similarity matmuls were 90 ms of each layer's ~170 ms on 2 cores).
+#: ``n <= DENSE_BELOW``: dense similarity + scipy. Above, the sketch path, which on
+#: SmolLM2-135M's MLP (1536 neurons) found the dense path's permutations on the demo's targets
+#: in less time: there the three dense n x n similarity products are about half a layer's solve.
 DENSE_BELOW = 512
 #: Sketch candidates kept per reference row on the large-n path.
 CANDIDATES = 8
@@ -70,10 +69,9 @@ SKETCH_DIM = 64
 #: Of those, the dimensions used by the all-pairs candidate search (its cost is
 #: ``n^2 x 2 SEARCH_DIM`` flops plus a top-k over ``n^2`` proxies). All of them: with 32, the
 #: proxies' noise (its largest of n draws) exceeded the certification's margin in most rows
-#: of SmolLM2's MLPs, which then went to the dense path (30 of 30 layers); with 64, 29 of 30
-#: layers stay row-wise, in the same time as 32 took before the proxies were put on the exact
-#: scores' scale (they estimated half of each similarity, so rows were certified on half the
-#: evidence: a SmolLM2 layer matched on activations lost 7 neurons' true partners that way).
+#: of SmolLM2's MLPs, which then went to the dense path; with 64, 29 of 30 layers stay
+#: row-wise. The proxies must be on the exact scores' scale: rows certified on proxies that
+#: estimate half of each similarity can lose their true partners (tests/test_assignment.py).
 SEARCH_DIM = 64
 #: A candidate is scored exactly when its sketched similarity plus ``MARGIN`` (conservative)
 #: standard errors reaches the exact similarity of its row's best estimate.
@@ -120,8 +118,8 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 
 def index_along(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(axis, index)``, by advanced indexing for a 2-byte dtype along a later
-    axis: torch's index_select has no fast kernel for that case (bf16 column gather of a
-    4096 x 14336 matrix: 0.22 s, indexing 0.12 s; float32: index_select is the faster)."""
+    axis: torch's index_select has no fast kernel for that case (for float32 it is the
+    faster)."""
     index = index.to(x.device)
     if axis != 0 and x.element_size() == 2:
         return x[(slice(None),) * axis + (index,)]
@@ -296,7 +294,7 @@ class _Sketch:
     def pairs(self, cand: torch.Tensor):
         """Estimates ``[n, c]`` for model slots ``cand[n, c]``, and their Cauchy-Schwarz bound."""
         # index_select of the flattened index, not ``self.t[cand]``: advanced indexing of rows
-        # by a 2-D index took 8x longer (0.60 against 0.07 ms at 1536 x 9 x 64).
+        # by a 2-D index is several times slower.
         t = self.t.index_select(0, cand.reshape(-1)).view(*cand.shape, -1)
         est = torch.einsum("nd,ncd->nc", self.a, t)
         return est, self.norm_a[:, None] * self.norm_t.take(cand)
@@ -306,8 +304,8 @@ class _Sketch:
 def _projections(seed: int, widths: Tuple[int, ...], d: int) -> Tuple[torch.Tensor, ...]:
     """The sketches' Gaussian projections ``[width, d] / sqrt(d)`` (float64, CPU), drawn in
     order from one generator seeded with ``seed``. Cached: every layer of a model asks for
-    the same widths, and at activation widths (tokens x 128) the draws took ~0.8 s of a
-    SmolLM2 merge's 30 layers."""
+    the same widths, and at activation widths (tokens x 128) drawing them per layer is a
+    visible part of an activation merge."""
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(w, d, generator=gen, dtype=torch.float64) / math.sqrt(d) for w in widths)
 
@@ -326,7 +324,7 @@ def _same_terms(x, y) -> bool:
 def _sketched(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x @ r`` in ``r``'s dtype. A bfloat16 ``x`` is multiplied natively (bf16 inputs,
     float32 accumulation, one rounding of the result: ~0.2 % relative, far inside the
-    sketch's own standard error, which is >= 1/sqrt(d)), 4x faster than converting it on
+    sketch's own standard error, which is >= 1/sqrt(d)), faster than converting it on
     CPUs with bf16 instructions; float16 is converted a block at a time (rows, or storage
     rows of a transposed view such as down_proj's columns). Only sketches use this: every
     exact score is taken in float32."""
@@ -395,7 +393,7 @@ def _top_candidates(p_a, p_t, q_a, q_t, n: int, k: int):
     """Top-``k`` model slots per reference row of ``p_a p_t^T + |q_a q_t^T|`` (and their proxies,
     best first), computed in row blocks.
 
-    Top-k of a block via group maxima (``torch.topk`` over all ``n`` columns costs ~4x more):
+    Top-k of a block via group maxima (``torch.topk`` over all ``n`` columns costs more):
     the columns are split into ``_GROUPS`` interleaved groups of width ``w``; the ``k`` best
     elements of a row lie in its ``k`` groups with the largest maxima, so a top-k over the
     ``w`` group maxima and then over those groups' ``k * _GROUPS`` columns is exact.
@@ -488,8 +486,7 @@ def _pair_dots(a: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch
 
 def _rowwise_dots(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``<a[p], t[p]>`` per row, in their dtype. Not ``einsum("pm,pm->p")``: torch runs that
-    as a batch of 1 x m by m x 1 products, 5x slower than this (1024 x 576 float32: 0.39
-    against 0.07 ms)."""
+    as a batch of 1 x m by m x 1 products, several times slower than this."""
     return torch.linalg.vecdot(a, t)
 
 

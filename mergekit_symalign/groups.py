@@ -129,10 +129,9 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 #: Elements (4 MiB of float32) per slot chunk when statistics are gathered from, or a
 #: continuous element is applied to, a large tensor: float32 working copies of one chunk at a
 #: time instead of whole tensors. The allocator reuses chunk-sized buffers, where every
-#: tensor-sized temporary was fresh memory the kernel had to fault in and zero: in a bf16
-#: merge of an 8B-shaped layer that was about 6 million page faults and 12 s of system time.
-#: 4 MiB rather than 16: a chunk's conversions and products then stay in cache (bf16 8B
-#: layer: solve 2.87 -> 2.57 s, card record 1.00 -> 0.79 s; float32 about the same).
+#: tensor-sized temporary was fresh memory the kernel had to fault in and zero (millions of
+#: page faults in a bf16 merge of an 8B-shaped layer). 4 MiB rather than 16: a chunk's
+#: conversions and products then stay in cache.
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -622,7 +621,7 @@ def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> t
     """``[positions along axis, SKETCH_DIM]`` float32: each position's values (all other axes,
     flattened) times ``block``. bfloat16 is multiplied natively (float32 accumulation, the
     result rounded once: ~0.2 % relative, the order of the checkpoint's own rounding, so a
-    bf16 copy's true match scores 1 to that precision; 4x faster than converting); float16
+    bf16 copy's true match scores 1 to that precision; faster than converting); float16
     is converted a chunk at a time."""
     moved = tensor.movedim(axis, 0)
     moved = moved.reshape(moved.shape[0], -1)
@@ -707,8 +706,7 @@ def _cross_by_grams(k: int, r: int, block: int) -> bool:
 def _cross_by_rows(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``[n, n', c]``: ``||a[i, c] m[j, c]^T||_F^2`` for rows ``a [n, c, k, r]`` and ``m [n', c, k, r]``,
     as one ``[n k, r] x [r, n' k]`` product per copy. ``einsum("ncir,mcjr->nmcij")`` computes
-    the same products but ran 1.3x-2.5x slower at SmolLM2's head shapes (e.g. 32 copies of
-    2 rows: 0.65 against 0.25 ms)."""
+    the same products, but slower at SmolLM2's head shapes."""
     n, c, k, r = a.shape
     n_m = m.shape[0]
     rows_a = a.permute(1, 0, 2, 3).reshape(c, n * k, r)
@@ -774,10 +772,9 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
 
 
 class small_linalg:
-    """Run a small LAPACK call on one thread. Measured here: a batched SVD of three 64x64
-    matrices took 1.5 ms on one thread and 0.3 s on two while other processes used the cores
-    (OpenMP workers spinning for a busy core); for matrices this small one thread is never
-    slower."""
+    """Run a small LAPACK call on one thread. While other processes use the cores, OpenMP
+    workers spinning for a busy core can make a small batched SVD two orders of magnitude
+    slower on two threads than on one; for matrices this small one thread is never slower."""
 
     def __init__(self, size: int, limit: int = 1024):
         self.active = size <= limit

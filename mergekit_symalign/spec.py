@@ -381,8 +381,8 @@ def align_layer(
     sketches = (RowSketches(), RowSketches())  # the reference's and the model's, shared by head matchings
     order = [s for s in spec.symmetries() if switches.enabled(s)]
     # Tensors some later symmetry still reads: a step whose tensors none does is recorded but
-    # not applied to the working copy (e.g. each block's last scale: that copy of the MLP's
-    # three tensors was a third of a bf16 8B layer's extra memory). Custom solvers may read
+    # not applied to the working copy (e.g. each block's last scale: a copy of the MLP's
+    # three tensors for nothing). Custom solvers may read
     # anything, so with them every step is applied.
     read_later = [set().union(*(set(s.tensors) | {site.tensor for f in s.features for site in f}
                                 for s in order[i + 1:])) for i in range(len(order))]
