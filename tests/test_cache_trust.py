@@ -388,7 +388,6 @@ def test_random_corruption_through_a_real_merge(family, merged, tmp_path, caplog
         monkeypatch.undo()
         assert equal(got, want), f"trial {trial}"
         warned = str(entry) in caplog.text
-        assert solves.calls >= (1 if warned else 0)
         # a re-solved residual invalidates no layer entry: at most the corrupted one is solved
         assert solves.calls == (1 if warned else 0), (trial, entry.name, caplog.text)
 
@@ -486,6 +485,7 @@ def test_sigint_during_cached_merges(family, tmp_path):
     rng = random.Random("sigint")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    interrupted = 0
     for trial in range(3):
         shutil.rmtree(folder, ignore_errors=True)
         proc = subprocess.Popen([sys.executable, str(script), json.dumps(recipe(family, folder)),
@@ -497,9 +497,10 @@ def test_sigint_during_cached_merges(family, tmp_path):
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        interrupted += proc.wait(timeout=120) != 0
         for meta in folder.glob("*.json"):
             if not meta.name.endswith(".record.json"):
                 assert cache.AlignmentCache(folder).load(meta.stem) is not None, meta
         got = load(run_recipe(recipe(family, folder), tmp_path / f"again{trial}"))
         assert equal(got, want), f"trial {trial}"
+    assert interrupted, "no merge was interrupted: the SIGINTs came too late to test anything"
