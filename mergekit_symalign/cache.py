@@ -47,9 +47,9 @@ FORMAT = 5  # bump when what an entry means or its key changes (2: tensors hashe
 # 3: block digests by XXH3-128; 4: elements within groups.SNAP_DEVIATION of the identity snapped;
 # 5: the .json carries SHA-256 checksums of the data and of itself)
 
-# max |R^T R - I| of a stored rotation: solved rotations are orthogonal to ~1e-6 even when
-# computed in float32; a flipped exponent bit is off by orders of magnitude more. (Smaller
-# corruptions are the checksums' to catch.)
+# max |R^T R - I| of a stored rotation: solved rotations are stored in float64, orthogonal to
+# ~2e-15 on the test models, and the tolerance leaves room for float32 solves; a flipped
+# exponent bit of a large entry is off by far more. (Smaller corruptions are the checksums'.)
 ORTHOGONALITY_TOLERANCE = 1e-4
 
 
