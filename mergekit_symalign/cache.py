@@ -7,8 +7,18 @@ plugin's cache format, the settings and geometry, and the bytes of every tensor 
 (both models, in 8 MiB blocks, each block's 128-bit XXH3 digest folded in), in a canonical
 order. An entry is therefore only ever found for exactly the inputs it was solved from: a
 changed checkpoint, setting or plugin format gives another key and the transform is solved
-again. A file that cannot be read back (truncated, edited, another format) is reported and
-solved again, never applied.
+again.
+
+An entry is untrusted input when it is read back. Its ``.json`` carries the SHA-256 of the
+``.safetensors`` bytes and of its own content; every element is then checked to be an element
+of its group, of the shape the layer's spec (or the residual stream's width) says: a
+permutation of the right size (within its blocks), signs of +-1, rotations orthogonal to
+:data:`ORTHOGONALITY_TOLERANCE`, finite non-zero scales (positive where the group is
+unsigned). An entry that fails any of this (truncated, bit-flipped, edited, another format)
+is reported, naming its file, and solved again: never applied. Entries are written as a pair:
+both files to temporary names and synced, the old ``.json`` removed, the data renamed into
+place and the ``.json`` (the commit) last, so an interrupted write leaves at most a data file
+without its ``.json``, which is never read and is overwritten by the next save.
 
 The key guards against stale entries (a changed input), not against an adversary: whoever
 can write the cache folder can write any transform into it under the right key, whatever the
@@ -33,8 +43,14 @@ import torch
 import xxhash
 
 LOG = logging.getLogger(__name__)
-FORMAT = 4  # bump when what an entry means or its key changes (2: tensors hashed in blocks;
-# 3: block digests by XXH3-128; 4: elements within groups.SNAP_DEVIATION of the identity snapped)
+FORMAT = 5  # bump when what an entry means or its key changes (2: tensors hashed in blocks;
+# 3: block digests by XXH3-128; 4: elements within groups.SNAP_DEVIATION of the identity snapped;
+# 5: the .json carries SHA-256 checksums of the data and of itself)
+
+# max |R^T R - I| of a stored rotation: solved rotations are stored in float64, orthogonal to
+# ~2e-15 on the test models, and the tolerance leaves room for float32 solves; a flipped
+# exponent bit of a large entry is off by far more. (Smaller corruptions are the checksums'.)
+ORTHOGONALITY_TOLERANCE = 1e-4
 
 
 class Fingerprint:
@@ -98,36 +114,73 @@ class AlignmentCache:
         return self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
 
     def load(self, key: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
-        """``(tensors, meta)`` of a complete, readable entry, else None."""
-        from safetensors.torch import load_file
+        """``(tensors, meta)`` of a complete entry whose checksums match, else None (with a
+        warning naming the file, unless there is no ``.json``: then there is no entry)."""
+        from safetensors.torch import load as load_bytes
 
         tensors_path, meta_path = self._paths(key)
-        if not (tensors_path.is_file() and meta_path.is_file()):
-            return None
+        if not meta_path.is_file():
+            return None  # no entry (a data file without its .json is an interrupted write)
         try:
             meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(tensors_path))
-            if meta.get("format") != FORMAT or meta.get("key") != key:
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("key") != key:
                 raise ValueError("format or key mismatch")
+            if meta.get("meta_sha256") != _meta_digest(meta):
+                raise ValueError("its .json does not match its checksum")
+            data = tensors_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.get("data_sha256"):
+                raise ValueError(f"{tensors_path.name} does not match the checksum in its .json")
+            tensors = load_bytes(data)
             if sorted(tensors) != sorted(meta.get("tensors", [])):
                 raise ValueError("tensor list mismatch")
         except Exception as err:  # never apply what we cannot read back exactly
-            LOG.warning("alignment cache entry %s in %s is unreadable (%s); solving again",
-                        key[:12], self.folder, err)
+            self.reject(key, f"unreadable ({type(err).__name__}: {err})")
             return None
         return tensors, meta
 
+    def reject(self, key: str, why: str) -> None:
+        """Warn that entry ``key`` is not used, naming its file (it is solved again)."""
+        LOG.warning("alignment cache entry %s is %s; solving again (it is not applied)",
+                    self._paths(key)[1], why)
+
     def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Write an entry atomically (temporary files, then renames; json last)."""
-        from safetensors.torch import save_file
+        """Write an entry as a pair (see the module docstring): both files to temporary
+        names, synced; the old .json removed; the data renamed into place; the .json last."""
+        from safetensors.torch import save as save_bytes
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors_path, meta_path = self._paths(key)
         body = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        info = {**meta, "format": FORMAT, "key": key, "tensors": sorted(body)}
-        for path, write in ((tensors_path, lambda p: save_file(body, p)),
-                            (meta_path, lambda p: Path(p).write_text(json.dumps(info, indent=1)))):
-            self._write_atomically(path, write)
+        data = save_bytes(body)
+        info = {**meta, "format": FORMAT, "key": key, "tensors": sorted(body),
+                "data_sha256": hashlib.sha256(data).hexdigest()}
+        info["meta_sha256"] = _meta_digest(info)
+        temporary = []
+        try:
+            temporary.append(self._temporary(tensors_path, data))
+            temporary.append(self._temporary(meta_path, json.dumps(info, indent=1).encode()))
+            if meta_path.exists():  # an older entry: never a new data file under its .json
+                os.unlink(meta_path)
+            os.replace(temporary[0], tensors_path)
+            os.replace(temporary[1], meta_path)  # the commit
+            _sync_folder(self.folder)
+        finally:
+            for tmp in temporary:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def _temporary(self, path: Path, data: bytes) -> str:
+        """``data`` in a synced temporary file next to ``path`` (its name)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return tmp
 
     def _write_atomically(self, path: Path, write) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
@@ -160,6 +213,124 @@ class AlignmentCache:
         data = {**{k: float(v) for k, v in distances.items()}, "format": FORMAT, "key": key}
         self._write_atomically(self.folder / f"{key}.record.json",
                                lambda p: Path(p).write_text(json.dumps(data)))
+
+
+def _meta_digest(info: Mapping[str, Any]) -> str:
+    """SHA-256 of an entry's .json content, its own checksum left out (canonical form)."""
+    body = {k: v for k, v in info.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable (where the platform can sync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- group membership
+
+
+def _orthogonality_error(matrices: torch.Tensor) -> float:
+    """max |R^T R - I| over a stack of square matrices; a large one (the residual stream's
+    D x D) by 8 random probes instead (``|R^T R v - v|``, O(D^2) rather than O(D^3))."""
+    r = matrices.double()
+    k = r.shape[-1]
+    if k <= 512:
+        eye = torch.eye(k, dtype=torch.float64)
+        return float((r.transpose(-1, -2) @ r - eye).abs().max()) if r.numel() else 0.0
+    probes = torch.randn(k, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    back = r.transpose(-1, -2) @ (r @ probes)
+    return float(((back - probes).norm(dim=-2) / probes.norm(dim=0)).max())
+
+
+def _permutation_problem(element: torch.Tensor, size: int, block: int = 0) -> Optional[str]:
+    if element.dtype not in (torch.int64, torch.int32) or tuple(element.shape) != (size,):
+        return f"not a permutation of {size} (dtype {element.dtype}, shape {tuple(element.shape)})"
+    if not torch.equal(torch.sort(element.long()).values, torch.arange(size)):
+        return f"not a permutation of {size} (a repeated or out-of-range index)"
+    if block and not bool((element.long() // block == torch.arange(size) // block).all()):
+        return f"a permutation that moves slots across blocks of {block}"
+    return None
+
+
+def _signs_problem(element: torch.Tensor, size: int) -> Optional[str]:
+    if not element.is_floating_point() or tuple(element.shape) != (size,):
+        return f"not {size} signs (dtype {element.dtype}, shape {tuple(element.shape)})"
+    if not bool((element.abs() == 1).all()):
+        return "signs that are not all +-1"
+    return None
+
+
+def element_problem(symmetry, element: torch.Tensor) -> Optional[str]:
+    """Why ``element`` is not an element of ``symmetry``'s group as the spec declares it (its
+    shape, and membership), or None."""
+    from .groups import Kind
+
+    n, k, kind = symmetry.slots, symmetry.coords, symmetry.kind
+    if not isinstance(element, torch.Tensor):
+        return "not a tensor"
+    if kind == Kind.permutation:
+        return _permutation_problem(element, n, symmetry.block_size)
+    if kind == Kind.sign:
+        return _signs_problem(element, n)
+    if kind == Kind.scale:
+        if not element.is_floating_point() or tuple(element.shape) != (n,):
+            return f"not {n} scales (dtype {element.dtype}, shape {tuple(element.shape)})"
+        if not bool(torch.isfinite(element).all()) or bool((element == 0).any()):
+            return "scales that are not finite and non-zero"
+        if not symmetry.signed and bool((element < 0).any()):
+            return "negative scales for a group of positive ones"
+        return None
+    if not element.is_floating_point() or tuple(element.shape) != (n, k, k):
+        return f"not {n} rotations of {k} x {k} (dtype {element.dtype}, shape {tuple(element.shape)})"
+    if not bool(torch.isfinite(element).all()):
+        return "rotations with NaN/Inf entries"
+    error = _orthogonality_error(element)
+    if not error <= ORTHOGONALITY_TOLERANCE:
+        return f"rotations that are not orthogonal (max |R^T R - I| = {error:.3g})"
+    return None
+
+
+def residual_problem(element, dim: Optional[int] = None) -> Optional[str]:
+    """Why a residual-stream element is not one of its group (of width ``dim``, when known)."""
+    if element.mode == "permutation":
+        if element.permutation is None or element.rotation is not None:
+            return "a residual permutation without its permutation (or with a rotation)"
+        size = dim if dim is not None else len(element.permutation)
+        problem = _permutation_problem(element.permutation, size)
+        if problem is None and element.signs is not None:
+            problem = _signs_problem(element.signs, size)
+        return problem and f"residual {problem}"
+    if element.mode == "orthogonal":
+        r = element.rotation
+        if r is None or element.permutation is not None or element.signs is not None:
+            return "a residual rotation without its rotation (or with a permutation)"
+        size = dim if dim is not None else (r.shape[0] if r.dim() else 0)
+        if not r.is_floating_point() or tuple(r.shape) != (size, size):
+            return f"not a residual rotation of {size} x {size} (shape {tuple(r.shape)})"
+        if not bool(torch.isfinite(r).all()):
+            return "a residual rotation with NaN/Inf entries"
+        error = _orthogonality_error(r)
+        if not error <= ORTHOGONALITY_TOLERANCE:
+            return f"a residual rotation that is not orthogonal (|R^T R - I| = {error:.3g})"
+        return None
+    return f"a residual element of unknown mode {element.mode!r}"
+
+
+def steps_problem(steps) -> Optional[str]:
+    for symmetry, element in steps:
+        problem = element_problem(symmetry, element)
+        if problem is not None:
+            return f"{symmetry.name}: {problem}"
+    return None
 
 
 def steps_to_tensors(steps: Iterable[Tuple[Any, torch.Tensor]], prefix: str = "") -> Tuple[Dict[str, torch.Tensor], list]:
@@ -227,17 +398,34 @@ def load_layer(cache: AlignmentCache, key: str, spec):
     tensors, meta = entry
     try:
         steps = tensors_to_steps(tensors, meta["order"], {s.name: s for s in spec.symmetries()})
-    except KeyError as err:
-        LOG.warning("alignment cache entry %s names an unknown symmetry %s; solving again", key[:12], err)
+        problem = steps_problem(steps)
+        fits = tuple(_fit(f) for f in meta.get("fits", []))
+    except (KeyError, TypeError, ValueError) as err:
+        cache.reject(key, f"not an entry of this layer's spec ({type(err).__name__}: {err})")
         return None
-    return LayerTransform(steps, tuple(_fit(f) for f in meta.get("fits", [])))
+    if problem is not None:
+        cache.reject(key, f"not an element of the layer's group ({problem})")
+        return None
+    return LayerTransform(steps, fits)
+
+
+# The residual stream's width implied by each residual key's inputs (the key hashes their
+# shapes, so this is a function of the key): what load_residual checks an entry against.
+_RESIDUAL_WIDTH: Dict[str, int] = {}
 
 
 def residual_key(mode: str, architecture: str, rows: int, model: Mapping[str, torch.Tensor],
                  reference: Mapping[str, torch.Tensor]) -> str:
     fp = Fingerprint("residual").update("mode", mode).update("architecture", architecture)
     fp.update("rows", rows)
-    return fp.tensors("model", model).tensors("reference", reference).hexdigest()
+    key = fp.tensors("model", model).tensors("reference", reference).hexdigest()
+    from .architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(architecture)
+    embed = reference.get(arch.embed) if arch is not None else None
+    if embed is not None and embed.dim() == 2:
+        _RESIDUAL_WIDTH[key] = int(embed.shape[1])
+    return key
 
 
 def save_residual(cache: AlignmentCache, key: str, element) -> None:
@@ -247,15 +435,26 @@ def save_residual(cache: AlignmentCache, key: str, element) -> None:
     cache.save(key, tensors, {"what": "residual", "mode": element.mode, "fit": _fit_dict(element.fit)})
 
 
-def load_residual(cache: AlignmentCache, key: str):
+def load_residual(cache: AlignmentCache, key: str, dim: Optional[int] = None):
+    """The residual element of entry ``key`` (of width ``dim``: by default the width the
+    key's inputs had), or None."""
     from .residual import ResidualElement
 
     entry = cache.load(key)
     if entry is None:
         return None
     tensors, meta = entry
-    return ResidualElement(meta["mode"], tensors.get("permutation"), tensors.get("signs"),
-                           tensors.get("rotation"), _fit(meta.get("fit")))
+    try:
+        element = ResidualElement(meta["mode"], tensors.get("permutation"), tensors.get("signs"),
+                                  tensors.get("rotation"), _fit(meta.get("fit")))
+    except (KeyError, TypeError, ValueError) as err:
+        cache.reject(key, f"not a residual entry ({type(err).__name__}: {err})")
+        return None
+    problem = residual_problem(element, dim if dim is not None else _RESIDUAL_WIDTH.get(key))
+    if problem is not None:
+        cache.reject(key, f"not an element of the residual stream's group ({problem})")
+        return None
+    return element
 
 
 def activation_key(settings: Mapping[str, Any], token_ids: torch.Tensor,
@@ -314,8 +513,20 @@ def load_activations(cache: AlignmentCache, key: str, labels, spec):
                     stored["residual"]["mode"], tensors.get(f"{i}/residual/permutation"),
                     tensors.get(f"{i}/residual/signs"), tensors.get(f"{i}/residual/rotation"),
                     _fit(stored["residual"]["fit"]))
-    except KeyError as err:
-        LOG.warning("alignment cache entry %s does not match this merge (%s); solving again",
-                    key[:12], err)
+        problem = next((f"model {i}, layer {layer}: {p}"
+                        for i, label in enumerate(labels)
+                        for layer, transform in results[label].items()
+                        for p in [steps_problem(transform.steps)] if p), None)
+        widths = {e.dim for e in elements.values() if e is not None}
+        problem = problem or next((f"model {labels.index(label)}: {p}"
+                                   for label, element in elements.items()
+                                   for p in [residual_problem(element)] if p), None)
+        if problem is None and len(widths) > 1:
+            problem = f"residual elements of different widths {sorted(widths)}"
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        cache.reject(key, f"not an entry of this merge ({type(err).__name__}: {err})")
+        return None
+    if problem is not None:
+        cache.reject(key, f"not an element of the models' groups ({problem})")
         return None
     return results, elements

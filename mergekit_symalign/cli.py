@@ -6,7 +6,8 @@
 align (layer-streamed, with mergekit's planner and loaders, so it refuses exactly what
 ``mergekit-yaml`` refuses and accepts its options), prints a verdict and writes
 ``OUT_DIR/report.json``, ``report.md`` and PNG plots (see :mod:`.report`). Nothing is written
-when the recipe is refused.
+when the recipe is refused, nor when OUT_DIR is an existing file or inside an input model's
+folder (checked before anything is aligned).
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ def report_command(merge_options, recipe: str, out_dir: str, cache: Optional[str
     """Align what RECIPE's merge would align, without merging; write OUT_DIR/report.json,
     report.md and plots, and print the verdict."""
     from .report import run_report, write_report
+    from .validation import check_report_output
 
     merge_options.apply_global_options()
     try:
         config = _load_recipe(recipe, cache)
+        # OUT first: a report that cannot be written is refused before anything is aligned
+        check_report_output(out_dir, config.referenced_models(), config.merge_method)
         document = run_report(config, merge_options, recipe=recipe, tol=tolerance)
     except click.ClickException:
         raise

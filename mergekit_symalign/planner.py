@@ -69,6 +69,8 @@ from .validation import (
     check_activation_layers,
     check_architecture_settings,
     check_calibration,
+    check_foldable_norms,
+    check_plan_time_inputs,
     check_layer_tensors,
     check_models,
     check_options,
@@ -156,6 +158,7 @@ class AlignedPlanning:
         name = self.method.spec.name
         check_recipe(cfg, self.method)
         check_options(options, self.method)
+        check_plan_time_inputs(cfg, options, self.method)  # issue 28: parameters, models, device, cache
         models = cfg.referenced_models()  # (hooked: a missing local folder is refused)
         if self.output is not None:
             check_output_path(self.output.path, models, name)
@@ -185,6 +188,7 @@ class AlignedPlanning:
                 f"all untied (tie_word_embeddings: {', '.join(f'{m}: {t}' for m, t in tied.items())})."
             )
         self.tied = next(iter(tied.values()))
+        check_foldable_norms(cfg, self.arch, self.residual, models, name)
 
     def _activation_models(self, reference: ModelReference) -> Tuple[ModelReference, ...]:
         """The models an activation alignment streams besides the reference (sorted)."""

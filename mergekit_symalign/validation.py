@@ -247,6 +247,7 @@ def check_model_paths(models: Sequence[Any], method_name: str) -> None:
                 f"path in the recipe (a relative path is resolved from the current directory, "
                 f"{os.getcwd()})."
             )
+    check_checkpoint_files(models, method_name)  # before mergekit's loaders open any file
 
 
 def _model_folders(model) -> List[str]:
@@ -254,9 +255,11 @@ def _model_folders(model) -> List[str]:
             if ref is not None and os.path.isdir(ref.path)]
 
 
-def check_output_path(out_path: str, models: Iterable[Any], method_name: str) -> None:
+def check_output_path(out_path: str, models: Iterable[Any], method_name: str,
+                      writes: str = "mergekit would write the merged weights and config.json") -> None:
     """The output folder must not be, or be inside, an input model's folder: mergekit would
-    write the merged shards and config.json over that model."""
+    write the merged shards and config.json over that model (``writes``: what would be
+    written, for other commands that write into a folder)."""
     out = os.path.realpath(out_path)
     for model in models:
         for folder in _model_folders(model):
@@ -265,7 +268,7 @@ def check_output_path(out_path: str, models: Iterable[Any], method_name: str) ->
                 where = "is the folder of" if out == real else "is inside the folder of"
                 raise SymAlignConfigError(
                     f"{method_name}: the output path {out_path} {where} input model {model}; "
-                    f"mergekit would write the merged weights and config.json over that model. "
+                    f"{writes} over that model. "
                     f"Choose an output folder outside every input model's folder."
                 )
 
@@ -555,9 +558,273 @@ def never_aligned(cfg) -> set:
     return {m for m, flags in seen.items() if flags == {True}}
 
 
+# --------------------------------------------------------------------------- issue 28: more plan-time checks
+# (each names the parameter, option, model or file at fault; none writes anything)
+
+
+def check_wrapped_parameters(cfg, method) -> None:
+    """The wrapped method's own parameters (``weight``, ``density``, ...) have the type the
+    method declares: mergekit would refuse them only while planning a tensor, with a pydantic
+    message that names the value but not the parameter."""
+    from pydantic import ValidationError
+
+    specs = {p.name: p for p in method.spec.parameters if p.name not in BY_NAME}
+    for where, params, _model, _top in parameter_scopes(cfg):
+        for key, value in (params or {}).items():
+            spec = specs.get(key)
+            if spec is None:
+                continue
+            for leaf in _leaves(value):
+                try:
+                    spec.validate(leaf)
+                except ValidationError as err:
+                    reason = err.errors()[0].get("msg", str(err)) if err.errors() else str(err)
+                    raise SymAlignConfigError(
+                        f"parameter {key} in {where} must be {_type_words(spec.value_type)}, got "
+                        f"{leaf!r} ({reason}). Write a number, e.g. {key}: 1.0."
+                        if _numeric(spec.value_type) else
+                        f"parameter {key} in {where}: {leaf!r} is not valid for "
+                        f"{method.spec.name} ({reason})."
+                    ) from None
+
+
+def _numeric(value_type) -> bool:
+    args = getattr(value_type, "__args__", None) or (value_type,)
+    return any(a in (int, float) for a in args)
+
+
+def _type_words(value_type) -> str:
+    args = [a for a in (getattr(value_type, "__args__", None) or (value_type,)) if a is not type(None)]
+    return " or ".join({float: "a number", int: "an integer", bool: "true or false",
+                        str: "a string"}.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def check_distinct_models(cfg, method_name: str) -> None:
+    """No model is given twice in one list of inputs (mergekit would stop with "Duplicate
+    merge inputs for default.slices[0]", naming no model): a skill listed twice, or the
+    reference also given as a skill."""
+    reference = recipe_reference(cfg)
+    lists = [("models", [m.model for m in cfg.models or ()])]
+    lists += [(f"slices[{i}].sources", [s.model for s in out_slice.sources])
+              for i, out_slice in enumerate(cfg.slices or ())]
+    for name, module in (cfg.modules or {}).items():
+        lists.append((f"modules.{name}.models", [m.model for m in module.models or ()]))
+    for where, models in lists:
+        seen = set()
+        for model in models:
+            if model not in seen:
+                seen.add(model)
+                continue
+            if model == reference:
+                raise SymAlignConfigError(
+                    f"{method_name}: model {model} is given twice in {where}: it is the reference "
+                    f"(skill vectors are measured from it) and also a skill, whose skill vector "
+                    f"would be zero. Remove the second entry of {model}, or give the skill's own "
+                    f"folder."
+                )
+            raise SymAlignConfigError(
+                f"{method_name}: model {model} is given twice in {where}; mergekit merges each "
+                f"input once. Remove one entry (to weight its skill more, raise its weight)."
+            )
+
+
+def check_device(options, method_name: str) -> None:
+    """``--cuda`` (or ``--device cuda``, ``--gpu-rich``, ``--read-to-gpu``) where torch finds
+    no CUDA device: mergekit would fail mid-merge with "Torch not compiled with CUDA enabled"."""
+    device = str(getattr(options, "device", None) or "cpu")
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return
+    why = ("this torch is built without CUDA" if torch.version.cuda is None
+           else "torch finds no CUDA device")
+    raise SymAlignConfigError(
+        f"{method_name}: --cuda (device {device}) was given, but {why} (torch "
+        f"{torch.__version__}). Run without --cuda to merge on the CPU, or on a machine with an "
+        f"NVIDIA GPU and a CUDA build of torch."
+    )
+
+
+def check_alignment_cache(cfg) -> None:
+    """``alignment_cache`` names a folder that can be created and written: checked by
+    creating what is missing, writing and removing a probe file, and removing again the
+    folders it created (so a refused merge leaves nothing behind)."""
+    import tempfile
+
+    folder = (cfg.parameters or {}).get("alignment_cache")
+    if not folder:
+        return
+    path = os.path.abspath(os.path.expanduser(folder))
+    remedy = ("Point alignment_cache at a folder this user can write (it is created if "
+              "missing), or remove alignment_cache to merge without saving alignments.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SymAlignConfigError(
+            f"alignment_cache: {folder} is a file, not a folder (saved alignments are files "
+            f"inside it). {remedy}")
+    created = []
+    probe = parent = path
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SymAlignConfigError(
+            f"alignment_cache: {folder} cannot be created: {parent} is a file, not a folder. "
+            f"{remedy}")
+    try:
+        for made in reversed(created):
+            os.mkdir(made)
+        fd, probe = tempfile.mkstemp(prefix=".symalign-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SymAlignConfigError(
+            f"alignment_cache: cannot write to {folder} ({err.strerror or err}). {remedy}"
+        ) from None
+    finally:
+        for made in created:  # innermost first
+            try:
+                os.rmdir(made)
+            except OSError:
+                pass
+
+
+def check_foldable_norms(cfg, arch: Architecture, residual: str, models: Iterable[Any],
+                         method_name: str) -> None:
+    """``residual: orthogonal`` folds every reader-side norm's weight into the projections
+    that read it (dividing by it): a zero (effective) weight cannot be folded. The norm
+    vectors are small, so they are read at plan time (through mergekit's loaders) instead of
+    failing after the output folder was made."""
+    if residual != "orthogonal":
+        return
+    from mergekit.io.tasks import LoaderCache
+
+    from . import residual as res
+
+    layer_norms = {n for n, _ in arch.readers if n}
+    final = f"{arch.final_norm}.weight"
+    skipped = never_aligned(cfg) - {recipe_reference(cfg)}
+    for model in models:
+        if model in skipped:
+            continue
+        loader = LoaderCache().get(model)
+        for name in sorted(loader.index.tensor_paths):
+            if name != final and not any(name.endswith(f".{n}.weight") for n in layer_norms):
+                continue
+            weight = res._effective(arch, loader.get_tensor(name, device="cpu"))
+            zeros = int((weight == 0).sum())
+            if zeros:
+                raise SymAlignConfigError(
+                    f"{method_name}: model {model}: norm weight {name} has {zeros} zero "
+                    f"value{'s' if zeros > 1 else ''}, so it cannot be folded into the "
+                    f"projections that read it (residual: orthogonal divides by it). Use "
+                    f"residual: permutation (exact with any norm weights), or residual: none."
+                )
+
+
+_HEADERS_CHECKED: Dict[Tuple[str, int, int], None] = {}
+
+
+def check_checkpoint_files(models: Iterable[Any], method_name: str) -> None:
+    """Every safetensors file of every local model folder is complete: its header is whole
+    and the file is as long as the header says (an interrupted download or copy leaves a
+    truncated file, which safetensors reports as "incomplete metadata" naming no file), and
+    every shard a ``model.safetensors.index.json`` lists exists. Only headers are read (each
+    file once per size and modification time)."""
+    import json
+
+    for model in models:
+        for ref in (model.model, getattr(model, "lora", None)):
+            if ref is None or not os.path.isdir(ref.path):
+                continue
+            index = os.path.join(ref.path, "model.safetensors.index.json")
+            if os.path.isfile(index):
+                try:
+                    with open(index, "r", encoding="utf-8") as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                    raise SymAlignConfigError(
+                        f"{method_name}: model {model}: {index} is not a readable shard index "
+                        f"({type(err).__name__}: {err}). Re-download or re-save the model."
+                    ) from None
+            else:
+                shards = sorted(f for f in os.listdir(ref.path) if f.endswith(".safetensors"))
+            for shard in shards:
+                _check_safetensors_file(os.path.join(ref.path, shard), model, method_name)
+
+
+def _check_safetensors_file(path: str, model, method_name: str) -> None:
+    import json
+
+    remedy = ("Re-download or re-save the model: an interrupted download or copy leaves such "
+              "a file.")
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise SymAlignConfigError(
+            f"{method_name}: model {model}: checkpoint file {path} is missing (its shard index "
+            f"lists it). {remedy}") from None
+    stamp = (path, stat.st_size, stat.st_mtime_ns)
+    if stamp in _HEADERS_CHECKED:
+        return
+    size = stat.st_size
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            problem = f"it has {size} bytes, fewer than a safetensors header"
+        else:
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                problem = f"its header needs {length + 8} bytes but the file has {size}"
+            else:
+                try:
+                    header = json.loads(f.read(length))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                               if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError) as err:
+                    problem = f"its header is not valid ({type(err).__name__}: {err})"
+                else:
+                    if 8 + length + end > size:
+                        problem = (f"its tensors need {8 + length + end} bytes but the file "
+                                   f"has {size}")
+    if problem is not None:
+        raise SymAlignConfigError(
+            f"{method_name}: model {model}: checkpoint file {path} is truncated or corrupt: "
+            f"{problem}. {remedy}")
+    _HEADERS_CHECKED[stamp] = None
+
+
+def check_plan_time_inputs(cfg, options, method) -> None:
+    """The checks above that read only the recipe and the options (one call from the planner)."""
+    check_wrapped_parameters(cfg, method)
+    check_distinct_models(cfg, method.spec.name)
+    check_device(options, method.spec.name)
+    check_alignment_cache(cfg)
+
+
+def check_report_output(out_dir: str, models: Iterable[Any], method_name: str) -> None:
+    """``mergekit-symalign report``'s OUT: a folder (or a path that can become one) outside
+    every input model's folder, checked before anything is aligned."""
+    path = os.path.abspath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SymAlignConfigError(
+            f"OUT {out_dir} is an existing file; the report writes report.json, report.md and "
+            f"plots into a folder there. Give a folder path (it is created if missing).")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SymAlignConfigError(
+            f"OUT {out_dir} cannot be created: {parent} is a file, not a folder. Give a folder "
+            f"path.")
+    check_output_path(out_dir, models, method_name,
+                      writes="the report would write report.json, report.md and plots")
+
+
 __all__ = [
     "LayerConsistency", "calibration_settings", "check_activation_layers",
-    "check_architecture_settings", "check_calibration", "check_finite", "check_layer_tensors",
+    "check_alignment_cache", "check_architecture_settings", "check_calibration",
+    "check_checkpoint_files", "check_device", "check_distinct_models", "check_finite",
+    "check_foldable_norms", "check_layer_tensors", "check_plan_time_inputs", "check_report_output",
+    "check_wrapped_parameters",
     "check_model_paths", "check_models", "check_options", "check_output_path", "check_recipe",
     "check_residual", "check_same_computation", "check_same_optional_tensors",
     "check_vocabularies", "never_aligned", "parameter_scopes", "recipe_reference",
