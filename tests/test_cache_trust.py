@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from examples.common import aligned_recipe, run_recipe
+from .support import aligned_recipe, run_recipe
 from mergekit_symalign import cache
 from mergekit_symalign.statedict import align_state_dict, scramble_state_dict
 
@@ -480,7 +480,7 @@ def test_sigint_during_cached_merges(family, tmp_path):
     script = tmp_path / "merge.py"
     script.write_text(
         "import sys, json\n"
-        "from examples.common import run_recipe\n"
+        "from tests.support import run_recipe\n"
         "run_recipe(json.loads(sys.argv[1]), sys.argv[2])\n")
     rng = random.Random("sigint")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",

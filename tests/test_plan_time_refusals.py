@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from examples.common import aligned_recipe, run_recipe, write_recipe
+from .support import aligned_recipe, run_recipe, write_recipe
 from mergekit_symalign.cli import main
 from mergekit_symalign.errors import SymAlignConfigError
 from mergekit_symalign.methods import PREFIX
