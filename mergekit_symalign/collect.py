@@ -26,7 +26,7 @@ from mergekit.common import ModelReference
 
 from .report import IDENTITY_TOLERANCE, layer_record
 from .spec import WorkingCopy
-from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform, cleans_output
+from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform
 
 _KEEP = 16  # collectors of merges that never asked for theirs back (a merge that failed)
 _LOCK = threading.Lock()
@@ -114,7 +114,6 @@ class CollectedLayerAlignment(LayerAlignmentTask):
     collector: str
     layer: int  # the model's own layer index
 
-    @cleans_output
     def execute(self, residual=None, **kwargs):
         start = time.perf_counter()
         working = WorkingCopy()  # the record measures the aligned layer on the solve's copy

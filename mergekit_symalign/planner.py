@@ -56,7 +56,6 @@ from .tasks import (
     CheckedTensors,
     FiniteTensor,
     LayerAlignmentTask,
-    OutputFolder,
     PickLayerTransform,
     PickModuleTransform,
     ResidualAlignmentTask,
@@ -138,15 +137,10 @@ class AlignedPlanning:
         self._planned: Dict[str, "Planned"] = {}
         self._consistency = LayerConsistency()
         self._warned_full = False
-        self.output: Optional[OutputFolder] = None  # None when planned in memory
+        self.out_path: Optional[str] = None  # set by plan_to_disk; None when planned in memory
         # Report hook (.collect): a key when the merge's alignments are recorded (for the model
         # card or `mergekit-symalign report`); alignment tasks are then built by collected().
         self.collector: Optional[str] = for_planning(planner)
-
-    def set_output(self, out_path: str) -> None:
-        """Where the merge will be written (from ``plan_to_disk``), and whether the folder
-        existed before: a refusal during execution removes it only if this merge made it."""
-        self.output = OutputFolder.before_merge(out_path)
 
     # ------------------------------------------------------------------ checks
 
@@ -157,8 +151,8 @@ class AlignedPlanning:
         check_recipe(cfg, self.method)
         check_options(options, self.method)
         models = cfg.referenced_models()  # (hooked: a missing local folder is refused)
-        if self.output is not None:
-            check_output_path(self.output.path, models, name)
+        if self.out_path is not None:
+            check_output_path(self.out_path, models, name)
         configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
         self.arch, self.geometry = check_models(name, configs)
         activations = (cfg.parameters or {}).get("alignment") == "activations"
@@ -314,7 +308,6 @@ class AlignedPlanning:
                 settings=settings,
                 model_tensors=model_loads,
                 reference_tensors=reference_loads,
-                output=self.output,
             )
             self._alignments[key] = collected(self.collector, task, layer=layer.indices[model])
         return self._alignments[key]
@@ -347,7 +340,6 @@ class AlignedPlanning:
                 settings=settings,
                 device=device if device != "cpu" else None,
                 trust_remote_code=self.planner.options.trust_remote_code,
-                output=self.output,
             )
         return self._alignments[key]
 
@@ -467,7 +459,7 @@ class AlignedPlanning:
                 vocabulary_axis=weight.vocabulary_axis,
             )
             # every model's (permuted) rows, checked before the transfer saves anything
-            sources = FiniteTensor(tensor=inputs, name=weight.name, output=self.output)
+            sources = FiniteTensor(tensor=inputs, name=weight.name)
             moved = tuple((m, alignment(m)) for m in roles.merged if alignment(m) is not None)
             if moved:  # the residual stream's transform, after mergekit's token permutation
                 inputs = AlignVocabularyTask(permuted=inputs, alignments=moved, name=layer.name)
@@ -483,19 +475,19 @@ class AlignedPlanning:
                         roles.reference: self._load(roles.reference, by_model[roles.reference]),
                         **{m: aligned_input(m) for m in roles.skills}}),
                     check=unchecked((roles.reference, *roles.skills)),
-                    reference_model=roles.reference, after=alignment(base), output=self.output)
+                    reference_model=roles.reference, after=alignment(base))
                 delta_inputs = True
                 check = unchecked((base,))
             else:
                 inputs = CheckedTensors(
                     tensors=ImmutableMap(data={m: aligned_input(m) for m in roles.merged}),
-                    check=unchecked(roles.merged), output=self.output)
+                    check=unchecked(roles.merged))
                 # the merged models were checked as the method's inputs
                 check = unchecked(m for m in (base, roles.reference) if m not in roles.merged)
             sources = CheckedTensors(
                 tensors=ImmutableMap(data={m: self._load(m, by_model[m])
                                            for m in dict.fromkeys((base, roles.reference))}),
-                check=check, output=self.output)
+                check=check)
         merged = ExecuteMergeMethodTask(
             method_name=inner.name,
             gather_tensors=inputs,

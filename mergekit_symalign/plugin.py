@@ -11,8 +11,11 @@ method does exactly what mergekit does unless the planner's method is a
 Two more in-place hooks, inert for other methods:
 
 * ``MergePlanner.plan_to_disk(out_path)`` tells the planning where the merge will write
-  (refused if inside an input model's folder; removed again if a refusal during execution
-  happens after mergekit's writer created it);
+  (refused if inside an input model's folder) and notes whether that folder existed;
+* ``Executor.run`` / ``MultiGPUExecutor.run``: when the graph being run is an aligned merge's
+  (its writer is one ``plan_to_disk`` noted), any failure while it runs — a task raising, a
+  missing shard, ``--cuda`` without CUDA, Ctrl-C — removes the output folder if this merge
+  created it (mergekit's writer creates it as the graph starts); never one that existed;
 * ``MergeConfiguration.referenced_models()``: ``run_merge`` reads every model's config
   (``get_architecture_info``, before any planning), and a local folder that does not exist
   would reach the Hub client as a repo id ("Repo id must be in the form ..."). The first
@@ -24,10 +27,14 @@ from __future__ import annotations
 
 import importlib
 
+from collections import OrderedDict
+
 from .compat import TARGET_VERSION
 from .errors import IncompatibleMergekit
+from .output import OutputFolder
 
 HOOKED = ("_plan", "plan_module", "plan_layer", "plan_tensor", "plan_to_disk")
+EXECUTORS = (("mergekit.graph", "Executor"), ("mergekit.multigpu_executor", "MultiGPUExecutor"))
 
 
 def _mergekit_version() -> str:
@@ -65,6 +72,8 @@ def install() -> None:
             registry.register(method)
     hook_planner(plan.MergePlanner)
     hook_config(importlib.import_module("mergekit.config").MergeConfiguration)
+    for module, name in EXECUTORS:
+        hook_executor(getattr(importlib.import_module(module), name))
     from .card import hook_card
 
     hook_card()
@@ -151,9 +160,13 @@ def hook_planner(cls) -> None:
 
     def plan_to_disk(self, out_path):
         planning = _planning(self)
-        if planning is not None:
-            planning.set_output(out_path)  # checked in planning.check(), from _plan
-        return original["plan_to_disk"](self, out_path)
+        if planning is None:
+            return original["plan_to_disk"](self, out_path)
+        planning.out_path = out_path  # checked in planning.check(), from _plan
+        folder = OutputFolder.before_merge(out_path)  # before the writer creates it
+        targets = original["plan_to_disk"](self, out_path)
+        _note_output(targets, folder)
+        return targets
 
     for name, hooked in (("_plan", _plan), ("plan_module", plan_module),
                          ("plan_layer", plan_layer), ("plan_tensor", plan_tensor),
@@ -163,3 +176,56 @@ def hook_planner(cls) -> None:
         hooked.__qualname__ = f"{cls.__qualname__}.{name}"
         setattr(cls, name, hooked)
     cls._symalign_original = original
+
+
+# Output folders of aligned merges planned to disk and not yet run, by their writer task
+# (mergekit builds one ``TensorWriterTask`` per merge; every ``SaveTensor`` target holds it).
+# Bounded: a merge planned and never run leaves its entry behind.
+_KEEP = 16
+_OUTPUTS: "OrderedDict[object, OutputFolder]" = OrderedDict()
+
+
+def _writer(task):
+    return getattr(task, "writer_task", None)
+
+
+def _note_output(targets, folder: OutputFolder) -> None:
+    for task in targets:
+        writer = _writer(task)
+        if writer is not None:
+            _OUTPUTS[writer] = folder
+            while len(_OUTPUTS) > _KEEP:
+                _OUTPUTS.popitem(last=False)
+            return
+
+
+def _output_of(executor):
+    """The output folder of an aligned merge whose graph ``executor`` runs (taken: one run),
+    or None for any other graph."""
+    for handle in executor.targets:
+        task = handle.task() if hasattr(handle, "task") else handle
+        folder = _OUTPUTS.pop(_writer(task), None) if _writer(task) is not None else None
+        if folder is not None:
+            return folder
+    return None
+
+
+def hook_executor(cls) -> None:
+    """``cls.run`` (a generator) removes an aligned merge's output folder when it fails."""
+    if "_symalign_original_run" in cls.__dict__:
+        return
+    original = cls.__dict__["run"]
+
+    def run(self, *args, **kwargs):
+        folder = _output_of(self)
+        if folder is None:
+            yield from original(self, *args, **kwargs)
+            return
+        with folder.removed_on_failure():
+            yield from original(self, *args, **kwargs)
+
+    run.__wrapped__ = original
+    run.__doc__ = original.__doc__
+    run.__qualname__ = f"{cls.__qualname__}.run"
+    cls.run = run
+    cls._symalign_original_run = original

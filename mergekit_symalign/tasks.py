@@ -14,18 +14,12 @@
   reference's coordinates.
 * :class:`CheckedTensors` / :class:`FiniteTensor` refuse a NaN/Inf input tensor as it loads
   (SkillDeltas checks its inputs too).
-
-Tasks that can refuse during execution carry the merge's :class:`OutputFolder`: a refusal
-removes the output folder if this merge created it (mergekit's writer creates it as the
-graph starts), so a refused merge leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -54,40 +48,6 @@ LOG = logging.getLogger(__name__)
 NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
 
 
-class OutputFolder(BaseModel, frozen=True):
-    """The merge's output folder, and whether it existed before the merge was planned."""
-
-    path: str
-    existed: bool
-
-    @classmethod
-    def before_merge(cls, out_path: str) -> "OutputFolder":
-        path = os.path.abspath(out_path)
-        return cls(path=path, existed=os.path.lexists(path))
-
-    def remove_if_created(self) -> None:
-        """Remove the folder if this merge created it (never one that existed before)."""
-        if not self.existed and os.path.isdir(self.path) and not os.path.islink(self.path):
-            LOG.warning("merge refused: removing the output folder %s that it created", self.path)
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
-def cleans_output(execute):
-    """``execute`` of a task with an ``output`` field: on any error, remove the output
-    folder this merge created, then re-raise."""
-
-    @functools.wraps(execute)
-    def run(self, *args, **kwargs):
-        try:
-            return execute(self, *args, **kwargs)
-        except BaseException:
-            if self.output is not None:
-                self.output.remove_if_created()
-            raise
-
-    return run
-
-
 class FiniteTensor(Task[Any]):
     """Passes a loaded tensor through after :func:`.validation.check_finite` (one reduction,
     no copy). ``tensor`` is a ``LoadTensor`` (``model`` is its model), or a task returning
@@ -96,7 +56,6 @@ class FiniteTensor(Task[Any]):
     tensor: Task
     model: Optional[ModelReference] = None
     name: str
-    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         return {"tensor": self.tensor}
@@ -107,7 +66,6 @@ class FiniteTensor(Task[Any]):
     def priority(self) -> int:
         return self.tensor.priority()
 
-    @cleans_output
     def execute(self, tensor):
         if isinstance(tensor, dict):
             for model, value in tensor.items():
@@ -204,7 +162,6 @@ class LayerAlignmentTask(Task[LayerTransform]):
     model_tensors: NamedLoads
     reference_tensors: NamedLoads
     residual: Optional[ResidualAlignmentTask] = None
-    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         args = {f"model:{rel}": load for rel, load in self.model_tensors}
@@ -222,7 +179,6 @@ class LayerAlignmentTask(Task[LayerTransform]):
     def uses_accelerator(self) -> bool:
         return True
 
-    @cleans_output
     def execute(self, residual: Optional[ResidualResult] = None, **kwargs) -> LayerTransform:
         return self.solve(residual, **kwargs)
 
@@ -296,7 +252,6 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
     settings: AlignSettings
     device: Optional[str] = None
     trust_remote_code: bool = False
-    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         return {}
@@ -304,7 +259,6 @@ class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
     def priority(self) -> int:
         return 100
 
-    @cleans_output
     def execute(self) -> Dict[str, Dict[int, LayerTransform]]:
         from mergekit.io.tasks import LoaderCache
 
@@ -437,7 +391,6 @@ class CheckedTensors(TensorDictWrapper):
     checked already (an aligned tensor: its alignment task checked it as it loaded)."""
 
     check: ImmutableMap[ModelReference, str]
-    output: Optional[OutputFolder] = None
 
     def arguments(self) -> Dict[str, Task]:
         return {f"tensor:{i}": task for i, task in enumerate(self.tensors.data.values())}
@@ -445,7 +398,6 @@ class CheckedTensors(TensorDictWrapper):
     def group_label(self) -> Optional[str]:
         return max((task.group_label() or "" for task in self.tensors.data.values()), default="") or None
 
-    @cleans_output
     def execute(self, **tensors) -> Dict[ModelReference, Optional[torch.Tensor]]:
         return self._checked(tensors)
 
@@ -488,7 +440,6 @@ class SkillDeltas(CheckedTensors):
     def group_label(self) -> Optional[str]:
         return self.tensors[self.reference_model].group_label()
 
-    @cleans_output
     def execute(self, **tensors) -> Dict[ModelReference, Optional[torch.Tensor]]:
         tensors.pop(_AFTER, None)
         out = self._checked(tensors)
