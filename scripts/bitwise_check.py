@@ -124,6 +124,26 @@ def digest(tensor: torch.Tensor) -> str:
     return f"{tensor.dtype}{tuple(tensor.shape)}:" + hashlib.sha256(data).hexdigest()[:24]
 
 
+def state_dict_alignments(fam: dict, root: Path) -> dict:
+    """statedict.align_state_dict (the solve outside mergekit) on the same models: the aligned
+    tensors, per residual mode, and solved then read back through a cache."""
+    from examples.common import load_tensors
+    from mergekit_symalign.statedict import align_state_dict
+    from tests.conftest import make_config
+
+    config = make_config("llama")
+    reference = load_tensors(fam["reference"])
+    out = {}
+    for name, model, kwargs in (
+            ("statedict_weights", "skill_scrambled", {}),
+            ("statedict_permutation", "permutation", {"residual": "permutation"}),
+            ("statedict_orthogonal", "orthogonal", {"residual": "orthogonal"}),
+            ("statedict_cache_solve", "permutation", {"residual": "permutation", "cache": str(root / "sd")}),
+            ("statedict_cache_reuse", "permutation", {"residual": "permutation", "cache": str(root / "sd")})):
+        out[name] = align_state_dict(reference, load_tensors(fam[model]), config, **kwargs)[0]
+    return out
+
+
 def run_all(only=None) -> dict:
     from examples.common import load_tensors, run_recipe
 
@@ -139,6 +159,9 @@ def run_all(only=None) -> dict:
             tensors = load_tensors(folder)
             out[name] = {k: digest(v) for k, v in sorted(tensors.items())}
             print(f"{name}: {len(tensors)} tensors, {time.perf_counter() - t:.1f} s", flush=True)
+        for name, tensors in state_dict_alignments(fam, root).items():
+            if not only or name in only:
+                out[name] = {k: digest(v) for k, v in sorted(tensors.items())}
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
