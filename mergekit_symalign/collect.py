@@ -2,7 +2,7 @@
 
 The hook, in one place: when a merge has a collector, :class:`.planner.AlignedPlanning`
 builds its alignment tasks through :func:`collected`, which returns a subclass of the task
-that, after solving, appends one :func:`.report.layer_record` (the transform's summary and the
+that, after solving, appends one :func:`.measure.layer_record` (the transform's summary and the
 layer's distance to the reference before and after) to the collector. Nothing is recomputed:
 the record is made from the tensors and the transform the task already holds.
 
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from mergekit.common import ModelReference
 
-from .report import IDENTITY_TOLERANCE, layer_record
+from .measure import IDENTITY_TOLERANCE, layer_record
 from .spec import WorkingCopy
 from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform
 

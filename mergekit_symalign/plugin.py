@@ -25,8 +25,8 @@ Two more in-place hooks, inert for other methods:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-
 from collections import OrderedDict
 
 from .compat import TARGET_VERSION
@@ -44,7 +44,27 @@ def _mergekit_version() -> str:
         return version("mergekit")
     except PackageNotFoundError:
         return "(unknown version)"
+
+
 _STATE = "_symalign_planning"
+# Where the planner is (a module, a layer of it): mergekit's plan_layer calls plan_tensor
+# without saying which layer of which model the tensor comes from, so the hooks remember it
+# here between the two calls and hand it to AlignedPlanning.plan_tensor explicitly (the
+# only ambient state of the planning; nothing below the plugin reads it).
+_POSITION = "_symalign_position"
+
+
+@contextlib.contextmanager
+def _at(planner, position):
+    outer = planner.__dict__.get(_POSITION)
+    planner.__dict__[_POSITION] = position
+    try:
+        yield
+    finally:
+        if outer is None:
+            planner.__dict__.pop(_POSITION, None)
+        else:
+            planner.__dict__[_POSITION] = outer
 
 
 def install() -> None:
@@ -131,32 +151,29 @@ def hook_planner(cls) -> None:
         planning = _planning(self)
         if planning is None:
             return original["plan_module"](self, module_name, definition)
-        planning.context, planning.module_context = None, module_name
-        try:
+        from .layout import Position
+
+        with _at(self, Position(module_name)):
             return original["plan_module"](self, module_name, definition)
-        finally:
-            planning.module_context = None
 
     def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
         planning = _planning(self)
         if planning is None:
             return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
-        from .planner import LayerContext
+        from .layout import Position
 
-        planning.context = LayerContext(
-            module=module_name,
-            indices={s.model: s.layer_range[0] + layer_offset for s in sources},
-        )
-        try:
+        indices = {s.model: s.layer_range[0] + layer_offset for s in sources}
+        with _at(self, Position(module_name, indices)):
             return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
-        finally:
-            planning.context = None
 
     def plan_tensor(self, weight, weights_in, models, cfg_reader):
         planning = _planning(self)
         if planning is None:
             return original["plan_tensor"](self, weight, weights_in, models, cfg_reader)
-        return planning.plan_tensor(weight, weights_in, models, cfg_reader)
+        from .layout import Position
+
+        position = self.__dict__.get(_POSITION, Position())
+        return planning.plan_tensor(weight, weights_in, models, cfg_reader, position)
 
     def plan_to_disk(self, out_path):
         planning = _planning(self)

@@ -169,16 +169,16 @@ def test_plain_fusion_without_alignment_is_mergekits_method(family, tmp_path, wr
 
 
 def test_alignment_runs_once_per_layer_and_model(family, tmp_path, monkeypatch):
-    import mergekit_symalign.tasks as tasks
+    import mergekit_symalign.solve as solve
 
     calls = []
-    real = tasks.align_layer
+    real = solve.align_layer
 
     def counting(spec, reference, model, switches, label, **kwargs):
         calls.append(label)
         return real(spec, reference, model, switches, label=label, **kwargs)
 
-    monkeypatch.setattr(tasks, "align_layer", counting)
+    monkeypatch.setattr(solve, "align_layer", counting)
     run_recipe(
         transfer(PREFIX + "ties", family["reference_scrambled"], family["reference"],
                  [(family["skill"], {}), (family["sibling"], {"weight": 0.5})]),
@@ -452,7 +452,7 @@ def test_skill_deltas_are_exact_widened_differences(monkeypatch, dtypes, shape):
     """SkillDeltas' ``S - R``: float32, equal to the float64 difference rounded once (exact
     for bf16/f16 inputs), whether widened whole or a block of rows at a time."""
     from mergekit_symalign import groups
-    from mergekit_symalign.tasks import widened_difference
+    from mergekit_symalign.kernels import widened_difference
 
     monkeypatch.setattr(groups, "CHUNK_ELEMENTS", 32)  # 2 rows of 11 per block
     gen = torch.Generator().manual_seed(0)
@@ -471,7 +471,7 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
                                                     nodes):
     """mergekit's executor moves every task's inputs to the GPU and its result back to host
     memory: a transfer's float32 aligned skills, deltas and merged delta stay inside one task
-    (AlignTensorTask, SkillDeltas and the wrapped method run in the TransferTask), so only
+    (AlignTensorTask, SkillDeltas and the wrapped method run in a FusedTransferTask), so only
     loaded tensors and the result cross. A residual: orthogonal refold shares a norm's merged
     delta between tasks: nodes there."""
     import mergekit.graph as graph
@@ -489,19 +489,19 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
     recipe = transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
                       [(family[skill], {"align": aligned})], residual=residual)
     out = load(run_recipe(recipe, tmp_path / "out"))
-    assert seen.count("TransferTask") == len(out)
+    assert seen.count("TransferTask") + seen.count("FusedTransferTask") == len(out)
+    assert ("FusedTransferTask" in seen) and (("TransferTask" in seen) == nodes)
     for node in ("SkillDeltas", "ExecuteMergeMethodTask"):
         assert (node in seen) == nodes, node
     assert "AlignTensorTask" not in seen
     # the same merge, bit for bit, as the tasks as separate nodes
     import mergekit_symalign.planner as planner
 
-    transfer_task = planner.TransferTask
-    monkeypatch.setattr(planner, "TransferTask",
-                        lambda **fields: transfer_task(**{**fields, "fused": False}))
+    monkeypatch.setattr(planner, "FUSE", False)
     seen.clear()
     nodes_out = load(run_recipe(recipe, tmp_path / "nodes"))
     assert ("AlignTensorTask" in seen) == aligned and "SkillDeltas" in seen
+    assert "FusedTransferTask" not in seen
     assert all(torch.equal(out[k], nodes_out[k]) for k in out)
 
 
@@ -517,10 +517,10 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
 def test_single_skill_task_arithmetic_is_the_kernel_bit_for_bit(family, tmp_path, monkeypatch, method,
                                                                skill_params, params, dtype, direct):
     """A transfer of one skill with task_arithmetic skips mergekit's kernel
-    (tasks.single_delta_task_arithmetic: the kernel's operations in place on the delta); the
+    (tasks.transfer.single_delta_task_arithmetic: the kernel's operations in place on the delta); the
     merged model must equal the kernel's bit for bit, and every other method or a second
     skill must still go through the kernel."""
-    from mergekit_symalign import tasks
+    from mergekit_symalign.tasks import transfer as tasks
 
     calls = []
     real = tasks.single_delta_task_arithmetic
