@@ -106,8 +106,9 @@ def internals_problems() -> List[str]:
     gta = lambda: module("mergekit.merge_methods.generalized_task_arithmetic")  # noqa: E731
     check("mergekit.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge "
           "(consensus_method, sparsification_method).merge_group: weights the deltas, divides "
-          "by the weights' sum when normalize, scales by lambda (tasks.single_delta_task_arithmetic "
-          "repeats it for one skill; tests/test_merge.py compares them bit for bit)",
+          "by the weights' sum when normalize, scales by lambda "
+          "(tasks.transfer.single_delta_task_arithmetic repeats it for one skill; "
+          "tests/test_kernels.py and tests/test_merge.py compare them bit for bit)",
           lambda: {"consensus_method", "sparsification_method"}
           <= set(gta().GeneralizedTaskArithmeticMerge.__dataclass_fields__)
           and {"normalize", "lambda", 1e-08} <= set(gta().GeneralizedTaskArithmeticMerge.merge_group.__code__.co_consts)
