@@ -1,6 +1,6 @@
 """The per-merge collector: what each alignment task solved, for the model card and the report.
 
-The hook, in one place: when a merge has a collector, :class:`.planner.AlignedPlanning`
+The hook, in one place: when a merge has a collector, :class:`.alignments.Alignments`
 builds its alignment tasks through :func:`collected`, which returns a subclass of the task
 that, after solving, appends one :func:`.measure.layer_record` (the transform's summary and the
 layer's distance to the reference before and after) to the collector. Nothing is recomputed:
@@ -157,7 +157,7 @@ def collected(key: Optional[str], task, layer: Optional[int] = None, reference=N
 
     A :class:`LayerAlignmentTask` needs ``layer`` (the model's index); a
     :class:`PickLayerTransform` needs the ``reference``, the model's layer ``prefix`` and the
-    layer's ``loads`` (``(model_loads, reference_loads)`` as the planner's ``_pair_loads``).
+    layer's ``loads`` (``(model_loads, reference_loads)`` as ``Alignments._pair_loads``).
     """
     if key is None:
         return task

@@ -8,7 +8,7 @@ module's namespace: ``mergekit.merge``, ``mergekit.evo.actors`` and any other co
 method does exactly what mergekit does unless the planner's method is a
 ``symmetry_aligned_*`` one; then planning goes to :class:`.planner.AlignedPlanning`.
 
-Two more in-place hooks, inert for other methods:
+Three more in-place hooks, inert for other methods:
 
 * ``MergePlanner.plan_to_disk(out_path)`` tells the planning where the merge will write
   (refused if inside an input model's folder) and notes whether that folder existed;

@@ -7,7 +7,7 @@
   the GPU and its result back to host memory, so as nodes the float32 aligned skills and
   deltas, the zero base (materialized by the move) and the merged delta crossed the bus in
   both directions; fused, only the loaded tensors go up and the result comes down, as in a
-  plain merge (H200, 1B --cuda: 1.69x -> 1.16x plain; docs/performance.md).
+  plain merge (H200, 1B-shaped --cuda merge: 1.69x -> 1.16x plain; docs/how-it-works.md).
 
 The arithmetic is :func:`.kernels.transferred`; these classes only route tensors to it.
 """
