@@ -33,7 +33,7 @@ from ..architectures import ARCHITECTURES, Geometry
 from ..calibration import calibration_tokens
 from ..rope import attention_logit_change
 from ..settings import AlignSettings
-from ..solve import RESIDUAL_ROWS, solve_layer, solve_residual
+from ..solve import RESIDUAL_ROWS, ResidualSolution, solve_layer, solve_residual
 from ..spec import LayerTransform, WorkingCopy
 from ..validation import check_finite
 
@@ -43,10 +43,11 @@ NamedLoads = Tuple[Tuple[str, LoadTensor], ...]
 
 
 @dataclass(frozen=True, eq=False)
-class ResidualResult:
-    element: res.ResidualElement
-    module: LayerTransform  # the embeddings', final norm's and lm_head's steps
-    key: Optional[str] = None  # its alignment-cache key (when a cache is used)
+class ResidualResult(ResidualSolution):
+    """A model's residual solve (what every layer's solve starts from) and its module-level
+    steps (embeddings, final norm, lm_head)."""
+
+    module: Optional[LayerTransform] = None
 
 
 def _checked_tensors(model: ModelReference, names) -> Dict[str, torch.Tensor]:
@@ -93,7 +94,7 @@ class ResidualAlignmentTask(Task[ResidualResult]):
             LOG.info("residual: %s -> %s: %s (rotation explains %.1f%% beyond the best signed "
                      "permutation%s)", self.model, self.reference, element.mode,
                      100 * element.fit.explained, ", snapped" if element.fit.snapped else "")
-        return ResidualResult(element, module, solution.key)
+        return ResidualResult(element, solution.key, module)
 
 
 class PickModuleTransform(Task[LayerTransform]):
@@ -164,7 +165,7 @@ class LayerAlignmentTask(Task[LayerTransform]):
             solution = solve_layer(
                 arch, self.geometry, settings.switches, settings.qk_rotation, settings.residual,
                 model, reference,
-                None if residual is None else _solution(residual),
+                residual,
                 cache_folder=settings.alignment_cache, label=str(self.model), working=working)
         except ValueError as err:
             raise ValueError(
@@ -183,12 +184,6 @@ class LayerAlignmentTask(Task[LayerTransform]):
             self.model, self.layer_prefix,
             ", ".join(f"{pos}: {value:.1%}" for pos, value in change.items()),
         )
-
-
-def _solution(result: ResidualResult):
-    from ..solve import ResidualSolution
-
-    return ResidualSolution(result.element, result.key)
 
 
 class ActivationAlignmentTask(Task[Dict[str, Dict[int, LayerTransform]]]):
