@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergekit_symalign"
 # No mergekit import, at module level or inside a function (issue 27: pure mathematics and the
 # transfer's arithmetic stay testable without mergekit).
 PURE = ("groups", "spec", "architectures", "assignment", "residual", "rope", "settings",
-        "kernels", "solve", "measure", "output", "calibration", "statedict", "cache")
+        "kernels", "solve", "measure", "output", "calibration", "statedict", "cache", "errors",
+        "activations")
 
 MAX_LINES = 60
 # function -> why it is longer (a line each)
