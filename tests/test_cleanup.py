@@ -148,3 +148,13 @@ def test_a_merge_that_succeeds_keeps_its_folder_and_a_later_failure_is_its_own(f
     with pytest.raises(RuntimeError, match="boom"):
         run_recipe(recipe(family), out)
     assert Path(out).exists()
+
+
+def test_a_missing_shard_through_mergekit_yaml(family, sharded_skill_missing_a_shard, tmp_path):
+    """The same through an unmodified mergekit-yaml (the plugin loaded by its .pth hook)."""
+    from examples.common import run_mergekit_yaml
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="FileNotFoundError|No such file"):
+        run_mergekit_yaml(recipe(family, sharded_skill_missing_a_shard), tmp_path / "r.yml", out)
+    assert not out.exists()
