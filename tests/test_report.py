@@ -206,7 +206,14 @@ def test_model_card_names_the_plugin_and_what_alignment_did(family, tmp_path):
     card = (out / "README.md").read_text()
     assert "mergekit-symalign" in card.split("---")[1]  # the tag in the front matter
     assert "## Symmetry alignment (mergekit-symalign)" in card
-    assert f'pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    # the install that works today (a checkout or its wheel, at this commit), and PyPI's later
+    assert f'pip install "mergekit==0.1.5" ./mergekit-symalign' in card
+    assert f"mergekit_symalign-{__version__}-py3-none-any.whl" in card
+    assert f'# pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    assert "not on PyPI yet" in card
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True).stdout.strip()
+    assert head and f"mergekit-symalign {__version__} (commit `{head}" in card
     assert "mergekit-yaml mergekit_config.yml" in card
     assert "arxiv.org/abs/2511.10850" in card
     row = next(line for line in card.splitlines() if line.startswith(f"| {family['reference_scrambled']} |"))
