@@ -82,3 +82,22 @@ def test_card_records_no_commit_outside_a_checkout(tmp_path):
     if commit is None:
         pytest.skip("not run from a git checkout")
     assert len(commit.split()[0]) == 40
+
+
+def test_report_help_lists_only_what_the_report_uses():
+    from click.testing import CliRunner
+    from mergekit.options import MergeOptions
+
+    from mergekit_symalign.cli import MERGE_ONLY_OPTIONS, cli
+
+    text = CliRunner().invoke(cli, ["report", "--help"]).output
+    for name in MERGE_ONLY_OPTIONS:
+        assert f"--{name.replace('_', '-')}" not in text, name
+    for option in ("--cuda", "--device", "--read-to-gpu", "--lazy-unpickle", "--trust-remote-code",
+                   "--allow-crimes", "--cache", "--tolerance", "-v"):
+        assert option in text
+    # every mergekit option is either listed or named merge-only: a new one needs a decision
+    listed = {name for name in MergeOptions.model_fields
+              if f"--{name.replace('_', '-')}" in text or name == "verbosity"}
+    assert listed | set(MERGE_ONLY_OPTIONS) == set(MergeOptions.model_fields)
+    assert not listed & set(MERGE_ONLY_OPTIONS)
