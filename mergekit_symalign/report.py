@@ -461,12 +461,15 @@ def short_names(names: Sequence[str], width: int = 40) -> Dict[str, str]:
     """Legend labels: each model by its last path component (a Hub id's repository name, a
     local folder's name), with as many parent components as it takes to tell them apart."""
     parts = {n: [p for p in n.replace("\\", "/").split("/") if p] or [n] for n in names}
-    depth = 1
+    depth = dict.fromkeys(names, 1)
     while True:
-        labels = {n: "/".join(parts[n][-depth:]) for n in names}
-        if len(set(labels.values())) == len(labels) or depth >= max(len(p) for p in parts.values()):
+        labels = {n: "/".join(parts[n][-depth[n]:]) for n in names}
+        clashing = [n for n in names if list(labels.values()).count(labels[n]) > 1
+                    and depth[n] < len(parts[n])]
+        if not clashing:
             return {n: _short(label, width) for n, label in labels.items()}
-        depth += 1
+        for n in clashing:
+            depth[n] += 1
 
 
 def _plot_distances(plt, pairs, labels, path: Path) -> None:
