@@ -439,7 +439,9 @@ def pyplot():
     return plt
 
 
-PLOTS_NEED = "pip install 'mergekit-symalign[report]'"  # matplotlib, for the PNG plots
+# What the plots need, as a line that works before the package is on PyPI (its `report` extra
+# is the same pin).
+PLOTS_NEED = "pip install 'matplotlib>=3.8'"
 
 
 def _layer_axis(ax) -> None:
@@ -575,7 +577,7 @@ def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     images = write_plots(report, out_dir)
     note = "" if images or not report["pairs"] else (
-        "(Plots skipped: matplotlib is not installed; `pip install 'mergekit-symalign[report]'`.)")
+        f"(Plots skipped: matplotlib is not installed; `{PLOTS_NEED}`.)")
     (out_dir / "report.md").write_text(markdown(report, images, note))
     for _caption, name in images:
         paths[Path(name).stem] = str(out_dir / name)

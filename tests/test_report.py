@@ -437,4 +437,4 @@ def test_missing_matplotlib_is_said_on_the_terminal(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(report_module, "pyplot", lambda: None)
     assert report_module.write_plots(_plot_doc(["/m/s"], []), tmp_path) == []
     err = capsys.readouterr().err
-    assert "matplotlib is not installed" in err and "pip install 'mergekit-symalign[report]'" in err
+    assert "matplotlib is not installed" in err and "pip install 'matplotlib>=3.8'" in err
