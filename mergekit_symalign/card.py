@@ -3,10 +3,10 @@
 mergekit's ``run_merge`` writes ``README.md`` with ``generate_card(config=..., config_yaml=...,
 name=...)``, a name it imported into ``mergekit.merge`` from ``mergekit.card``. :func:`hook_card`
 (called by :func:`.plugin.install`) wraps that function in both modules, in place, once: for a
-``symmetry_aligned_*`` recipe the wrapper appends :func:`card_section` (version, the install
-lines that make the recipe reproducible, the commit it ran from, what the method does, and the alignment summary that
-the merge's alignment tasks recorded in its collector, :mod:`.collect`); every other card is
-mergekit's, unchanged. ``mergekit_config.yml`` is not touched: it stays the exact recipe.
+``symmetry_aligned_*`` recipe the wrapper appends :func:`card_section` (version, the commit it
+ran from, the install lines that make the recipe reproducible, what the method does, and the
+alignment summary that the merge's alignment tasks recorded in its collector, :mod:`.collect`);
+every other card is mergekit's, unchanged. ``mergekit_config.yml`` is not touched: it stays the exact recipe.
 """
 
 from __future__ import annotations
