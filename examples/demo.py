@@ -60,6 +60,9 @@ EVAL_POOL = 1000  # held-out problems: --eval-problems scores the first N of the
 SCRAMBLE_SEEDS = {"reference": 101, "sibling": 202}  # offset by --seed
 
 TARGETS = ("reference", "sibling", "reference-scrambled", "sibling-scrambled")
+# The merge kept by default (with its model card) and described by `mergekit-symalign report`:
+# the realistic case where alignment matters, a diverged relative whose coordinates differ.
+KEPT_MERGE = "sibling-scrambled--aligned"
 METHODS = ("task_arithmetic", "symmetry_aligned_task_arithmetic")
 
 
@@ -145,34 +148,130 @@ def _label_logits(model, ids, mask, labels):
 # --------------------------------------------------------------------------- fine-tune
 
 
+CHECKPOINT_EVERY_S = 180.0  # a fine-tune saves its state this often (and when interrupted)
+
+
+class _StopRequests:
+    """Turns Ctrl-C / SIGTERM during a fine-tune into a request honoured between steps, so
+    the checkpoint written on the way out is a consistent one (never half an optimizer step)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _load_checkpoint(path: Optional[Path], note: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The saved state of this very fine-tune (same build note), or None (a stale one goes)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a torn or foreign file: start over
+        state = None
+    if not isinstance(state, dict) or state.get("note") != note:
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
 def finetune(model, make_batch: Callable[[], Tuple], steps: int, lr: float, desc: str,
-             seed: int) -> List[float]:
-    """AdamW with a short warm-up and linear decay; token embeddings (tied) frozen."""
+             seed: int, rng: Optional[random.Random] = None, checkpoint: Optional[Path] = None,
+             note: Optional[Dict[str, Any]] = None,
+             save_every_s: float = CHECKPOINT_EVERY_S) -> List[float]:
+    """AdamW with a short warm-up and linear decay; token embeddings (tied) frozen.
+
+    With ``checkpoint``, the trainable weights, optimizer, schedule, ``rng`` (the random
+    source ``make_batch`` draws from) and torch's RNG are saved there every ``save_every_s``
+    seconds and on Ctrl-C/SIGTERM (after the step in flight), and a run with the same ``note``
+    resumes from it: the result is the uninterrupted run's. Removed when the run completes.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     model.train()
     model.get_input_embeddings().weight.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(10, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps)
     )
-    losses = []
-    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
-    for _ in bar:
-        ids, mask, labels = make_batch()
-        logits, targets = _label_logits(model, ids, mask, labels)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    losses: List[float] = []
+    start = 0
+    saved = _load_checkpoint(checkpoint, note)
+    if saved is not None:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(saved["trainable"][name])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if rng is not None:
+            rng.setstate(saved["rng"])
+        losses, start = list(saved["losses"]), saved["step"]
+        _log(f"{desc}: resuming from step {start} of {steps} ({checkpoint})")
+
+    def save(step: int) -> None:
+        _save_checkpoint(checkpoint, {
+            "note": note, "step": step, "losses": losses,
+            "trainable": {n: p.detach().clone() for n, p in named},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(), "rng": rng.getstate() if rng is not None else None,
+        })
+
+    last_save = time.monotonic()
+    bar = tqdm(range(start, steps), desc=desc, unit="step", dynamic_ncols=True, initial=start,
+               total=steps)
+    with _StopRequests() as stop:
+        for step in bar:
+            ids, mask, labels = make_batch()
+            logits, targets = _label_logits(model, ids, mask, labels)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            due = time.monotonic() - last_save >= save_every_s
+            if checkpoint is not None and step + 1 < steps and (due or stop.requested):
+                save(step + 1)
+                last_save = time.monotonic()
+            if stop.requested and step + 1 < steps:  # (after the last step: just finish)
+                bar.close()
+                where = f"; run again to resume from step {step + 1} ({checkpoint})" if checkpoint else ""
+                raise KeyboardInterrupt(f"{desc} interrupted{where}")
     bar.close()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     model.get_input_embeddings().weight.requires_grad_(True)
     model.eval()
     return losses
@@ -314,7 +413,9 @@ def build_family(opts: Options) -> Dict[str, Any]:
             rng = random.Random(opts.seed + 1)
             make = lambda: sibling_batch(tok, rng)  # noqa: E731
             desc = "fine-tune sibling (English)"
-        losses = finetune(model, make, steps, lr, desc, seed=opts.seed)
+        losses = finetune(model, make, steps, lr, desc, seed=opts.seed, rng=rng,
+                          checkpoint=opts.workdir / "checkpoints" / f"{name}.pt",
+                          note=notes[name])
         _save(model, tok, paths[name], notes[name])
         facts["build_s"][name] = time.perf_counter() - t
         facts[f"{name}_loss"] = {"first": losses[0], "last10": sum(losses[-10:]) / len(losses[-10:])}
@@ -408,7 +509,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="rebuild every model from scratch")
     ap.add_argument("--keep-merges", action="store_true",
-                    help="keep the merged models' weights (default: keep only their recipes)")
+                    help="keep every merged model (default: only merges/%s, with its model "
+                         "card; the others' recipes stay)" % KEPT_MERGE)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--verbose", action="store_true", help="show mergekit's output")
     a = ap.parse_args(argv)
@@ -446,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     start = time.perf_counter()
     if opts.fresh and opts.workdir.exists():
-        for sub in ("models", "merges"):
+        for sub in ("models", "merges", "checkpoints", "report"):
             shutil.rmtree(opts.workdir / sub, ignore_errors=True)
     opts.workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -526,11 +628,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"max |delta w| / max |w| = {err:.1e}")
             if base is None:  # kept for the checks above and below
                 keep_for_check.append(out)
-            elif not opts.keep_merges:
+            elif not opts.keep_merges and out.name != KEPT_MERGE:
                 shutil.rmtree(out, ignore_errors=True)
     if not opts.keep_merges:
         for out in keep_for_check:
             shutil.rmtree(out, ignore_errors=True)
+    report_dir = write_alignment_report(merges_dir / f"{KEPT_MERGE}.yaml", opts.workdir / "report",
+                                        opts.verbose)
 
     table = results_table(rows)
     total = time.perf_counter() - start
@@ -544,12 +648,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(header)
     print(table)
     print()
+    print("In short (README.md's table):")
+    print()
+    print(condensed_table(rows))
+    print()
     for line in notes:
         print(line)
-    print(f"total {total:.0f} s (model family {build_s:.0f} s); results in {opts.workdir}")
+    print(f"total {total:.0f} s (model family {build_s:.0f} s)")
+    print()
+    print(where_everything_is(opts.workdir, merges_dir, report_dir, opts.keep_merges))
     (opts.workdir / "results.md").write_text(
         "# Plain vs symmetry-aligned task arithmetic (SmolLM2-135M-Instruct)\n\n"
-        + header + "\n" + table + "\n\n" + "\n".join(f"* {line}" for line in notes) + "\n"
+        + header + "\n" + table + "\n\nIn short:\n\n" + condensed_table(rows) + "\n\n"
+        + "\n".join(f"* {line}" for line in notes) + "\n"
     )
     payload = {
         "rows": rows,
@@ -562,6 +673,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     (opts.workdir / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     return 0
+
+
+def condensed_table(rows: List[Dict[str, Any]]) -> str:
+    """The README's table: per target, plain and aligned accuracy / KL side by side."""
+    names = {"reference": "reference", "sibling": "sibling",
+             "reference-scrambled": "reference under an exact random symmetry",
+             "sibling-scrambled": "sibling under an exact random symmetry"}
+    cell = {(r["target"], r["method"]): f"{r['accuracy']:.2f} / {r['kl_to_skill']:.3f}"
+            for r in rows}
+    lines = ["| target | plain task_arithmetic (acc / KL) | symmetry_aligned (acc / KL) |",
+             "|---|---|---|"]
+    for target in TARGETS:
+        lines.append(f"| {names[target]} | {cell[(target, METHODS[0])]} | "
+                     f"{cell[(target, METHODS[1])]} |")
+    return "\n".join(lines)
+
+
+def write_alignment_report(recipe: Path, out: Path, verbose: bool) -> Optional[Path]:
+    """``mergekit-symalign report`` of the kept merge's recipe into ``out`` (None if it fails:
+    the demo's results stand without it)."""
+    import subprocess
+
+    script = Path(sys.executable).with_name("mergekit-symalign")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "mergekit_symalign.cli"]
+    _log(f"alignment report of {recipe.name} ...")
+    proc = subprocess.run(command + ["report", str(recipe), str(out), "--quiet"],
+                          capture_output=not verbose, text=True)
+    if proc.returncode != 0:
+        _log(f"the alignment report failed ({proc.returncode}): {(proc.stderr or '')[-500:]}")
+        return None
+    return out
+
+
+def where_everything_is(workdir: Path, merges: Path, report: Optional[Path],
+                        keep_merges: bool) -> str:
+    """The closing lines: what the demo left and where."""
+    def show(path: Path) -> str:
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+
+    kept = (f"{show(merges)}/*/ (every merge; README.md in each is its model card)" if keep_merges
+            else f"{show(merges / KEPT_MERGE)}/ (an aligned merge; README.md is its model card)")
+    lines = ["Where everything is:",
+             f"  {show(workdir / 'results.md')}, results.json   the tables above, every figure",
+             f"  {kept}",
+             f"  {show(merges)}/*.yaml   every recipe (mergekit-yaml RECIPE OUT merges it again)",
+             f"  {show(workdir / 'models')}/   the model family (reused by the next run; "
+             f"--fresh rebuilds it)"]
+    if report is not None:
+        lines.append(f"  {show(report)}/   mergekit-symalign report of {KEPT_MERGE}.yaml: "
+                     f"report.md, report.json, distance.png, moved.png")
+    return "\n".join(lines)
 
 
 def summary_lines(rows, facts, equivariance, same_as_plain=None) -> List[str]:

@@ -19,7 +19,11 @@ else:
     import warnings as _warnings
 
     from .errors import IncompatibleMergekit as _Incompatible
+    from .errors_cli import install as _install_one_line_errors
     from .plugin import install as _install
+
+    # Runs for the .pth hook too (importing .plugin imports this package first).
+    _install_one_line_errors()
 
     try:
         _install()

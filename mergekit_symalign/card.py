@@ -3,17 +3,19 @@
 mergekit's ``run_merge`` writes ``README.md`` with ``generate_card(config=..., config_yaml=...,
 name=...)``, a name it imported into ``mergekit.merge`` from ``mergekit.card``. :func:`hook_card`
 (called by :func:`.plugin.install`) wraps that function in both modules, in place, once: for a
-``symmetry_aligned_*`` recipe the wrapper appends :func:`card_section` (version, the install
-line that makes the recipe reproducible, what the method does, and the alignment summary that
-the merge's alignment tasks recorded in its collector, :mod:`.collect`); every other card is
-mergekit's, unchanged. ``mergekit_config.yml`` is not touched: it stays the exact recipe.
+``symmetry_aligned_*`` recipe the wrapper appends :func:`card_section` (version, the commit it
+ran from, the install lines that make the recipe reproducible, what the method does, and the
+alignment summary that the merge's alignment tasks recorded in its collector, :mod:`.collect`);
+every other card is mergekit's, unchanged. ``mergekit_config.yml`` is not touched: it stays the exact recipe.
 """
 
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence
 
 import yaml
 
@@ -21,7 +23,7 @@ from .compat import TARGET_VERSION
 from .methods import PAPER_URL, PREFIX
 from .report import fmt, versions
 
-PROJECT_URL = "https://pypi.org/project/mergekit-symalign/"
+PYPI_NAME = "mergekit-symalign"
 TAG = "mergekit-symalign"
 MAX_LAYER_ROWS = 48  # per-layer table rows in the card (the report has them all)
 
@@ -53,16 +55,54 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def card_section(method: str, report: Optional[Mapping[str, Any]]) -> str:
+def source_commit(package_dir: Optional[Path] = None) -> Optional[str]:
+    """The git commit the plugin runs from, ``(plus uncommitted changes)`` when its tree is dirty;
+    None when it is not run from a git checkout of mergekit-symalign (an installed wheel)."""
+    root = Path(package_dir or Path(__file__).resolve().parent).parent
+    pyproject = root / "pyproject.toml"
+    try:  # a checkout of this project, not a wheel inside some other repository
+        if f'name = "{PYPI_NAME}"' not in pyproject.read_text(encoding="utf-8"):
+            return None
+        run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit} (plus uncommitted changes)" if dirty else commit
+
+
+def install_lines(version: str, mergekit: str, commit: Optional[str]) -> List[str]:
+    """The card's reproduce block: the source install that works today, the PyPI line for
+    once the package is released there, and the merge command."""
+    at = f" at commit {commit}" if commit else ""
+    return [
+        f"# mergekit-symalign {version} is not on PyPI yet: install it from a checkout of its",
+        f"# source{at}, or from a wheel built from one (`python -m build`):",
+        f'pip install "mergekit=={mergekit}" ./mergekit-symalign    # or ./{_wheel(version)}',
+        "# Once it is released on PyPI:",
+        f'# pip install "mergekit=={mergekit}" "{PYPI_NAME}=={version}"',
+        "mergekit-yaml mergekit_config.yml ./merged",
+    ]
+
+
+def _wheel(version: str) -> str:
+    return f"{PYPI_NAME.replace('-', '_')}-{version}-py3-none-any.whl"
+
+
+def card_section(method: str, report: Optional[Mapping[str, Any]],
+                 commit: Optional[str] = None) -> str:
     """The card's mergekit-symalign section; ``report`` as :func:`.report.build_report` builds
-    it from the merge's collected records (None: nothing was recorded)."""
+    it from the merge's collected records (None: nothing was recorded); ``commit`` as
+    :func:`source_commit` finds it (None: not run from a checkout)."""
     installed = versions()
     version = installed["mergekit-symalign"]
     wrapped = method[len(PREFIX):]
+    made_from = f" (commit `{commit}`)" if commit else ""
     lines = [
         "## Symmetry alignment (mergekit-symalign)",
         "",
-        f"Made with [mergekit-symalign]({PROJECT_URL}) {version}, a mergekit plugin: "
+        f"Made with mergekit-symalign {version}{made_from}, a mergekit plugin: "
         f"`{method}` is mergekit's `{wrapped}` run after aligning the models along the exact "
         f"symmetries of the transformer (MLP neuron permutations and scales, a rotation and "
         f"scale per GQA group on values/outputs, a rotation and scale per RoPE plane on "
@@ -73,8 +113,7 @@ def card_section(method: str, report: Optional[Mapping[str, Any]]) -> str:
         "To reproduce this model from the configuration above (`mergekit_config.yml`):",
         "",
         "```sh",
-        f'pip install "mergekit=={installed.get("mergekit", TARGET_VERSION)}" "mergekit-symalign=={version}"',
-        "mergekit-yaml mergekit_config.yml ./merged",
+        *install_lines(version, installed.get("mergekit", TARGET_VERSION), commit),
         "```",
         "",
         "### What alignment did",
@@ -139,7 +178,7 @@ def aligned_card(card: str, config) -> str:
     method = _aligned_method(config)
     if method is None:
         return card
-    section = card_section(method.spec.name, _recorded(config, method))
+    section = card_section(method.spec.name, _recorded(config, method), source_commit())
     return _tagged(card).rstrip("\n") + "\n\n" + section
 
 

@@ -1,10 +1,10 @@
 """``mergekit-symalign``: the plugin's command line.
 
-    mergekit-symalign report RECIPE.yml OUT_DIR [--cuda] [--cache DIR] [mergekit-yaml options]
+    mergekit-symalign report RECIPE.yml OUT_DIR [--cuda] [--cache DIR] [loading options]
 
 ``report`` reads an ordinary recipe and, without merging, aligns each model the merge would
 align (layer-streamed, with mergekit's planner and loaders, so it refuses exactly what
-``mergekit-yaml`` refuses and accepts its options), prints a verdict and writes
+``mergekit-yaml`` refuses and accepts its options for planning, loading and devices), prints a verdict and writes
 ``OUT_DIR/report.json``, ``report.md`` and PNG plots (see :mod:`.report`). Nothing is written
 when the recipe is refused, nor when OUT_DIR is an existing file or inside an input model's
 folder (checked before anything is aligned).
@@ -24,6 +24,23 @@ from .measure import IDENTITY_TOLERANCE
 # A refused recipe (the plugin's checks, mergekit's, pydantic's: all ValueError or
 # RuntimeError), an unreadable file, or a failure while aligning: reported in one line.
 FAILURES = (ValueError, RuntimeError, OSError, yaml.YAMLError)
+
+
+# mergekit-yaml's options that only writing a merge reads: the report has no output model to
+# shard, serialize, write asynchronously, copy a tokenizer or a card into, runs on one device and
+# runs no randomized merge kernel (the seed is for DARE's drops).
+MERGE_ONLY_OPTIONS = ("out_shard_size", "copy_tokenizer", "clone_tensors", "write_model_card",
+                      "safe_serialization", "async_write", "write_threads", "multi_gpu",
+                      "gpu_rich", "random_seed")
+
+
+def report_merge_options(command):
+    """mergekit's ``add_merge_options`` without :data:`MERGE_ONLY_OPTIONS` (those keep their
+    defaults in the ``MergeOptions`` the command receives)."""
+    command = add_merge_options(command)
+    command.__click_params__ = [p for p in command.__click_params__
+                                if p.name not in MERGE_ONLY_OPTIONS]
+    return command
 
 
 class _Failed(click.ClickException):
@@ -54,7 +71,7 @@ def cli() -> None:
 @click.option("--tolerance", type=float, default=IDENTITY_TOLERANCE, show_default=True,
               help="how close to the identity a solved transform must be to count as moving "
                    "nothing (|s - 1| for scales, ||R - I||_F / sqrt(k) for rotations)")
-@add_merge_options
+@report_merge_options
 def report_command(merge_options, recipe: str, out_dir: str, cache: Optional[str],
                    tolerance: float) -> None:
     """Align what RECIPE's merge would align, without merging; write OUT_DIR/report.json,

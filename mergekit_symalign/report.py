@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -242,6 +243,11 @@ def pyplot():
     return plt
 
 
+# What the plots need, as a line that works before the package is on PyPI (its `report` extra
+# is the same pin).
+PLOTS_NEED = "pip install 'matplotlib>=3.8'"
+
+
 def _layer_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -250,55 +256,121 @@ def _layer_axis(ax) -> None:
 
 
 def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    """One trimmed label: the start and end of a long name, never a bare truncated path."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep // 3] + "…" + name[-(keep - keep // 3):]
+
+
+def short_names(names: Sequence[str], width: int = 40) -> Dict[str, str]:
+    """Legend labels: each model by its last path component (a Hub id's repository name, a
+    local folder's name), with as many parent components as it takes to tell them apart."""
+    parts = {n: [p for p in n.replace("\\", "/").split("/") if p] or [n] for n in names}
+    depth = dict.fromkeys(names, 1)
+    while True:
+        labels = {n: "/".join(parts[n][-depth[n]:]) for n in names}
+        clashing = [n for n in names if list(labels.values()).count(labels[n]) > 1
+                    and depth[n] < len(parts[n])]
+        if not clashing:
+            return {n: _short(label, width) for n, label in labels.items()}
+        for n in clashing:
+            depth[n] += 1
+
+
+def _plot_distances(plt, pairs, labels, path: Path) -> None:
+    """How far each layer is from the reference, before (solid) and after (dashed)."""
+    floor = 1e-12  # log scale: an exact recovery or identical weights sit at the floor
+    fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
+    for i, p in enumerate(pairs):
+        layers = [r["layer"] for r in p["layers"]]
+        color = f"C{i % 10}"
+        ax.plot(layers, [max(r["distance_before"], floor) for r in p["layers"]], marker="o",
+                markersize=3, color=color, label=f"{labels[p['model']]}: before")
+        ax.plot(layers, [max(r["distance_after"], floor) for r in p["layers"]], marker="x",
+                markersize=5, linestyle="--", color=color,
+                label=f"{labels[p['model']]}: after" + (" (= before)" if p["identity"] else ""))
+    ax.set_yscale("log")
+    _layer_axis(ax)
+    ax.set_ylabel("‖model − ref‖ / ‖ref‖")
+    at_floor = any(r["distance_after"] < floor for p in pairs for r in p["layers"])
+    ax.set_title(f"distance to the reference ({labels[pairs[0]['reference']]}) per layer"
+                 + (f" (below {floor:g} drawn at {floor:g})" if at_floor else ""), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    # beside the axes, never over the data
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _moved_grid(pair) -> Tuple[List[str], List[int], List[List[float]]]:
+    """Symmetry names, layers, and [symmetry][layer] fractions moved (NaN: not recorded)."""
+    names = list(dict.fromkeys(s["name"] for r in pair["layers"] for s in r["symmetries"]))
+    layers = [r["layer"] for r in pair["layers"]]
+    grid = []
+    for name in names:
+        row = []
+        for r in pair["layers"]:
+            s = next((s for s in r["symmetries"] if s["name"] == name), None)
+            fraction = 0.0 if s is None else s.get("moved_fraction")
+            row.append(float("nan") if fraction is None else float(fraction))
+        grid.append(row)
+    return names, layers, grid
+
+
+def _plot_moved(plt, pairs, labels, path: Path) -> None:
+    """What moved: per pair, a symmetry × layer grid of the fraction of slots moved; the pairs
+    whose alignment is the identity are named in one sentence instead of empty grids."""
+    grids = {p["model"]: _moved_grid(p) for p in pairs}
+    moving = [p for p in pairs if any(v > 0 for row in grids[p["model"]][2] for v in row)]
+    still = [p for p in pairs if p not in moving]
+    heights = [1.0 + 0.3 * len(grids[p["model"]][0]) for p in moving] + ([0.5] if still else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(8, sum(heights) + 0.3), squeeze=False,
+                             height_ratios=heights, layout="constrained")
+    image = None
+    for ax, p in zip(axes[:, 0], moving):
+        names, layers, grid = grids[p["model"]]
+        # grey: a symmetry whose moved fraction was not recorded
+        cmap = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
+                          interpolation="nearest",
+                          extent=(layers[0] - 0.5, layers[-1] + 0.5, len(names) - 0.5, -0.5))
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_title(f"{labels[p['model']]}: {p['layers_moved']} of {p['layers_total']} layers "
+                     f"moved", fontsize=9)
+        _layer_axis(ax)
+    if still:
+        ax = axes[-1, 0]
+        ax.axis("off")
+        names = ", ".join(labels[p["model"]] for p in still)
+        ax.text(0.0, 0.5, f"Nothing moved in any layer (the alignment is the identity): {names}.",
+                fontsize=9, va="center", ha="left", wrap=True, transform=ax.transAxes)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[: len(moving), 0]), fraction=0.03, pad=0.02,
+                     label="fraction of slots moved")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_plots(report: Mapping[str, Any], out_dir: Path) -> List[Tuple[str, str]]:
-    """``distance.png`` (per-layer distance before/after) and ``moved.png`` (fraction of each
-    symmetry's slots moved, per layer); ``[(caption, file name)]``, empty without matplotlib."""
-    plt = pyplot()
+    """``distance.png`` (how far each layer is from the reference, before and after) and
+    ``moved.png`` (what each symmetry moved, per layer); ``[(caption, file name)]``, empty
+    without matplotlib (then the terminal is told how to install it)."""
     pairs = report["pairs"]
-    if plt is None or not pairs:
+    if not pairs:
         return []
-    floor = 1e-12  # log scale: an exact recovery or identical weights sit at the floor
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, p in enumerate(pairs):
-        color = f"C{i}"
-        layers = [r["layer"] for r in p["layers"]]
-        ax.plot(layers, [max(r["distance_before"], floor) for r in p["layers"]], marker="o",
-                markersize=3, color=color, label=f"{_short(p['model'])}: before")
-        ax.plot(layers, [max(r["distance_after"], floor) for r in p["layers"]], marker="x",
-                markersize=4, linestyle="--", color=color, label=f"{_short(p['model'])}: after")
-    ax.set_yscale("log")
-    _layer_axis(ax)
-    ax.set_ylabel("||model − reference|| / ||reference||")
-    ax.set_title("distance to the reference, per layer", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "distance.png", dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 2.8 * len(pairs)), squeeze=False)
-    for ax, p in zip(axes[:, 0], pairs):
-        names = list(dict.fromkeys(s["name"] for r in p["layers"] for s in r["symmetries"]))
-        layers = [r["layer"] for r in p["layers"]]
-        for name in names:
-            fractions = [next((s.get("moved_fraction") or 0.0 for s in r["symmetries"]
-                               if s["name"] == name), 0.0) for r in p["layers"]]
-            ax.plot(layers, fractions, marker="o", markersize=3, label=name)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel("fraction moved")
-        ax.set_title(_short(p["model"], 70), fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        _layer_axis(ax)
-    fig.tight_layout()
-    fig.savefig(out_dir / "moved.png", dpi=100)
-    plt.close(fig)
+    plt = pyplot()
+    if plt is None:
+        print(f"Plots skipped: matplotlib is not installed ({PLOTS_NEED}).", file=sys.stderr)
+        return []
+    labels = short_names(list(dict.fromkeys(
+        [p["model"] for p in pairs] + [p["reference"] for p in pairs])))
+    _plot_distances(plt, pairs, labels, out_dir / "distance.png")
+    _plot_moved(plt, pairs, labels, out_dir / "moved.png")
     return [("distance to the reference per layer, before and after alignment", "distance.png"),
-            ("fraction of each symmetry's slots (neurons, KV groups, RoPE planes) moved, per layer",
-             "moved.png")]
+            ("fraction of each symmetry's slots (neurons, KV groups, RoPE planes) moved, per "
+             "layer", "moved.png")]
 
 
 def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
@@ -309,7 +381,7 @@ def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     images = write_plots(report, out_dir)
     note = "" if images or not report["pairs"] else (
-        "(Plots skipped: matplotlib is not installed; `pip install 'mergekit-symalign[report]'`.)")
+        f"(Plots skipped: matplotlib is not installed; `{PLOTS_NEED}`.)")
     (out_dir / "report.md").write_text(markdown(report, images, note))
     for _caption, name in images:
         paths[Path(name).stem] = str(out_dir / name)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the project with what its demo and tests need.
-# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (pip skips what is there).
+# Create .venv (once) and install the project with what its demo and tests need (the `test`
+# extra includes build, twine and hatchling for tests/test_packaging.py's offline wheel build).
+# Run (`bash scripts/setup.sh`) by scripts/demo.sh and scripts/test.sh; safe to run again (pip
+# skips what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then

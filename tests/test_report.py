@@ -207,7 +207,14 @@ def test_model_card_names_the_plugin_and_what_alignment_did(family, tmp_path):
     card = (out / "README.md").read_text()
     assert "mergekit-symalign" in card.split("---")[1]  # the tag in the front matter
     assert "## Symmetry alignment (mergekit-symalign)" in card
-    assert f'pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    # the install that works today (a checkout or its wheel, at this commit), and PyPI's later
+    assert f'pip install "mergekit==0.1.5" ./mergekit-symalign' in card
+    assert f"mergekit_symalign-{__version__}-py3-none-any.whl" in card
+    assert f'# pip install "mergekit==0.1.5" "mergekit-symalign=={__version__}"' in card
+    assert "not on PyPI yet" in card
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True).stdout.strip()
+    assert head and f"mergekit-symalign {__version__} (commit `{head}" in card
     assert "mergekit-yaml mergekit_config.yml" in card
     assert "arxiv.org/abs/2511.10850" in card
     row = next(line for line in card.splitlines() if line.startswith(f"| {family['reference_scrambled']} |"))
@@ -366,3 +373,69 @@ def test_record_on_the_solves_working_copy(arch, dtype):
     exact = {name for name in scrambled if _exact_in_working_copy(name, transform, working)}
     mlp = {name for name in scrambled if name.startswith("mlp.")}
     assert exact == (set(scrambled) if dtype == torch.float32 else mlp)
+
+
+# --------------------------------------------------------------------------- the plots
+
+
+def _plot_doc(models_moving, models_still, layers=4):
+    def pair(model, moves):
+        rows = [{"layer": i, "distance_before": 1.2 if moves else 0.02,
+                 "distance_after": 1e-7 if moves else 0.02,
+                 "symmetries": ([{"name": "mlp.neurons", "moved_fraction": 1.0},
+                                 {"name": "attn.vo_rotation", "moved_fraction": 1.0},
+                                 {"name": "attn.kv_heads", "moved_fraction": 0.5 * (i % 2)}]
+                                if moves else [])} for i in range(layers)]
+        return {"model": model, "reference": "/data/models/reference", "identity": not moves,
+                "layers_moved": layers if moves else 0, "layers_total": layers, "layers": rows}
+
+    return {"pairs": [pair(m, True) for m in models_moving] + [pair(m, False) for m in models_still]}
+
+
+def test_plots_of_identity_and_moved_pairs_draw_without_warnings(tmp_path):
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from mergekit_symalign.report import write_plots
+
+    for name, doc in (("identity", _plot_doc([], ["/data/models/sibling"])),
+                      ("mixed", _plot_doc(["/data/models/scrambled"], ["org/skill"]))):
+        out = tmp_path / name
+        out.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels found"
+            images = write_plots(doc, out)
+        assert [png for _, png in images] == ["distance.png", "moved.png"]
+        for _, png in images:
+            assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_moved_grid_keeps_every_symmetry_apart():
+    from mergekit_symalign.report import _moved_grid
+
+    names, layers, grid = _moved_grid(_plot_doc(["/m/s"], [])["pairs"][0])
+    assert names == ["mlp.neurons", "attn.vo_rotation", "attn.kv_heads"]
+    assert layers == [0, 1, 2, 3]
+    assert grid == [[1.0] * 4, [1.0] * 4, [0.0, 0.5, 0.0, 0.5]]  # a row each, not one line at 1.0
+
+
+def test_legend_names_are_short_and_distinct():
+    from mergekit_symalign.report import short_names
+
+    labels = short_names(["/home/me/models/run-1/merged", "/home/me/models/run-2/merged",
+                          "meta-llama/Llama-3.1-8B-Instruct"])
+    assert labels["/home/me/models/run-1/merged"] == "run-1/merged"
+    assert labels["/home/me/models/run-2/merged"] == "run-2/merged"
+    assert labels["meta-llama/Llama-3.1-8B-Instruct"] == "Llama-3.1-8B-Instruct"
+    long = short_names(["/x/" + "a" * 30 + "-middle-" + "b" * 30])
+    (label,) = long.values()
+    assert len(label) == 40 and label.startswith("aaaa") and label.endswith("bbbb") and "…" in label
+
+
+def test_missing_matplotlib_is_said_on_the_terminal(tmp_path, monkeypatch, capsys):
+    from mergekit_symalign import report as report_module
+
+    monkeypatch.setattr(report_module, "pyplot", lambda: None)
+    assert report_module.write_plots(_plot_doc(["/m/s"], []), tmp_path) == []
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "pip install 'matplotlib>=3.8'" in err
