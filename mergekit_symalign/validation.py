@@ -419,6 +419,13 @@ def check_vocabularies(method_name: str, configs: Mapping[Hashable, Any], base, 
 def check_architecture_settings(cfg, arch: Architecture) -> None:
     """Settings that an architecture cannot honour exactly (or even approximately)."""
     for where, params, _model, _top in parameter_scopes(cfg):
+        if (params or {}).get("alignment") == "activations" and arch.experts is not None:
+            raise SymAlignConfigError(
+                f"alignment: activations (in {where}) is not available for {arch.name}: the "
+                f"activation path has no mirror of the expert symmetries (each expert sees only "
+                f"the tokens routed to it, which differ between models until the experts are "
+                f"matched). Use alignment: weights (the default)."
+            )
         if (params or {}).get("qk_rotation") == "full" and arch.qk_norm != "none":
             raise SymAlignConfigError(
                 f"qk_rotation: full (in {where}) is not available for {arch.name}: its QK-norm "
