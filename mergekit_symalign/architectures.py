@@ -94,8 +94,10 @@ class Architecture:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head.weight"
     # Decoder-layer tensors in a plain state dict (HF names, optionally nested as in a
-    # multimodal checkpoint's ``language_model.``); a vision tower's ``encoder.layers.N`` is not.
-    layer_pattern: str = r"^(?P<prefix>(?:.+\.)?model\.layers\.(?P<index>\d+)\.)(?P<name>.+)$"
+    # multimodal checkpoint's ``language_model.model.layers.N`` on the Hub, or transformers 5's
+    # in-memory ``model.language_model.layers.N``); a vision tower's ``encoder.layers.N`` is not.
+    layer_pattern: str = (r"^(?P<prefix>(?:.+\.)?(?:model|language_model)\.layers\.(?P<index>\d+)\.)"
+                          r"(?P<name>.+)$")
 
 
 GEMMA2_READERS = (("input_layernorm", ("q", "k", "v")), ("pre_feedforward_layernorm", ("gate", "up")))
@@ -146,6 +148,79 @@ ARCHITECTURES: Dict[str, Architecture] = {
 }
 
 
+# Why each decoder that mergekit 0.1.5 ships a definition for, and that has no spec above, is
+# refused: the part whose exactness is not proven (by model_type; docs/architectures.md).
+REFUSALS: Dict[str, str] = {
+    "apertus": "its MLP is ungated (up_proj, down_proj with xIELU) and no spec for an ungated "
+               "MLP has been proven by a scramble test",
+    "arcee": "its MLP is ungated (up_proj, down_proj with ReLU^2, homogeneous of degree 2, "
+             "not 1) and no spec for an ungated MLP has been proven by a scramble test",
+    "baichuan": "its fused W_pack q/k/v projection (and ALiBi in the 13B model) has no spec, "
+                "and it needs trust_remote_code",
+    "chatglm": "its fused query_key_value projection and GLM's RoPE on half of each head "
+               "have no spec, and it needs trust_remote_code",
+    "cohere": "its parallel attention/MLP block and mean-subtracting LayerNorm without a bias "
+              "have not been proven by a scramble test",
+    "cohere2": "its parallel attention/MLP block, mean-subtracting LayerNorm and layers "
+               "without RoPE have not been proven by a scramble test",
+    "exaone": "its layers are named transformer.h.N (attn.attention.*, mlp.c_fc_0/c_fc_1) and "
+              "no spec maps those names",
+    "falcon": "its fused query_key_value (multi-query or grouped layout) and parallel "
+              "attention/MLP with an ungated GELU MLP have no spec",
+    "glm4": "its fused gate_up_proj with sandwich norms and interleaved partial RoPE have not "
+            "been proven by a scramble test",
+    "glm4_moe": "its group-limited routing (n_group, topk_group) is equivariant only under "
+                "expert permutations that keep each group together, and its first "
+                "first_k_dense_replace layers are dense: neither is in the expert spec",
+    "_afmoe_partial": "its dense first layers, grouped routing and gated attention are not in "
+                      "the expert spec",
+    "afmoe": "its dense first layers, grouped routing and gated attention are not in the "
+             "expert spec",
+    "gpt2": "its fused c_attn (Conv1D, transposed) and ungated GELU MLP have no spec",
+    "gpt_bigcode": "its fused multi-query c_attn and ungated GELU MLP have no spec",
+    "gpt_neox": "its fused query_key_value (heads interleaved), parallel residual and ungated "
+                "GELU MLP have no spec",
+    "granite": "its embedding, residual, attention and logit multipliers have not been proven "
+               "by a scramble test",
+    "granitemoehybrid": "its Mamba2 (state-space) layers' symmetries (heads, groups, "
+                        "convolution channels) are not worked out",
+    "internlm2": "its fused wqkv interleaves each KV group's query heads with its key and "
+                 "value head, a layout no spec maps, and it needs trust_remote_code",
+    "jais": "its ALiBi attention, fused c_attn and SwiGLU under GPT-2 names have no spec",
+    "lfm2": "its hybrid layers (short gated convolutions on most layers) have no proven "
+            "symmetry spec",
+    "llama4": "its MoE on alternate layers with a shared expert and sigmoid top-1 routing, "
+              "chunked attention, NoPE layers and L2 QK-norm are not in the spec",
+    "mamba": "it is a state-space model: its selective-scan channels' symmetries are not "
+             "worked out",
+    "mistral3": "its text decoder is a Mistral layer, but the multimodal checkpoint's names "
+                "under mergekit's modular definition have not been proven by a scramble test",
+    "mixformer-sequential": "its fused Wqkv, parallel block and ungated GELU MLP have no spec",
+    "phi": "its parallel attention/MLP block with LayerNorm and an ungated GELU MLP and "
+           "partial rotary q/k with biases have not been proven by a scramble test",
+    "phi-msft": "its fused Wqkv, parallel block and ungated GELU MLP have no spec",
+    "phi3small": "its blocksparse attention, fused query_key_value and GeGLU variant need "
+                 "trust_remote_code and have no spec",
+    "qwen": "its fused c_attn (Qwen 1) needs trust_remote_code and has no spec",
+    "qwen2_vl": "its text decoder's multimodal RoPE (M-RoPE sections) and the names under "
+                "mergekit's modular definition have not been proven by a scramble test",
+    "qwen2_5_vl": "its text decoder's multimodal RoPE (M-RoPE sections) and the names under "
+                  "mergekit's modular definition have not been proven by a scramble test",
+    "qwen3_vl": "its text decoder's interleaved multimodal RoPE and the names under "
+                "mergekit's modular definition have not been proven by a scramble test",
+    "qwen3_vl_moe": "its text decoder's interleaved multimodal RoPE, its experts' names under "
+                    "mergekit's modular definition and the vision deepstack writes into the "
+                    "residual stream have not been proven by a scramble test",
+    "solar": "it needs trust_remote_code (no config class to build a scramble test on)",
+    "stablelm_epoch": "it needs trust_remote_code (the StableLM-Epoch code, not transformers' "
+                      "StableLM)",
+    "starcoder2": "its ungated GELU MLP (c_fc, c_proj) with LayerNorm and biases has not been "
+                  "proven by a scramble test",
+}
+# Model types mergekit 0.1.5 defines that are not decoder-only language models.
+NOT_DECODERS = ("bert", "distilbert", "roberta", "t5", "whisper")
+
+
 def supported_model_types() -> List[str]:
     return sorted(t for a in ARCHITECTURES.values() for t in a.model_types)
 
@@ -154,6 +229,12 @@ def architecture_for(model_type: str, model: str = "model") -> Architecture:
     for arch in ARCHITECTURES.values():
         if model_type in arch.model_types:
             return arch
+    if model_type in REFUSALS:
+        raise UnsupportedArchitecture(
+            f"{model}: architecture {model_type!r} cannot be aligned: {REFUSALS[model_type]}. "
+            f"Use mergekit's plain method instead (docs/architectures.md lists every "
+            f"architecture mergekit ships, aligned or refused, and why)."
+        )
     raise UnsupportedArchitecture(
         f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
         f"its symmetries are not proven exact and it cannot be aligned. Supported model types: "

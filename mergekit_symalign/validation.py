@@ -24,7 +24,14 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapp
 
 import torch
 
-from .architectures import Architecture, Geometry, architecture_for, geometry_from_config, text_config
+from .architectures import (
+    REFUSALS,
+    Architecture,
+    Geometry,
+    architecture_for,
+    geometry_from_config,
+    text_config,
+)
 import logging
 
 from .errors import NonFiniteTensorError, SymAlignConfigError, UnsupportedArchitecture
@@ -319,6 +326,10 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
     geometries: Dict[str, Geometry] = {}
     for model, config in configs.items():
         try:
+            # a multimodal checkpoint whose text decoder has a spec is still refused where the
+            # whole model is not proven (Mistral 3's text decoder is a Mistral layer)
+            architecture_for(getattr(config, "model_type", None), str(model)) \
+                if getattr(config, "model_type", None) in REFUSALS else None
             geometries[str(model)] = geometry_from_config(config, str(model))
         except UnsupportedArchitecture as err:
             raise SymAlignConfigError(str(err)) from None
@@ -333,7 +344,8 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
     first, g0 = items[0]
     for model, g in items[1:]:
         for field in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "rotary_dim", "rope_theta"):
+                      "intermediate_size", "rotary_dim", "rope_theta", "num_experts",
+                      "expert_intermediate_size", "shared_intermediate_size"):
             if getattr(g, field) != getattr(g0, field):
                 raise SymAlignConfigError(
                     f"{method_name}: models {first} and {model} differ in {field} "
@@ -434,6 +446,10 @@ def check_architecture_settings(cfg, arch: Architecture) -> None:
             )
 
 
+# Model classes whose only reader of the final residual stream is lm_head.
+RESIDUAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], modules: int,
                    method_name: str) -> Optional[str]:
     """``residual``: exact for every model (tied or not), one decoder module, and (aligned
@@ -445,6 +461,15 @@ def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], mod
     mode = top.get("residual", "none")
     if mode == "none":
         return mode
+    for model, config in configs.items():
+        classes = list(getattr(config, "architectures", None) or [])
+        head = next((c for c in classes if not c.endswith(RESIDUAL_HEADS)), None)
+        if head is not None:
+            raise SymAlignConfigError(
+                f"{method_name}: residual: {mode} is not supported for {model} ({head}): its "
+                f"task head reads the residual stream and is not among the tensors the "
+                f"residual transform moves. Use residual: none (the layers are still aligned)."
+            )
     if modules > 1:
         raise SymAlignConfigError(
             f"{method_name}: residual: {mode} is not supported for multimodal checkpoints: "
