@@ -63,7 +63,7 @@ class Architecture:
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
-    gate: str = "mlp.gate_proj"
+    gate: Optional[str] = "mlp.gate_proj"  # None: an ungated MLP (up, activation, down)
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     activation: str = "SwiGLU"
@@ -122,6 +122,13 @@ ARCHITECTURES: Dict[str, Architecture] = {
                      writers=GEMMA2_WRITERS),
         Architecture("phi3", ("phi3",), fused_qkv="self_attn.qkv_proj",
                      fused_gate_up="mlp.gate_up_proj"),
+        # Llama's layer with scalar multipliers (embeddings, residual branches, attention
+        # scores, logits): scalars commute with every symmetry here
+        Architecture("granite", ("granite",)),
+        # LayerNorm with biases everywhere, an ungated GELU MLP (c_fc, c_proj)
+        Architecture("starcoder2", ("starcoder2",), gate=None, up="mlp.c_fc", down="mlp.c_proj",
+                     activation="GELU", norm="layernorm",
+                     readers=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("up",)))),
         # Mixture of experts: mergekit 0.1.5 reads the fused layout (see Experts); the router
         # reads the residual stream through post_attention_layernorm.
         Architecture("mixtral", ("mixtral",), experts=Experts(),
@@ -180,8 +187,6 @@ REFUSALS: Dict[str, str] = {
     "gpt_bigcode": "its fused multi-query c_attn and ungated GELU MLP have no spec",
     "gpt_neox": "its fused query_key_value (heads interleaved), parallel residual and ungated "
                 "GELU MLP have no spec",
-    "granite": "its embedding, residual, attention and logit multipliers have not been proven "
-               "by a scramble test",
     "granitemoehybrid": "its Mamba2 (state-space) layers' symmetries (heads, groups, "
                         "convolution channels) are not worked out",
     "internlm2": "its fused wqkv interleaves each KV group's query heads with its key and "
@@ -214,8 +219,6 @@ REFUSALS: Dict[str, str] = {
     "solar": "it needs trust_remote_code (no config class to build a scramble test on)",
     "stablelm_epoch": "it needs trust_remote_code (the StableLM-Epoch code, not transformers' "
                       "StableLM)",
-    "starcoder2": "its ungated GELU MLP (c_fc, c_proj) with LayerNorm and biases has not been "
-                  "proven by a scramble test",
 }
 # Model types mergekit 0.1.5 defines that are not decoder-only language models.
 NOT_DECODERS = ("bert", "distilbert", "roberta", "t5", "whisper")
@@ -453,6 +456,11 @@ def _gated_mlp_block(name: str, gate: List[Site], up: List[Site], down: List[Sit
 
 def _mlp_block(arch: Architecture, g: Geometry) -> Block:
     neurons = slot_index(g.intermediate_size, 1, 1)
+    if arch.gate is None:
+        # Ungated (up, activation, down): permuting neurons is exact for any elementwise
+        # activation; a scale is not (GELU is not homogeneous), so there is none.
+        return Block("mlp", Symmetry("mlp.neurons", Kind.permutation,
+                                     tuple(_rows(arch, "up", g, neurons) + _columns(arch, "down", g, neurons))))
     return _gated_mlp_block("mlp", _rows(arch, "gate", g, neurons), _rows(arch, "up", g, neurons),
                             _columns(arch, "down", g, neurons),
                             _columns(arch, "down", g, neurons, True))

@@ -438,6 +438,12 @@ def check_architecture_settings(cfg, arch: Architecture) -> None:
                 f"the tokens routed to it, which differ between models until the experts are "
                 f"matched). Use alignment: weights (the default)."
             )
+        if (params or {}).get("alignment") == "activations" and arch.gate is None:
+            raise SymAlignConfigError(
+                f"alignment: activations (in {where}) is not available for {arch.name}: the "
+                f"activation path matches a gated MLP's gate and up outputs, and {arch.name}'s "
+                f"MLP is ungated. Use alignment: weights (the default)."
+            )
         if (params or {}).get("qk_rotation") == "full" and arch.qk_norm != "none":
             raise SymAlignConfigError(
                 f"qk_rotation: full (in {where}) is not available for {arch.name}: its QK-norm "

@@ -58,6 +58,15 @@ def tiny_config(model_type: str):
         return MOE_CONFIGS[model_type]()
     if model_type == "gemma3":
         return _gemma3_vlm()
+    if model_type == "granite":  # multipliers away from 1, so that they are exercised
+        from .conftest import COMMON
+
+        return transformers.GraniteConfig(**COMMON, embedding_multiplier=3.0, residual_multiplier=0.4,
+                                          attention_multiplier=0.2, logits_scaling=2.5)
+    if model_type == "starcoder2":
+        from .conftest import COMMON
+
+        return transformers.Starcoder2Config(**COMMON, use_bias=True, norm_epsilon=1e-5)
     return make_config(model_type)
 
 
@@ -122,3 +131,27 @@ def test_multimodal_checkpoint_whose_text_decoder_has_a_spec_is_still_refused():
     config = transformers.Mistral3Config(text_config=text)
     with pytest.raises(SymAlignConfigError, match="multimodal checkpoint's names"):
         check_models("symmetry_aligned_task_arithmetic", {"a": config, "b": config})
+
+
+@pytest.mark.parametrize("model_type", ["granite", "starcoder2"])
+def test_added_decoder_merges_through_mergekit(model_type, tmp_path):
+    """The decoders this table added, through mergekit's own definition: the aligned transfer
+    onto the reference moved by a random group element is the skill model, tensor by tensor."""
+    from examples.common import aligned_recipe, load_tensors, perturbed, run_recipe
+
+    from .conftest import save
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    skill = perturbed(ref, seed=1, scale=0.05)
+    moved, _ = scramble_state_dict(ref, config, seed=3)
+    paths = {n: save(sd, config, tmp_path / n) for n, sd in
+             (("reference", ref), ("skill", skill), ("moved", moved))}
+    out = run_recipe(aligned_recipe("symmetry_aligned_task_arithmetic", paths["moved"],
+                                    paths["reference"], [paths["skill"]], output_frame="reference"),
+                     tmp_path / "out")
+    got = load_tensors(out)
+    for k, want in load_tensors(paths["skill"]).items():
+        assert float((got[k] - want).abs().max()) <= 1e-5 * scale_of(want), k
