@@ -140,6 +140,11 @@ class ResidualAlignmentTask(Task[ResidualResult]):
     def priority(self) -> int:
         return 50
 
+    def duplicate_per_gpu(self) -> bool:
+        # Shared by every layer: as one task it joins the whole graph into one island of
+        # mergekit's --multi-gpu executor; it loads its own inputs, so each GPU solves it.
+        return True
+
     def execute(self) -> ResidualResult:
         from mergekit.io.tasks import LoaderCache
 
