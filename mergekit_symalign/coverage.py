@@ -23,6 +23,42 @@ CLASSIFIER_RESIDUAL = ("the layers are aligned; residual: is refused (the task h
                        "residual stream and is not moved)")
 
 
+MOE_NOTES = """## Mixtures of experts
+
+*The symmetries.* Top-k routing is equivariant: permuting the experts together with their
+router rows (and any per-expert router vector) selects the same experts under new numbers.
+Inside each expert, the SwiGLU neurons permute and the up branch scales as in a dense MLP; a
+shared expert (Qwen2-MoE) is a dense MLP and its gate a reader of the residual stream, as is
+the router; attention and heads are the dense model's. Experts are matched as wholes on the
+Gram matrices of their gate rows (unchanged by any permutation of their neurons) and of their
+router rows, before each expert's neurons are matched inside it. On descendants of one base
+the expert permutation is the identity and a merge on the reference is mergekit's own
+`task_arithmetic`, bit for bit (`tests/test_moe.py`).
+
+*Checkpoint layouts.* mergekit 0.1.5's `mixtral` and `qwen3_moe` definitions name the fused
+tensors of transformers 5 (`mlp.experts.gate_up_proj` `[experts, 2 I, D]`,
+`mlp.experts.down_proj`, the router `mlp.gate.weight`); reading a Hub checkpoint's per-expert
+tensors (`block_sparse_moe.experts.N.w1`, `mlp.experts.N.gate_proj`) it converts them as it
+loads, and it writes the fused layout whatever it read. The plugin aligns what mergekit reads,
+so both layouts merge, and the output is fused (tested in both layouts through
+`mergekit-yaml`). `alignment: activations` is refused for experts (the activation path has no
+mirror of the expert symmetries); `residual:` works.
+
+*What alignment cannot tell apart.* Experts that are exact copies of each other (an upcycled
+MoE at initialisation) cannot be told apart by their weights: with distinct router rows the
+router rows tell them apart, and with the router rows tied too every matching of the copies
+gives the same model; either way the answer is deterministic (the same on every run) and
+exact. Exactness itself ends at ties between router logits of *different* experts:
+`torch.topk` breaks a tie by expert number, so after a permutation a token whose top-k is
+tied may reach another expert (`tests/test_moe.py` shows such a model changing its logits).
+Ties need exactly equal logits: rare in float32, less so in bfloat16 (8 bits of mantissa),
+where a moved checkpoint may send a tied token to another expert of the same score.
+
+*Cost.* `benchmarks/bench_moe.py` writes `docs/moe-benchmark.md`: one Mixtral-8x7B-shaped
+layer, aligned vs plain in the same run.
+"""
+
+
 @dataclass(frozen=True)
 class Row:
     classes: Tuple[str, ...]  # mergekit's architecture names with this model type
@@ -114,6 +150,7 @@ def markdown() -> str:
         "dicts (`tests/test_moe.py`), but mergekit 0.1.5 has no definition for it, so "
         "`mergekit-yaml` cannot merge it.",
         "",
+        MOE_NOTES,
     ]
     return "\n".join(lines)
 

@@ -259,3 +259,32 @@ def test_activations_alignment_is_refused_for_moe(moe_family, tmp_path):
     with pytest.raises(SymAlignConfigError, match="alignment: activations .* not available"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_router_logits_between_distinct_experts_are_where_exactness_ends():
+    """torch.topk breaks a tie between router logits by expert number: with every router row
+    equal (all logits tied) but distinct experts, permuting the experts changes which ones a
+    token reaches. The docs state this limit; duplicates (above) are exact."""
+    model, config = make_moe("mixtral")
+    sd = state(model)
+    for layer in range(config.num_hidden_layers):
+        router = sd[f"model.layers.{layer}.mlp.gate.weight"]
+        router[:] = router[0:1].clone()
+    before = forward(model, sd)
+    scrambled, _ = scramble_state_dict(sd, config, seed=4)
+    assert relative(forward(model, scrambled), before) > 1e-3
+
+
+def test_mergekit_residual_alignment_of_a_moe(tmp_path):
+    """residual: permutation through mergekit: the reference moved by a residual permutation
+    and signs and every layer's group; the aligned transfer is the skill model."""
+    model, config = make_moe("mixtral")
+    ref = state(model)
+    skill = perturbed(ref, seed=1, scale=0.05)
+    moved, _ = scramble_state_dict(ref, config, seed=6, residual="permutation")
+    paths = {n: save_moe(model, sd, tmp_path / n, "hub") for n, sd in
+             (("reference", ref), ("skill", skill), ("moved", moved))}
+    out = run_recipe(aligned_recipe("symmetry_aligned_task_arithmetic", paths["moved"],
+                                    paths["reference"], [paths["skill"]], residual="permutation",
+                                    output_frame="reference"), tmp_path / "out")
+    assert max_relative(load_tensors(out), skill) < 1e-5
