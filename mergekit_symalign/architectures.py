@@ -234,9 +234,11 @@ def architecture_for(model_type: str, model: str = "model") -> Architecture:
             return arch
     if model_type in REFUSALS:
         raise UnsupportedArchitecture(
-            f"{model}: architecture {model_type!r} cannot be aligned: {REFUSALS[model_type]}. "
-            f"Use mergekit's plain method instead (docs/architectures.md lists every "
-            f"architecture mergekit ships, aligned or refused, and why)."
+            f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
+            f"it cannot be aligned: {REFUSALS[model_type]}. Supported model types: "
+            f"{', '.join(supported_model_types())}. Use mergekit's plain method instead "
+            f"(docs/architectures.md lists every architecture mergekit ships, aligned or "
+            f"refused, and why)."
         )
     raise UnsupportedArchitecture(
         f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
