@@ -129,6 +129,9 @@ ARCHITECTURES: Dict[str, Architecture] = {
         Architecture("starcoder2", ("starcoder2",), gate=None, up="mlp.c_fc", down="mlp.c_proj",
                      activation="GELU", norm="layernorm",
                      readers=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("up",)))),
+        # fused gate_up_proj, sandwich norms, interleaved partial RoPE, q/k/v biases
+        Architecture("glm4", ("glm4",), fused_gate_up="mlp.gate_up_proj", rope_layout="interleaved",
+                     writers=(("o", "post_self_attn_layernorm"), ("down", "post_mlp_layernorm"))),
         # Mixture of experts: mergekit 0.1.5 reads the fused layout (see Experts); the router
         # reads the residual stream through post_attention_layernorm.
         Architecture("mixtral", ("mixtral",), experts=Experts(),
@@ -166,16 +169,15 @@ REFUSALS: Dict[str, str] = {
                 "and it needs trust_remote_code",
     "chatglm": "its fused query_key_value projection and GLM's RoPE on half of each head "
                "have no spec, and it needs trust_remote_code",
-    "cohere": "its parallel attention/MLP block and mean-subtracting LayerNorm without a bias "
-              "have not been proven by a scramble test",
+    "cohere": "mergekit's cohere definition requires q_norm/k_norm (Command R+), a per-head "
+              "LayerNorm on q and k that leaves no proven Q/K symmetry; without them (Command R) "
+              "that definition cannot load the checkpoint",
     "cohere2": "its parallel attention/MLP block, mean-subtracting LayerNorm and layers "
                "without RoPE have not been proven by a scramble test",
     "exaone": "its layers are named transformer.h.N (attn.attention.*, mlp.c_fc_0/c_fc_1) and "
               "no spec maps those names",
     "falcon": "its fused query_key_value (multi-query or grouped layout) and parallel "
               "attention/MLP with an ungated GELU MLP have no spec",
-    "glm4": "its fused gate_up_proj with sandwich norms and interleaved partial RoPE have not "
-            "been proven by a scramble test",
     "glm4_moe": "its group-limited routing (n_group, topk_group) is equivariant only under "
                 "expert permutations that keep each group together, and its first "
                 "first_k_dense_replace layers are dense: neither is in the expert spec",

@@ -63,6 +63,10 @@ def tiny_config(model_type: str):
 
         return transformers.GraniteConfig(**COMMON, embedding_multiplier=3.0, residual_multiplier=0.4,
                                           attention_multiplier=0.2, logits_scaling=2.5)
+    if model_type == "glm4":
+        from .conftest import COMMON
+
+        return transformers.Glm4Config(**{**COMMON, "pad_token_id": 0}, head_dim=8)
     if model_type == "starcoder2":
         from .conftest import COMMON
 
@@ -133,7 +137,7 @@ def test_multimodal_checkpoint_whose_text_decoder_has_a_spec_is_still_refused():
         check_models("symmetry_aligned_task_arithmetic", {"a": config, "b": config})
 
 
-@pytest.mark.parametrize("model_type", ["granite", "starcoder2"])
+@pytest.mark.parametrize("model_type", ["granite", "starcoder2", "glm4"])
 def test_added_decoder_merges_through_mergekit(model_type, tmp_path):
     """The decoders this table added, through mergekit's own definition: the aligned transfer
     onto the reference moved by a random group element is the skill model, tensor by tensor."""
