@@ -259,7 +259,7 @@ class LayerTransform:
         (for readers only: a caller that writes into ``take``'s result must leave it off)."""
         moves = self.along_axis(name, shape, delta)
         if moves is None:
-            return None
+            return self._expert_blocks(name, shape, delta)
         axis, index, factor = moves
         view = [1] * len(shape)
         view[axis] = -1
@@ -280,6 +280,53 @@ class LayerTransform:
             else:
                 blocks.append((part, functools.partial(_take_in_rows, part, axis, index), factor))
         return blocks
+
+    def _expert_blocks(self, name: str, shape: Tuple[int, ...], delta: bool):
+        """:meth:`gathered_blocks` of a stacked tensor (fused experts) whose steps permute its
+        parts (axis 0) and permute, rescale or flip positions along one axis inside each part:
+        one block per part, ``moved[e] = factor_e * x[source_e]`` gathered along that axis.
+        ``None`` for anything else."""
+        if len(shape) < 2:
+            return None
+        parts = shape[0]
+        source = torch.arange(parts)
+        inner = index = factor = None
+        for symmetry, element in self.steps:
+            for site in (site for site in symmetry.sites if site.tensor == name):
+                kind = symmetry.kind
+                if kind not in (Kind.permutation, Kind.scale, Kind.sign) or site.flatten or \
+                        (kind == Kind.scale and site.offset and not delta):
+                    return None
+                if site.part is None:  # whole parts: a permutation along axis 0 only
+                    if kind != Kind.permutation or site.axis != 0 or not site.is_arange or \
+                            site.index.numel() != parts:
+                        return None
+                    q = position_index(element, site)
+                    source = source[q]
+                    index = index[q] if index is not None else None
+                    factor = factor[q] if factor is not None else None
+                    continue
+                if inner is None:
+                    inner = site.axis + 1
+                    index = torch.arange(shape[inner]).repeat(parts, 1)
+                if site.axis + 1 != inner:
+                    return None
+                positions = site.index.reshape(-1)
+                if kind == Kind.permutation:  # new position i takes old position q[i]
+                    taken = positions[position_index(element, site)]
+                    index[site.part, positions] = index[site.part, taken]
+                    if factor is not None:
+                        factor[site.part, positions] = factor[site.part, taken]
+                else:
+                    if factor is None:
+                        factor = torch.ones(parts, shape[inner], dtype=torch.float32)
+                    factor[site.part, positions] *= position_factor(kind, element, site, torch.float32)
+        if inner is None:
+            return None
+        view = [1] * len(shape)
+        view[inner] = -1
+        return [(slice(e, e + 1), functools.partial(_take_part, int(source[e]), inner, index[e]),
+                 factor[e].view(view) if factor is not None else None) for e in range(parts)]
 
     def free_axis(self, name: str, shape: Tuple[int, ...]) -> Optional[int]:
         """An axis of ``name`` (of ``shape``, more than one position) that no step acts on:
@@ -330,6 +377,10 @@ def _on_own_copies(symmetry: Symmetry, given: Mapping[str, torch.Tensor],
 
 def _take(axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return index_along(x, axis, index)
+
+
+def _take_part(part: int, axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return index_along(x[part:part + 1], axis, index)
 
 
 def _rows(rows: slice, x: torch.Tensor) -> torch.Tensor:

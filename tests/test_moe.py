@@ -288,3 +288,27 @@ def test_mergekit_residual_alignment_of_a_moe(tmp_path):
                                     paths["reference"], [paths["skill"]], residual="permutation",
                                     output_frame="reference"), tmp_path / "out")
     assert max_relative(load_tensors(out), skill) < 1e-5
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_expert_blocks_equal_the_transform(delta):
+    """The fused experts under a random element (and its inverse) as one gather per expert
+    (``LayerTransform.gathered_blocks``: the transfer's and the model card's fast path) give
+    the transform's own result, bit for bit."""
+    model, config = make_moe("qwen2_moe")
+    spec = spec_for_config(config)
+    layer = {k[len("model.layers.0."):]: v for k, v in state(model).items()
+             if k.startswith("model.layers.0.")}
+    from mergekit_symalign.spec import random_transform
+
+    planted = random_transform(spec, torch.Generator().manual_seed(1))
+    for transform in (planted, planted.inverse()):
+        moved = transform.apply(layer, delta=delta)
+        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            blocks = transform.gathered_blocks(name, tuple(layer[name].shape), delta=delta)
+            assert len(blocks) == config.num_experts
+            out = torch.empty_like(layer[name])
+            for rows, take, factor in blocks:
+                part = take(layer[name]).float()
+                out[rows] = part * factor if factor is not None else part
+            assert torch.equal(out, moved[name])
