@@ -322,8 +322,11 @@ def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
             continue
         if site.viewed:
             parent = tensor
-            if not inplace and site.tensor not in copied:
-                parent = tensor.clone()
+            # a copy (once per call) unless the caller's tensor may be written; contiguous, so
+            # that a flattened view is a view of it
+            if (not inplace and site.tensor not in copied) or \
+                    (site.flatten and not tensor.is_contiguous()):
+                parent = tensor.clone(memory_format=torch.contiguous_format)
                 copied.add(site.tensor)
             view = site.view(parent)
             moved = apply(Symmetry(symmetry.name, symmetry.kind,

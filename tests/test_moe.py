@@ -103,8 +103,12 @@ def test_random_group_element_keeps_logits_and_alignment_undoes_it(arch, residua
 
 
 def test_spec_lists_the_router_and_every_expert():
-    _, config = make_moe("qwen2_moe")
+    model, config = make_moe("qwen2_moe")
     spec = spec_for_config(config)
+    from mergekit_symalign.spec import validate_spec
+
+    validate_spec(spec, {k[len("model.layers.0."):]: tuple(v.shape) for k, v in model.state_dict().items()
+                         if k.startswith("model.layers.0.")})
     (experts,) = [s for s in spec.symmetries() if s.name == "moe.experts"]
     assert experts.kind == Kind.permutation and experts.slots == 4
     assert {site.tensor for site in experts.sites} >= {
