@@ -25,6 +25,37 @@ QK_ROTATIONS = ("rope", "full")
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A sparse mixture-of-experts MLP in the layout mergekit 0.1.5 reads and writes (that of
+    transformers 5 in memory; mergekit converts a Hub checkpoint's per-expert tensors
+    ``experts.N.w1`` / ``experts.N.gate_proj`` to it as it loads them): ``gate_up`` is
+    ``[experts, 2 I, D]`` (each expert's gate rows, then its up rows), ``down`` ``[experts, D,
+    I]``, the router's ``[experts, D]`` rows pick the top-k experts per token.
+
+    Top-k routing is equivariant: permuting the experts together with their router rows (and
+    any per-expert router vector) selects the same experts under new numbers, so the layer
+    computes the same function (up to ties between router logits, where ``topk`` breaks the
+    tie by expert number). Inside each expert, the neurons permute and scale as in a dense
+    gated MLP.
+    """
+
+    gate_up: str = "mlp.experts.gate_up_proj"
+    down: str = "mlp.experts.down_proj"
+    router: str = "mlp.gate.weight"
+    # Per-expert router vectors that move with the rows (present only in some checkpoints).
+    router_vectors: Tuple[str, ...] = ("mlp.gate.bias", "mlp.gate.e_score_correction_bias")
+    # Config keys of the expert count and of each expert's width, first present wins.
+    count_keys: Tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
+    width_keys: Tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
+    # A shared expert (Qwen2-MoE style): a dense gated MLP beside the routed experts
+    # (``<shared>.gate_proj`` / ``up_proj`` / ``down_proj``), and its gate, a ``[1, D]``
+    # reader of the residual stream that no layer symmetry moves.
+    shared: Optional[str] = None
+    shared_gate: Optional[str] = None
+    shared_width_keys: Tuple[str, ...] = ("shared_expert_intermediate_size",)
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: Tuple[str, ...]
@@ -32,7 +63,7 @@ class Architecture:
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
-    gate: str = "mlp.gate_proj"
+    gate: Optional[str] = "mlp.gate_proj"  # None: an ungated MLP (up, activation, down)
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     activation: str = "SwiGLU"
@@ -46,6 +77,8 @@ class Architecture:
     fused_gate_up: Optional[str] = None
     # Config flags whose variant we have not proven exact -> reason to refuse.
     refuse_if: Tuple[Tuple[str, str], ...] = ()
+    # A mixture-of-experts MLP instead of the dense one (``gate``/``up``/``down`` unused).
+    experts: Optional[Experts] = None
     # --- the residual stream (see residual.py) ---
     # "rms": RMSNorm(x) * w; "rms_offset": RMSNorm(x) * (1 + w) (Gemma); "layernorm": with
     # mean subtraction and a bias (StableLM).
@@ -61,8 +94,10 @@ class Architecture:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head.weight"
     # Decoder-layer tensors in a plain state dict (HF names, optionally nested as in a
-    # multimodal checkpoint's ``language_model.``); a vision tower's ``encoder.layers.N`` is not.
-    layer_pattern: str = r"^(?P<prefix>(?:.+\.)?model\.layers\.(?P<index>\d+)\.)(?P<name>.+)$"
+    # multimodal checkpoint's ``language_model.model.layers.N`` on the Hub, or transformers 5's
+    # in-memory ``model.language_model.layers.N``); a vision tower's ``encoder.layers.N`` is not.
+    layer_pattern: str = (r"^(?P<prefix>(?:.+\.)?(?:model|language_model)\.layers\.(?P<index>\d+)\.)"
+                          r"(?P<name>.+)$")
 
 
 GEMMA2_READERS = (("input_layernorm", ("q", "k", "v")), ("pre_feedforward_layernorm", ("gate", "up")))
@@ -87,6 +122,33 @@ ARCHITECTURES: Dict[str, Architecture] = {
                      writers=GEMMA2_WRITERS),
         Architecture("phi3", ("phi3",), fused_qkv="self_attn.qkv_proj",
                      fused_gate_up="mlp.gate_up_proj"),
+        # Llama's layer with scalar multipliers (embeddings, residual branches, attention
+        # scores, logits): scalars commute with every symmetry here
+        Architecture("granite", ("granite",)),
+        # LayerNorm with biases everywhere, an ungated GELU MLP (c_fc, c_proj)
+        Architecture("starcoder2", ("starcoder2",), gate=None, up="mlp.c_fc", down="mlp.c_proj",
+                     activation="GELU", norm="layernorm",
+                     readers=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("up",)))),
+        # fused gate_up_proj, sandwich norms, interleaved partial RoPE, q/k/v biases
+        Architecture("glm4", ("glm4",), fused_gate_up="mlp.gate_up_proj", rope_layout="interleaved",
+                     writers=(("o", "post_self_attn_layernorm"), ("down", "post_mlp_layernorm"))),
+        # Mixture of experts: mergekit 0.1.5 reads the fused layout (see Experts); the router
+        # reads the residual stream through post_attention_layernorm.
+        Architecture("mixtral", ("mixtral",), experts=Experts(),
+                     readers=(("input_layernorm", ("q", "k", "v")),
+                              ("post_attention_layernorm", ("experts", "router"))),
+                     writers=(("o", None), ("experts", None))),
+        Architecture("qwen3_moe", ("qwen3_moe",), qk_norm="per_head", experts=Experts(),
+                     readers=(("input_layernorm", ("q", "k", "v")),
+                              ("post_attention_layernorm", ("experts", "router"))),
+                     writers=(("o", None), ("experts", None))),
+        # Not shipped by mergekit 0.1.5 (no definition): aligned on state dicts only.
+        Architecture("qwen2_moe", ("qwen2_moe",), experts=Experts(
+            shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate.weight"),
+                     readers=(("input_layernorm", ("q", "k", "v")),
+                              ("post_attention_layernorm",
+                               ("experts", "router", "shared_gate", "shared_expert"))),
+                     writers=(("o", None), ("experts", None), ("shared_expert", None))),
         # partial rotary (25 % by default): the non-rotated dims keep the full O(d - r)
         Architecture("stablelm", ("stablelm",), norm="layernorm", refuse_if=(
             ("qk_layernorm", "its per-head LayerNorm on q/k (with bias and mean subtraction) "
@@ -94,6 +156,74 @@ ARCHITECTURES: Dict[str, Architecture] = {
         )),
     )
 }
+
+
+# Why each decoder that mergekit 0.1.5 ships a definition for, and that has no spec above, is
+# refused: the part whose exactness is not proven (by model_type; docs/architectures.md).
+REFUSALS: Dict[str, str] = {
+    "apertus": "its MLP is ungated (up_proj, down_proj with xIELU) and no spec for an ungated "
+               "MLP has been proven by a scramble test",
+    "arcee": "its MLP is ungated (up_proj, down_proj with ReLU^2, homogeneous of degree 2, "
+             "not 1) and no spec for an ungated MLP has been proven by a scramble test",
+    "baichuan": "its fused W_pack q/k/v projection (and ALiBi in the 13B model) has no spec, "
+                "and it needs trust_remote_code",
+    "chatglm": "its fused query_key_value projection and GLM's RoPE on half of each head "
+               "have no spec, and it needs trust_remote_code",
+    "cohere": "mergekit's cohere definition requires q_norm/k_norm (Command R+), a per-head "
+              "LayerNorm on q and k that leaves no proven Q/K symmetry; without them (Command R) "
+              "that definition cannot load the checkpoint",
+    "cohere2": "its parallel attention/MLP block, mean-subtracting LayerNorm and layers "
+               "without RoPE have not been proven by a scramble test",
+    "exaone": "its layers are named transformer.h.N (attn.attention.*, mlp.c_fc_0/c_fc_1) and "
+              "no spec maps those names",
+    "falcon": "its fused query_key_value (multi-query or grouped layout) and parallel "
+              "attention/MLP with an ungated GELU MLP have no spec",
+    "glm4_moe": "its group-limited routing (n_group, topk_group) is equivariant only under "
+                "expert permutations that keep each group together, and its first "
+                "first_k_dense_replace layers are dense: neither is in the expert spec",
+    "_afmoe_partial": "its dense first layers, grouped routing and gated attention are not in "
+                      "the expert spec",
+    "afmoe": "its dense first layers, grouped routing and gated attention are not in the "
+             "expert spec",
+    "gpt2": "its fused c_attn (Conv1D, transposed) and ungated GELU MLP have no spec",
+    "gpt_bigcode": "its fused multi-query c_attn and ungated GELU MLP have no spec",
+    "gpt_neox": "its fused query_key_value (heads interleaved), parallel residual and ungated "
+                "GELU MLP have no spec",
+    "granitemoehybrid": "its Mamba2 (state-space) layers' symmetries (heads, groups, "
+                        "convolution channels) are not worked out",
+    "internlm2": "its fused wqkv interleaves each KV group's query heads with its key and "
+                 "value head, a layout no spec maps, and it needs trust_remote_code",
+    "jais": "its ALiBi attention, fused c_attn and SwiGLU under GPT-2 names have no spec",
+    "lfm2": "its hybrid layers (short gated convolutions on most layers) have no proven "
+            "symmetry spec",
+    "llama4": "its MoE on alternate layers with a shared expert and sigmoid top-1 routing, "
+              "chunked attention, NoPE layers and L2 QK-norm are not in the spec",
+    "mamba": "it is a state-space model: its selective-scan channels' symmetries are not "
+             "worked out",
+    "mistral3": "its text decoder is a Mistral layer, but the multimodal checkpoint's names "
+                "under mergekit's modular definition have not been proven by a scramble test",
+    "mixformer-sequential": "its fused Wqkv, parallel block and ungated GELU MLP have no spec",
+    "phi": "its parallel attention/MLP block with LayerNorm and an ungated GELU MLP and "
+           "partial rotary q/k with biases have not been proven by a scramble test",
+    "phi-msft": "its fused Wqkv, parallel block and ungated GELU MLP have no spec",
+    "phi3small": "its blocksparse attention, fused query_key_value and GeGLU variant need "
+                 "trust_remote_code and have no spec",
+    "qwen": "its fused c_attn (Qwen 1) needs trust_remote_code and has no spec",
+    "qwen2_vl": "its text decoder's multimodal RoPE (M-RoPE sections) and the names under "
+                "mergekit's modular definition have not been proven by a scramble test",
+    "qwen2_5_vl": "its text decoder's multimodal RoPE (M-RoPE sections) and the names under "
+                  "mergekit's modular definition have not been proven by a scramble test",
+    "qwen3_vl": "its text decoder's interleaved multimodal RoPE and the names under "
+                "mergekit's modular definition have not been proven by a scramble test",
+    "qwen3_vl_moe": "its text decoder's interleaved multimodal RoPE, its experts' names under "
+                    "mergekit's modular definition and the vision deepstack writes into the "
+                    "residual stream have not been proven by a scramble test",
+    "solar": "it needs trust_remote_code (no config class to build a scramble test on)",
+    "stablelm_epoch": "it needs trust_remote_code (the StableLM-Epoch code, not transformers' "
+                      "StableLM)",
+}
+# Model types mergekit 0.1.5 defines that are not decoder-only language models.
+NOT_DECODERS = ("bert", "distilbert", "roberta", "t5", "whisper")
 
 
 def supported_model_types() -> List[str]:
@@ -104,6 +234,14 @@ def architecture_for(model_type: str, model: str = "model") -> Architecture:
     for arch in ARCHITECTURES.values():
         if model_type in arch.model_types:
             return arch
+    if model_type in REFUSALS:
+        raise UnsupportedArchitecture(
+            f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
+            f"it cannot be aligned: {REFUSALS[model_type]}. Supported model types: "
+            f"{', '.join(supported_model_types())}. Use mergekit's plain method instead "
+            f"(docs/architectures.md lists every architecture mergekit ships, aligned or "
+            f"refused, and why)."
+        )
     raise UnsupportedArchitecture(
         f"{model}: architecture {model_type!r} has no symmetry spec in mergekit-symalign, so "
         f"its symmetries are not proven exact and it cannot be aligned. Supported model types: "
@@ -124,16 +262,26 @@ class Geometry:
     intermediate_size: int
     rotary_dim: int
     rope_theta: Optional[float] = None  # None: per-layer-type settings (e.g. Gemma 3)
+    # Mixture of experts (0: a dense MLP): the routed experts' count and width, and the
+    # shared expert's width (0: none).
+    num_experts: int = 0
+    expert_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     def describe(self) -> str:
+        experts = ""
+        if self.num_experts:
+            experts = f", experts={self.num_experts}x{self.expert_intermediate_size}"
+            if self.shared_intermediate_size:
+                experts += f" + shared {self.shared_intermediate_size}"
         return (
             f"hidden={self.hidden_size}, heads={self.num_heads}/{self.num_kv_heads}, "
             f"head_dim={self.head_dim}, mlp={self.intermediate_size}, rotary_dim={self.rotary_dim}, "
-            f"rope_theta={self.rope_theta}"
+            f"rope_theta={self.rope_theta}{experts}"
         )
 
 
@@ -191,6 +339,7 @@ def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
             intermediate_size=int(cfg.intermediate_size),
             rotary_dim=rotary_dim,
             rope_theta=_rope_parameters(cfg).get("rope_theta", getattr(cfg, "rope_theta", None)),
+            **_expert_geometry(arch, cfg, model),
         )
     except (AttributeError, TypeError) as err:
         raise UnsupportedArchitecture(f"{model}: cannot read layer geometry from config: {err}")
@@ -203,6 +352,46 @@ def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
             f"{model}: rotary dimension {rotary_dim} is odd, so RoPE planes are undefined"
         )
     return geometry
+
+
+def _first_config_value(cfg: Any, keys: Tuple[str, ...]) -> Optional[int]:
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _expert_geometry(arch: Architecture, cfg: Any, model: str) -> Dict[str, int]:
+    """The experts' count and widths (empty for a dense architecture). A model whose layers
+    are not all sparse (Qwen MoE's ``mlp_only_layers``, ``decoder_sparse_step`` > 1) has
+    two layer types under one spec: refused."""
+    experts = arch.experts
+    if experts is None:
+        return {}
+    dense = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if dense or step != 1:
+        raise UnsupportedArchitecture(
+            f"{model}: {arch.name} with dense MLP layers among the sparse ones (mlp_only_layers="
+            f"{dense}, decoder_sparse_step={step}) is not supported: the symmetry spec is one per "
+            f"model and would not match those layers' tensors."
+        )
+    count = _first_config_value(cfg, experts.count_keys)
+    width = _first_config_value(cfg, experts.width_keys)
+    if not count or not width:
+        raise UnsupportedArchitecture(
+            f"{model}: cannot read the number of experts ({' / '.join(experts.count_keys)}) and "
+            f"their width ({' / '.join(experts.width_keys)}) from its {arch.name} config."
+        )
+    shared = _first_config_value(cfg, experts.shared_width_keys) if experts.shared else None
+    if experts.shared and not shared:
+        raise UnsupportedArchitecture(
+            f"{model}: {arch.name} config has no shared expert width "
+            f"({' / '.join(experts.shared_width_keys)})."
+        )
+    return {"num_experts": count, "expert_intermediate_size": width,
+            "shared_intermediate_size": shared or 0}
 
 
 def split_layer_name(arch: Architecture, name: str) -> Optional[Tuple[str, int, str]]:
@@ -267,23 +456,73 @@ def _columns(arch, which, g, index, contragredient=False) -> List[Site]:
     return [Site(f"{name}.weight", 1, index, contragredient)]
 
 
-def _mlp_block(arch: Architecture, g: Geometry) -> Block:
-    neurons = slot_index(g.intermediate_size, 1, 1)
-    perm = Symmetry(
-        "mlp.neurons",
-        Kind.permutation,
-        tuple(_rows(arch, "gate", g, neurons) + _rows(arch, "up", g, neurons)
-              + _columns(arch, "down", g, neurons)),
-    )
+def _gated_mlp_block(name: str, gate: List[Site], up: List[Site], down: List[Site],
+                     down_scaled: List[Site]) -> Block:
+    """A gated MLP's neurons: ``gate``, ``up`` rows and ``down`` columns (``down_scaled``: the
+    same columns as contragredient sites)."""
+    perm = Symmetry(f"{name}.neurons", Kind.permutation, tuple(gate + up + down))
     # Only the up branch is linear in its pre-activation, so only it can carry a scale;
     # a negative scale is fine there (the gate keeps its sign).
-    scale = Symmetry(
-        "mlp.neuron_scale",
-        Kind.scale,
-        tuple(_rows(arch, "up", g, neurons) + _columns(arch, "down", g, neurons, True)),
-        signed=True,
+    scale = Symmetry(f"{name}.neuron_scale", Kind.scale, tuple(up + down_scaled), signed=True)
+    return Block(name, perm, scale)
+
+
+def _mlp_block(arch: Architecture, g: Geometry) -> Block:
+    neurons = slot_index(g.intermediate_size, 1, 1)
+    if arch.gate is None:
+        # Ungated (up, activation, down): permuting neurons is exact for any elementwise
+        # activation; a scale is not (GELU is not homogeneous), so there is none.
+        return Block("mlp", Symmetry("mlp.neurons", Kind.permutation,
+                                     tuple(_rows(arch, "up", g, neurons) + _columns(arch, "down", g, neurons))))
+    return _gated_mlp_block("mlp", _rows(arch, "gate", g, neurons), _rows(arch, "up", g, neurons),
+                            _columns(arch, "down", g, neurons),
+                            _columns(arch, "down", g, neurons, True))
+
+
+def _shared_expert_block(experts: Experts, g: Geometry) -> Block:
+    """The shared expert: a dense gated MLP (its gate, a reader of the residual stream, has no
+    neuron axis and is moved by no layer symmetry)."""
+    neurons = slot_index(g.shared_intermediate_size, 1, 1)
+    base = experts.shared
+
+    def rows(which):
+        return [Site(f"{base}.{which}.weight", 0, neurons),
+                Site(f"{base}.{which}.bias", 0, neurons, optional=True)]
+
+    def columns(contragredient):
+        return [Site(f"{base}.down_proj.weight", 1, neurons, contragredient)]
+
+    return _gated_mlp_block("moe.shared_expert", rows("gate_proj"), rows("up_proj"), columns(False),
+                            columns(True))
+
+
+def _expert_blocks(experts: Experts, g: Geometry) -> List[Block]:
+    """The experts permuted as wholes (outer: each expert's neurons are then permuted and
+    scaled inside it, on the permuted layout), then each expert's gated-MLP block.
+
+    Experts are matched on Gram matrices of their gate rows (``G^T G``, unchanged by any
+    permutation of the expert's neurons; the up rows are not used, a neuron scale changes
+    theirs) and of their router rows; see :func:`groups.gram_similarity`."""
+    E, width = g.num_experts, g.expert_intermediate_size
+    whole = torch.arange(E).reshape(E, 1, 1)
+    gate_rows = (torch.arange(E)[:, None] * 2 * width + torch.arange(width)[None, :]).reshape(E, 1, width)
+    permutation = Symmetry(
+        "moe.experts",
+        Kind.permutation,
+        (Site(experts.gate_up, 0, whole), Site(experts.down, 0, whole), Site(experts.router, 0, whole))
+        + tuple(Site(vector, 0, whole, optional=True) for vector in experts.router_vectors),
+        features=((Site(experts.gate_up, 0, gate_rows, flatten=True),),
+                  (Site(experts.router, 0, whole),)),
     )
-    return Block("mlp", perm, scale)
+    blocks = [Block("moe.experts", permutation, outer=True)]
+    neurons = slot_index(width, 1, 1)
+    for e in range(E):
+        gate = [Site(experts.gate_up, 0, neurons, part=e)]
+        up = [Site(experts.gate_up, 0, neurons + width, part=e)]
+        blocks.append(_gated_mlp_block(
+            f"moe.expert{e}", gate, up, [Site(experts.down, 1, neurons, part=e)],
+            [Site(experts.down, 1, neurons, True, part=e)]))
+    return blocks
 
 
 def _vo_block(arch: Architecture, g: Geometry) -> Block:
@@ -429,7 +668,13 @@ def layer_spec(arch_name: str, geometry: Geometry, qk_rotation: str = "rope") ->
     if qk_rotation not in QK_ROTATIONS:
         raise ValueError(f"qk_rotation must be one of {QK_ROTATIONS}, not {qk_rotation!r}")
     blocks = _head_blocks(arch, geometry, qk_rotation)
-    blocks += [_mlp_block(arch, geometry), _vo_block(arch, geometry)]
+    if arch.experts is not None:
+        blocks += _expert_blocks(arch.experts, geometry)
+        if arch.experts.shared:
+            blocks.append(_shared_expert_block(arch.experts, geometry))
+    else:
+        blocks.append(_mlp_block(arch, geometry))
+    blocks.append(_vo_block(arch, geometry))
     d, r = geometry.head_dim, geometry.rotary_dim
     if arch.qk_norm != "none":
         if qk_rotation == "full":

@@ -63,10 +63,33 @@ class Site:
     # the group acts on the effective value. Deltas (differences of two models) move by the
     # linear part alone.
     offset: float = 0.0
+    # A stacked tensor (fused experts, ``[experts, ...]``): ``part`` ``e`` acts on
+    # ``tensor[e]`` alone, ``axis`` and ``index`` counting that slice's axes (one expert's
+    # neurons); ``flatten`` reads the first two axes as one (expert ``e``'s row ``i`` at
+    # ``e * rows + i``: every expert's rows as slots of one matrix, for matching experts).
+    part: Optional[int] = None
+    flatten: bool = False
 
     def __post_init__(self):
         if self.index.dim() != 3:
             raise ValueError(f"site index for {self.tensor} must be [slots, copies, coords]")
+
+    @property
+    def viewed(self) -> bool:
+        """Does the site act on a view of its tensor (:meth:`view`) rather than the tensor?"""
+        return self.part is not None or self.flatten
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as the site's ``axis`` and ``index`` count it (a view where the stored
+        tensor is contiguous)."""
+        if self.part is not None:
+            tensor = tensor.select(0, self.part)
+        return tensor.flatten(0, 1) if self.flatten else tensor
+
+    def view_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        if self.part is not None:
+            shape = tuple(shape[1:])
+        return (shape[0] * shape[1],) + tuple(shape[2:]) if self.flatten else tuple(shape)
 
     @functools.cached_property
     def is_arange(self) -> bool:
@@ -291,9 +314,27 @@ def apply(symmetry: Symmetry, element: torch.Tensor, tensors: Tensors,
     tensors are the caller's temporaries, which scales, signs and rotations may overwrite
     (a tensor in the working dtype only; permutations always make a new tensor)."""
     out = dict(tensors)
+    copied = set()  # stacked tensors already copied by this call (viewed sites write into them)
     for site in symmetry.sites:
         tensor = out.get(site.tensor)
         if tensor is None:
+            continue
+        if site.viewed:
+            parent = tensor
+            # a copy (once per call) unless the caller's tensor may be written; contiguous, so
+            # that a flattened view is a view of it
+            if (not inplace and site.tensor not in copied) or \
+                    (site.flatten and not tensor.is_contiguous()):
+                parent = tensor.clone(memory_format=torch.contiguous_format)
+                copied.add(site.tensor)
+            view = site.view(parent)
+            moved = apply(Symmetry(symmetry.name, symmetry.kind,
+                                   (dataclasses.replace(site, tensor="view", part=None, flatten=False),),
+                                   symmetry.signed, symmetry.block_size),
+                          element, {"view": view}, delta=delta, inplace=True)["view"]
+            if moved is not view:
+                view.copy_(moved)
+            out[site.tensor] = parent
             continue
         own = inplace and tensor.dtype == torch.promote_types(tensor.dtype, torch.float32)
         moved = _act_along_axis(symmetry.kind, element, tensor, site, delta, own)
@@ -390,7 +431,7 @@ def _checked_sites(symmetry: Symmetry, reference: Tensors, model: Tensors, label
                 f"tensor {site.tensor!r} has shape {tuple(t.shape)} in {label} but "
                 f"{tuple(a.shape)} in the reference"
             )
-        yield site, a, t
+        yield site, site.view(a), site.view(t)
 
 
 def _site_pairs(symmetry: Symmetry, reference: Tensors, model: Tensors, label: str = "model"):
@@ -546,7 +587,8 @@ def solve_permutation(
 
     def moved_by_scale(site, contragredient):
         return scale is not None and any(
-            s.tensor == site.tensor and s.axis == site.axis and s.contragredient == contragredient
+            s.tensor == site.tensor and s.part == site.part and s.axis == site.axis
+            and s.contragredient == contragredient
             and s.index.shape == site.index.shape and torch.equal(s.index, site.index)
             for s in scale.sites
         )
@@ -609,7 +651,7 @@ def _feature_sites(feature: Tuple[Site, ...], tensors: Tensors):
             if site.optional:
                 continue
             raise KeyError(f"tensor {site.tensor!r} is missing")
-        yield site, tensor
+        yield site, site.view(tensor)
 
 
 def _feature_values(feature: Tuple[Site, ...], tensors: Tensors) -> torch.Tensor:
@@ -687,7 +729,8 @@ def _sketched_feature(feature: Tuple[Site, ...], tensors: Tensors, sketch: torch
     cache = cache if cache is not None else RowSketches()
     for site, tensor in _feature_sites(feature, tensors):
         rest = tensor.numel() // tensor.shape[site.axis]
-        rows = cache.positions(site.tensor, tensor, site.axis, sketch, offset, rest)
+        name = site.tensor if not site.viewed else f"{site.tensor}@{site.part}:{site.flatten}"
+        rows = cache.positions(name, tensor, site.axis, sketch, offset, rest)
         if site.offset:  # (values + offset) @ block
             rows = rows + site.offset * sketch[offset:offset + rest].sum(0).to(rows)
         part = gather(rows, dataclasses.replace(site, axis=0))
@@ -742,6 +785,7 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
         for site in feature:
             tensor = reference.get(site.tensor)
             if tensor is not None:
+                tensor = site.view(tensor)
                 width = (width or 0) + tensor.numel() // tensor.shape[site.axis]
         if width is None:
             continue

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from mergekit.architecture import WeightInfo
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
 
@@ -105,7 +106,14 @@ class Layout:
     @staticmethod
     def present(model: ModelReference, info: WeightInfo) -> bool:
         index = LoaderCache().get(model).index
-        return any(n in index.tensor_paths for n in [info.name, *(info.aliases or ())])
+        names = [info.name, *(info.aliases or ())]
+        if any(n in index.tensor_paths for n in names):
+            return True
+        # As mergekit's LoadTensor reads it: converted from the checkpoint's layout (a Hub
+        # MoE's per-expert tensors into the fused experts tensor its definition names).
+        model_type = model.config(trust_remote_code=LoaderCache().trust_remote_code).model_type
+        keys = set(index.tensor_paths)
+        return any(can_convert_checkpoint_keys(model_type, keys, n) for n in names)
 
     # ---------------------------------------------------------------- names
 

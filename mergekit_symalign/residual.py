@@ -141,12 +141,46 @@ def _unique(names):
     return tuple(dict.fromkeys(names))
 
 
+def _moe_tensors(arch: Architecture, which: str, reader: bool) -> Optional[Tuple[str, ...]]:
+    """A mixture of experts' readers and writers (``experts``: the fused experts, ``router``,
+    the shared expert and its gate), or None for a projection of the dense layer."""
+    experts = arch.experts
+    if experts is None:
+        return None
+    if which == "experts":
+        return (experts.gate_up if reader else experts.down,)
+    if which == "router":
+        return (experts.router,)
+    if which == "shared_gate":
+        return (experts.shared_gate,)
+    if which == "shared_expert":
+        parts = ("gate_proj", "up_proj") if reader else ("down_proj",)
+        return tuple(f"{experts.shared}.{p}.weight" for p in parts)
+    return None
+
+
 def _reader_tensors(arch: Architecture, g: Geometry, which: Tuple[str, ...]) -> Tuple[str, ...]:
-    return _unique(f"{_projection(arch, w, g)[0]}.weight" for w in which)
+    return _unique(t for w in which
+                   for t in _moe_tensors(arch, w, True) or (f"{_projection(arch, w, g)[0]}.weight",))
 
 
 def _writer_tensors(arch: Architecture, g: Geometry, which: str) -> Tuple[str, ...]:
-    return (f"{_projection(arch, which, g)[0]}.weight",)
+    return _moe_tensors(arch, which, False) or (f"{_projection(arch, which, g)[0]}.weight",)
+
+
+def _stacked(arch: Architecture, tensor: str) -> bool:
+    """A fused experts tensor (``[experts, rows, columns]``): its residual axis is one later."""
+    return arch.experts is not None and tensor in (arch.experts.gate_up, arch.experts.down)
+
+
+def _reader_sites(arch: Architecture, readers, index: torch.Tensor) -> List[Site]:
+    return [Site(t, 2 if _stacked(arch, t) else 1, index, contragredient=True) for t in readers]
+
+
+def _writer_sites(arch: Architecture, writers, index: torch.Tensor) -> List[Site]:
+    sites = [Site(t, 1 if _stacked(arch, t) else 0, index) for t in writers]
+    return sites + [Site(t[:-len(".weight")] + ".bias", 0, index, optional=True)
+                    for t in writers if t.endswith(".weight")]
 
 
 def _norm_sites(arch: Architecture, norm: str, index: torch.Tensor, with_bias: bool = True) -> List[Site]:
@@ -199,9 +233,8 @@ def _symmetries_permutation(arch: Architecture, sites: ResidualSites,
     index = torch.arange(dim).reshape(dim, 1, 1)
     moved: List[Site] = []
     for norm, readers in sites.readers:
-        moved += [Site(t, 1, index, contragredient=True) for t in readers]
-    moved += [Site(t, 0, index) for t in sites.writers]
-    moved += [Site(t.replace(".weight", ".bias"), 0, index, optional=True) for t in sites.writers]
+        moved += _reader_sites(arch, readers, index)
+    moved += _writer_sites(arch, sites.writers, index)
     moved += [Site(t, 1, index) for t in sites.embedding_columns]
     norms: List[Site] = []
     for norm in sites.norms():
@@ -215,15 +248,14 @@ def _fold(arch: Architecture, norm: str, readers: Tuple[str, ...], dim: int, lab
     """The norm-scale symmetry: norm weight ``* f``, its readers' columns ``/ f``."""
     index = torch.arange(dim).reshape(dim, 1, 1)
     sites = _norm_sites(arch, norm, index, with_bias=False)
-    sites += [Site(t, 1, index, contragredient=True) for t in readers]
+    sites += _reader_sites(arch, readers, index)
     return Symmetry(f"residual.{label}.{norm}", Kind.scale, tuple(sites))
 
 
-def _rotation(sites: ResidualSites, dim: int) -> Symmetry:
+def _rotation(arch: Architecture, sites: ResidualSites, dim: int) -> Symmetry:
     index = torch.arange(dim).reshape(1, 1, dim)
-    moved = [Site(t, 1, index, contragredient=True) for _, ts in sites.readers for t in ts]
-    moved += [Site(t, 0, index) for t in sites.writers]
-    moved += [Site(t.replace(".weight", ".bias"), 0, index, optional=True) for t in sites.writers]
+    moved = [s for _, ts in sites.readers for s in _reader_sites(arch, ts, index)]
+    moved += _writer_sites(arch, sites.writers, index)
     moved += [Site(t, 1, index) for t in sites.embedding_columns]
     return Symmetry("residual.rotation", Kind.orthogonal, tuple(moved))
 
@@ -263,7 +295,7 @@ def transform(arch: Architecture, sites: ResidualSites, element: ResidualElement
                 )
         fold.append((_fold(arch, norm, readers, dim, "fold"), 1.0 / mine))
         unfold.append((_fold(arch, norm, readers, dim, "unfold"), theirs))
-    rotation = (_rotation(sites, dim), element.rotation[None])
+    rotation = (_rotation(arch, sites, dim), element.rotation[None])
     return LayerTransform(tuple(fold + [rotation] + unfold))
 
 

@@ -95,8 +95,10 @@ class LayerSpec:
                     _, c, _ = site.index.shape
                     flat = site.index.reshape(-1)
                     where = "rows" if site.axis == 0 else f"axis {site.axis}"
+                    tensor = site.tensor + ("" if site.part is None else f"[{site.part}]") + \
+                        (" (parts as rows)" if site.flatten else "")
                     lines.append(
-                        f"      {site.tensor:<32} {where:<7} {_ranges(flat)}"
+                        f"      {tensor:<32} {where:<7} {_ranges(flat)}"
                         f"  ({c} cop{'y' if c == 1 else 'ies'} per slot)"
                         f"{'  x g^-T' if site.contragredient else ''}"
                         f"{'  optional' if site.optional else ''}"
@@ -129,6 +131,10 @@ def _check_sites(block: Block, shapes: Mapping[str, Tuple[int, ...]]):
                 if site.optional:
                     continue
                 raise SpecError(f"{symmetry.name}: tensor {site.tensor} is not in the layer")
+            if site.part is not None and not 0 <= site.part < shape[0]:
+                raise SpecError(f"{symmetry.name}: {site.tensor} has no part {site.part} "
+                                f"(it stacks {shape[0]})")
+            shape = site.view_shape(shape)
             if site.axis >= len(shape):
                 raise SpecError(f"{symmetry.name}: {site.tensor} has no axis {site.axis}")
             flat = site.index.reshape(-1)
@@ -163,7 +169,9 @@ def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> Non
         mine = set()
         main_positions = set()
         for symmetry, site in _check_sites(block, shapes):
-            positions = {(site.tensor, site.axis, int(i)) for i in site.index.reshape(-1)}
+            # a part's positions are its own; a flattened site's are those of every part
+            where = (site.tensor, site.part, site.flatten)
+            positions = {(where, site.axis, int(i)) for i in site.index.reshape(-1)}
             if symmetry is block.main:
                 main_positions |= positions
             elif block.main is not None and not positions <= main_positions:
@@ -176,7 +184,8 @@ def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> Non
             other = owner.setdefault(position, block.name)
             if other != block.name:
                 raise SpecError(
-                    f"blocks {other} and {block.name} both move {position[0]} axis "
+                    f"blocks {other} and {block.name} both move {position[0][0]}"
+                    f"{'' if position[0][1] is None else f'[{position[0][1]}]'} axis "
                     f"{position[1]} position {position[2]}"
                 )
 
@@ -201,7 +210,8 @@ class LayerTransform:
         ``inplace``: they are the caller's temporaries, which the steps may overwrite."""
         out = dict(tensors)
         for symmetry, element in self.steps:
-            out = apply(symmetry, element, out, delta=delta, inplace=inplace)
+            out = apply(symmetry, element, out, delta=delta,
+                        inplace=inplace or _on_own_copies(symmetry, tensors, out))
         return out
 
     def apply_one(self, name: str, tensor: torch.Tensor, delta: bool = False,
@@ -223,7 +233,7 @@ class LayerTransform:
             if len(sites) > 1 or symmetry.kind not in (Kind.permutation, Kind.scale, Kind.sign):
                 return None
             site = sites[0]
-            if site.index.numel() != shape[site.axis] or not site.is_arange or \
+            if site.viewed or site.index.numel() != shape[site.axis] or not site.is_arange or \
                     (axis is not None and site.axis != axis) or \
                     (symmetry.kind == Kind.scale and site.offset and not delta):
                 return None
@@ -249,7 +259,7 @@ class LayerTransform:
         (for readers only: a caller that writes into ``take``'s result must leave it off)."""
         moves = self.along_axis(name, shape, delta)
         if moves is None:
-            return None
+            return self._expert_blocks(name, shape, delta)
         axis, index, factor = moves
         view = [1] * len(shape)
         view[axis] = -1
@@ -271,12 +281,65 @@ class LayerTransform:
                 blocks.append((part, functools.partial(_take_in_rows, part, axis, index), factor))
         return blocks
 
+    def _expert_blocks(self, name: str, shape: Tuple[int, ...], delta: bool):
+        """:meth:`gathered_blocks` of a stacked tensor (fused experts) whose steps permute its
+        parts (axis 0) and permute, rescale or flip positions along one axis inside each part:
+        one block per part, ``moved[e] = factor_e * x[source_e]`` gathered along that axis.
+        ``None`` for anything else."""
+        if len(shape) < 2:
+            return None
+        parts = shape[0]
+        source = torch.arange(parts)
+        inner = index = factor = None
+        for symmetry, element in self.steps:
+            for site in (site for site in symmetry.sites if site.tensor == name):
+                kind = symmetry.kind
+                if kind not in (Kind.permutation, Kind.scale, Kind.sign) or site.flatten or \
+                        (kind == Kind.scale and site.offset and not delta):
+                    return None
+                if site.part is None:  # whole parts: a permutation along axis 0 only
+                    if kind != Kind.permutation or site.axis != 0 or not site.is_arange or \
+                            site.index.numel() != parts:
+                        return None
+                    q = position_index(element, site)
+                    source = source[q]
+                    index = index[q] if index is not None else None
+                    factor = factor[q] if factor is not None else None
+                    continue
+                if inner is None:
+                    inner = site.axis + 1
+                    index = torch.arange(shape[inner]).repeat(parts, 1)
+                if site.axis + 1 != inner:
+                    return None
+                positions = site.index.reshape(-1)
+                if kind == Kind.permutation:  # new position i takes old position q[i]
+                    taken = positions[position_index(element, site)]
+                    index[site.part, positions] = index[site.part, taken]
+                    if factor is not None:
+                        factor[site.part, positions] = factor[site.part, taken]
+                else:
+                    if factor is None:
+                        factor = torch.ones(parts, shape[inner], dtype=torch.float32)
+                    factor[site.part, positions] *= position_factor(kind, element, site, torch.float32)
+        if inner is None:
+            return None
+        view = [1] * len(shape)
+        view[inner] = -1
+        return [(slice(e, e + 1), functools.partial(_take_part, int(source[e]), inner, index[e]),
+                 factor[e].view(view) if factor is not None else None) for e in range(parts)]
+
     def free_axis(self, name: str, shape: Tuple[int, ...]) -> Optional[int]:
         """An axis of ``name`` (of ``shape``, more than one position) that no step acts on:
         the transform moves each slice along it on its own (o_proj's rows, q_proj's
         columns), so it can be applied a block of that axis at a time, in cache. ``None``
         when every axis is acted on (or the tensor is 1-D and touched)."""
-        acted = {site.axis for symmetry, _ in self.steps for site in symmetry.sites if site.tensor == name}
+        acted = set()
+        for symmetry, _ in self.steps:
+            for site in symmetry.sites:
+                if site.tensor == name:  # a view's axis, counted in the stored tensor
+                    acted |= {0, site.axis + 1} if site.part is not None else \
+                        {0, 1, site.axis + 1} if site.flatten and site.axis else \
+                        {0, 1} if site.flatten else {site.axis}
         free = [axis for axis in range(len(shape)) if axis not in acted and shape[axis] > 1]
         return free[0] if free else None
 
@@ -302,8 +365,22 @@ class LayerTransform:
         return LayerTransform(self.steps + other.steps, self.fits + other.fits)
 
 
+def _on_own_copies(symmetry: Symmetry, given: Mapping[str, torch.Tensor],
+                   current: Mapping[str, torch.Tensor]) -> bool:
+    """May a step of ``symmetry`` overwrite ``current``'s tensors? Yes for one acting on
+    parts of stacked tensors (one expert each) that earlier steps already copied: each of a
+    layer's many per-expert steps would otherwise copy every expert's tensor again."""
+    return all(site.part is not None for site in symmetry.sites) and all(
+        site.tensor not in current or current[site.tensor] is not given.get(site.tensor)
+        for site in symmetry.sites)
+
+
 def _take(axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return index_along(x, axis, index)
+
+
+def _take_part(part: int, axis: int, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return index_along(x[part:part + 1], axis, index)
 
 
 def _rows(rows: slice, x: torch.Tensor) -> torch.Tensor:
@@ -416,7 +493,8 @@ def align_layer(
                 raise ValueError(f"{spec.architecture} {symmetry.name}: {err}") from None
             if not is_identity(symmetry.kind, element):  # identities: nothing to apply or store
                 if still_read:
-                    before, current = current, apply(symmetry, element, current)
+                    before, current = current, apply(symmetry, element, current,
+                                                     inplace=_on_own_copies(symmetry, model, current))
                     sketches[1].follow(symmetry, element, before, current)
                 else:
                     pending.append((symmetry, element))

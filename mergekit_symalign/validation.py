@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapp
 import torch
 
 from .architectures import (
+    REFUSALS,
     Architecture,
     Geometry,
     architecture_for,
@@ -333,6 +334,10 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
     geometries: Dict[str, Geometry] = {}
     for model, config in configs.items():
         try:
+            # a multimodal checkpoint whose text decoder has a spec is still refused where the
+            # whole model is not proven (Mistral 3's text decoder is a Mistral layer)
+            architecture_for(getattr(config, "model_type", None), str(model)) \
+                if getattr(config, "model_type", None) in REFUSALS else None
             geometries[str(model)] = geometry_from_config(config, str(model))
         except UnsupportedArchitecture as err:
             raise SymAlignConfigError(str(err)) from None
@@ -347,7 +352,8 @@ def check_models(method_name: str, configs: Mapping[Hashable, Any]) -> Tuple[Arc
     first, g0 = items[0]
     for model, g in items[1:]:
         for field in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "rotary_dim", "rope_theta"):
+                      "intermediate_size", "rotary_dim", "rope_theta", "num_experts",
+                      "expert_intermediate_size", "shared_intermediate_size"):
             if getattr(g, field) != getattr(g0, field):
                 raise SymAlignConfigError(
                     f"{method_name}: models {first} and {model} differ in {field} "
@@ -433,12 +439,29 @@ def check_vocabularies(method_name: str, configs: Mapping[Hashable, Any], base, 
 def check_architecture_settings(cfg, arch: Architecture) -> None:
     """Settings that an architecture cannot honour exactly (or even approximately)."""
     for where, params, _model, _top in parameter_scopes(cfg):
+        if (params or {}).get("alignment") == "activations" and arch.experts is not None:
+            raise SymAlignConfigError(
+                f"alignment: activations (in {where}) is not available for {arch.name}: the "
+                f"activation path has no mirror of the expert symmetries (each expert sees only "
+                f"the tokens routed to it, which differ between models until the experts are "
+                f"matched). Use alignment: weights (the default)."
+            )
+        if (params or {}).get("alignment") == "activations" and arch.gate is None:
+            raise SymAlignConfigError(
+                f"alignment: activations (in {where}) is not available for {arch.name}: the "
+                f"activation path matches a gated MLP's gate and up outputs, and {arch.name}'s "
+                f"MLP is ungated. Use alignment: weights (the default)."
+            )
         if (params or {}).get("qk_rotation") == "full" and arch.qk_norm != "none":
             raise SymAlignConfigError(
                 f"qk_rotation: full (in {where}) is not available for {arch.name}: its QK-norm "
                 f"does not commute with a d x d rotation of q/k, so the transform would not "
                 f"even approximately preserve the model. Use qk_rotation: rope (the default)."
             )
+
+
+# Model classes whose only reader of the final residual stream is lm_head.
+RESIDUAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], modules: int,
@@ -451,6 +474,15 @@ def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], mod
     mode = recipe_setting(top, "residual")
     if mode == "none":
         return mode
+    for model, config in configs.items():
+        classes = list(getattr(config, "architectures", None) or [])
+        head = next((c for c in classes if not c.endswith(RESIDUAL_HEADS)), None)
+        if head is not None:
+            raise SymAlignConfigError(
+                f"{method_name}: residual: {mode} is not supported for {model} ({head}): its "
+                f"task head reads the residual stream and is not among the tensors the "
+                f"residual transform moves. Use residual: none (the layers are still aligned)."
+            )
     if modules > 1:
         raise SymAlignConfigError(
             f"{method_name}: residual: {mode} is not supported for multimodal checkpoints: "

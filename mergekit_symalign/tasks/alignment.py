@@ -77,6 +77,11 @@ class ResidualAlignmentTask(Task[ResidualResult]):
     def priority(self) -> int:
         return 50
 
+    def duplicate_per_gpu(self) -> bool:
+        # Shared by every layer: as one task it joins the whole graph into one island of
+        # mergekit's --multi-gpu executor; it loads its own inputs, so each GPU solves it.
+        return True
+
     def execute(self) -> ResidualResult:
         arch = ARCHITECTURES[self.architecture]
         names = res.input_names(arch, self.tied)
