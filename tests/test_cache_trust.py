@@ -73,11 +73,10 @@ class Solves:
 
     def __init__(self, monkeypatch):
         import mergekit_symalign.residual as res
-        import mergekit_symalign.statedict as statedict
-        import mergekit_symalign.tasks as tasks
+        import mergekit_symalign.solve as solve
 
         self.calls = 0
-        real_layer, real_residual = tasks.align_layer, res.solve
+        real_layer, real_residual = solve.align_layer, res.solve
 
         def layer(*a, **k):
             self.calls += 1
@@ -87,8 +86,7 @@ class Solves:
             self.calls += 1
             return real_residual(*a, **k)
 
-        for module in (tasks, statedict):
-            monkeypatch.setattr(module, "align_layer", layer)
+        monkeypatch.setattr(solve, "align_layer", layer)  # the one solve: merges and statedict
         monkeypatch.setattr(res, "solve", residual)
 
 
