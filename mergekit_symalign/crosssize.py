@@ -128,11 +128,11 @@ def check_child(parent_config, child_config, parent: str = "reference", child: s
             f"own parent (same tokenizer, head size and architecture) as the reference.")
     wider = [f"{k}: {child} {c[k]} > {parent} {p[k]}" for k in NARROWABLE if c[k] > p[k]]
     if wider:
-        narrower = [k for k in NARROWABLE if c[k] < p[k]]
-        hint = (f" {child} is smaller on {', '.join(narrower)}: were {parent} and {child} "
-                f"given the wrong way round? The pruned child is the base model, its parent "
-                f"the reference." if narrower else
-                f" Give the larger model as the reference (the parent).")
+        narrower = [f"{k}: {child} {c[k]} < {parent} {p[k]}" for k in NARROWABLE if c[k] < p[k]]
+        hint = (f" It is smaller elsewhere ({'; '.join(narrower)}), so neither model can be a "
+                f"pruned child of the other." if narrower else
+                f" It looks like the parent of {parent}: were they given the wrong way round? "
+                f"The pruned child is the base model, its parent the reference.")
         raise ValueError(f"{child} is wider than {parent} ({'; '.join(wider)}), so it cannot be "
                          f"a pruned child of it.{hint}")
     return any(c[k] < p[k] for k in NARROWABLE)
