@@ -295,8 +295,35 @@ def transfer(child: Tensors, parent: Tensors, skill: Tensors, parent_config, chi
         p = rx.parent_name(name)
         if p not in parent and p.endswith(rx.arch.lm_head):  # tied parent: lm_head is embed
             p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
-        tau = skill[p].double() - parent[p].double()
-        out[name] = (value.double() + scale * rx.restrict(name, tau)).to(value.dtype)
+        tau = rx.restrict(name, skill[p]).double() - rx.restrict(name, parent[p]).double()
+        out[name] = (value.double() + scale * tau).to(value.dtype)
+    return out
+
+
+def scatter(parent: Tensors, child: Tensors, child_skill: Tensors, parent_config,
+            child_map: ChildMap, scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The other direction: ``parent + scale * scatter(child_skill - child)``, the child's
+    skill vector written into the parent's matched coordinates (zeros elsewhere)."""
+    rx = Restriction(parent_config, child_map)
+    out = {k: v.clone() for k, v in parent.items()}
+    for name, c in child.items():
+        p = rx.parent_name(name)
+        if p not in out and p.endswith(rx.arch.lm_head):
+            p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
+            if name.endswith(rx.arch.lm_head):
+                continue  # tied: the embedding carries it
+        _, (rows, cols) = rx._split(name)
+        tau = scale * (child_skill[name].double() - c.double())
+        target = out[p].double()
+        if rows is not None and cols is not None and tau.dim() == 2:
+            target[rows[:, None], cols[None, :]] += tau
+        elif rows is not None:
+            target[rows] += tau
+        elif cols is not None and tau.dim() == 2:
+            target[:, cols] += tau
+        else:
+            target += tau
+        out[p] = target.to(parent[p].dtype)
     return out
 
 
@@ -377,27 +404,31 @@ def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
     intermediate = intermediate or g.intermediate_size
     d, G = g.head_dim, g.group_size
     # residual channels: every weight that reads or writes the stream
-    score = state_dict[arch.embed].double().pow(2).sum(0)
+    def sq(t, axis):
+        return t.float().pow(2).sum(axis).double()
+
+    score = sq(state_dict[arch.embed], 0)
     if arch.lm_head in state_dict:
-        score = score + state_dict[arch.lm_head].double().pow(2).sum(0)
+        score = score + sq(state_dict[arch.lm_head], 0)
     for t in layers.values():
         for which in ("q", "k", "v", "gate", "up"):
-            score = score + _proj(arch, g, t, which).double().pow(2).sum(0)
+            score = score + sq(_proj(arch, g, t, which), 0)
         for which in ("o", "down"):
-            score = score + _proj(arch, g, t, which).double().pow(2).sum(1)
+            score = score + sq(_proj(arch, g, t, which), 1)
     residual = _importance_order(score, hidden)
     per_layer = []
     kept = [i for i in sorted(layers) if i not in set(drop_layers)]
     for i in kept:
-        t = {k: v.double() for k, v in layers[i].items()}
-        q = _proj(arch, g, t, "q").reshape(g.num_heads, d, -1).pow(2).sum((1, 2)).sqrt()
-        o = _proj(arch, g, t, "o").reshape(-1, g.num_heads, d).pow(2).sum((0, 2)).sqrt()
-        v = _proj(arch, g, t, "v").reshape(g.num_kv_heads, d, -1).pow(2).sum((1, 2)).sqrt()
+        t = layers[i]
+        q = _proj(arch, g, t, "q").float().reshape(g.num_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
+        o = _proj(arch, g, t, "o").float().reshape(-1, g.num_heads, d).pow(2).sum((0, 2)).double().sqrt()
+        v = _proj(arch, g, t, "v").float().reshape(g.num_kv_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
         head_score = (q * o).reshape(g.num_kv_heads, G)
         groups = _importance_order(head_score.sum(1) + v * o.reshape(-1, G).sum(1), kv_heads)
         q_heads = torch.stack([_importance_order(head_score[j], heads_per_group) for j in groups])
-        neuron = (_proj(arch, g, t, "gate").norm(dim=1) * _proj(arch, g, t, "up").norm(dim=1)
-                  * _proj(arch, g, t, "down").norm(dim=0))
+        neuron = (_proj(arch, g, t, "gate").float().norm(dim=1).double()
+                  * _proj(arch, g, t, "up").float().norm(dim=1).double()
+                  * _proj(arch, g, t, "down").float().norm(dim=0).double())
         per_layer.append(LayerRestriction(groups, q_heads, _importance_order(neuron, intermediate)))
     child_map = ChildMap(residual, tuple(kept), tuple(per_layer))
     child = restrict_state_dict(state_dict, config, child_map)
@@ -407,8 +438,9 @@ def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
 # --------------------------------------------------------------------------- matching
 
 
+# Similarities in float32: they only rank candidates (a true match has cosine 1 to ~1e-7).
 def _unit_cols(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
+    x = x.float()
     return x / x.norm(dim=0, keepdim=True).clamp_min(1e-30)
 
 
@@ -446,8 +478,8 @@ def _quality(sim: torch.Tensor, index: torch.Tensor) -> MatchQuality:
 
 def _head_block_cos(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """``[n_child, n_parent]`` cosines of flattened blocks ``[n, ...]``."""
-    c = child.reshape(child.shape[0], -1).double()
-    p = parent.reshape(parent.shape[0], -1).double()
+    c = child.reshape(child.shape[0], -1).float()
+    p = parent.reshape(parent.shape[0], -1).float()
     c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-30)
     p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return c @ p.T
@@ -500,11 +532,11 @@ def _layer_features(arch: Architecture, g: Geometry, t: Tensors, residual: Index
     fingerprint in residual coordinates."""
     feats = []
     for which in ("q", "k", "v", "gate", "up"):
-        feats.append(_proj(arch, g, t, which).double().norm(dim=0))
+        feats.append(_proj(arch, g, t, which).float().norm(dim=0))
     for which in ("o", "down"):
-        feats.append(_proj(arch, g, t, which).double().norm(dim=1))
+        feats.append(_proj(arch, g, t, which).float().norm(dim=1))
     norms = [n for n, _ in arch.readers if n] + [n for _, n in arch.writers if n]
-    feats += [t[f"{n}.weight"].double() for n in norms]
+    feats += [t[f"{n}.weight"].float() for n in norms]
     out = []
     for f in feats:
         f = f[residual] if residual is not None else f
@@ -667,5 +699,5 @@ __all__ = [
     "ChildMap", "ChildMatch", "LayerRestriction", "MatchQuality", "Restriction", "assign",
     "by_position", "check_child", "child_config", "child_warning", "explained", "layer_indices",
     "layer_similarity", "match_child", "match_layer", "module_indices", "monotone_layer_map",
-    "prune_state_dict", "restrict_state_dict", "transfer", "validate_layer_map",
+    "prune_state_dict", "restrict_state_dict", "scatter", "transfer", "validate_layer_map",
 ]

@@ -55,6 +55,26 @@ def test_transfer_onto_unretrained_child_equals_pruned_skill_model(arch):
     assert cs.child_warning(match) is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma"])
+def test_scatter_is_the_restriction_s_adjoint(arch):
+    """The other direction: a child's skill vector scattered into the parent restricts back to
+    itself, and leaves every pruned coordinate of the parent untouched."""
+    config, _, parent, skill = _family(arch)
+    child, child_cfg, truth = cs.prune_state_dict(parent, config, **SIZES)
+    child_skill = cs.restrict_state_dict(skill, config, truth)
+    up = cs.scatter(parent, child, child_skill, config, truth)
+    back = cs.restrict_state_dict(up, config, truth)
+    assert _max_diff(back, child_skill) < 1e-6
+    ones = cs.restrict_state_dict({k: torch.ones_like(v) for k, v in parent.items()}, config, truth)
+    touched = cs.scatter({k: torch.zeros_like(v) for k, v in parent.items()},
+                         {k: torch.zeros_like(v) for k, v in ones.items()}, ones, config, truth)
+    kept = sum(int(v.sum()) for k, v in touched.items())
+    assert kept == sum(v.numel() for k, v in ones.items()
+                       if not (k.endswith("lm_head.weight") and "lm_head.weight" not in parent))
+    assert _max_diff({k: v for k, v in up.items() if k.startswith("model.layers.2.")},
+                     {k: v for k, v in parent.items() if k.startswith("model.layers.2.")}) == 0
+
+
 def test_stablelm_child_keeping_hidden_equal_heads_times_head_dim():
     config, _, parent, skill = _family("stablelm")  # hidden 48 = 6 heads x 8
     child, child_cfg, truth = cs.prune_state_dict(parent, config, hidden=32, kv_heads=2,
