@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, default=100, help="held-out problems per task")
     ap.add_argument("--strengths", default=",".join(DEFAULT_STRENGTHS),
                     help=f"comma-separated, of {', '.join(STRENGTHS)}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine 2 threads ran 10x slower)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply every training schedule's steps (e.g. 0.02 for a smoke run)")
     ap.add_argument("--no-docs", action="store_true")

@@ -617,6 +617,16 @@ def child_warning(match: ChildMatch, parent: str = "reference", child: str = "ba
             f"coordinates.")
 
 
+def residual_similarity(arch: Architecture, parent: Tensors, child: Tensors) -> Tuple[torch.Tensor, int]:
+    """``([child channels, parent channels] similarity, number of tensors averaged)`` from the
+    columns of the token embeddings and of an untied ``lm_head`` (the same tokenizer: the same
+    rows). Cosines: retraining may shrink or grow a channel; pruning flips no sign."""
+    pieces = [(child[arch.embed], parent[arch.embed])]
+    if arch.lm_head in child and arch.lm_head in parent:
+        pieces.append((child[arch.lm_head], parent[arch.lm_head]))
+    return sum(column_cosines(c, p) for c, p in pieces) / len(pieces), len(pieces)
+
+
 def match_child(parent: Tensors, parent_config, child: Tensors, child_cfg,
                 layer_map: Optional[Sequence[int]] = None, refine: int = 1,
                 parent_name: str = "reference", child_name: str = "base") -> ChildMatch:
@@ -631,10 +641,7 @@ def match_child(parent: Tensors, parent_config, child: Tensors, child_cfg,
     arch = architecture_for(pg.model_type, parent_name)
     _, p_layers = _by_layer(arch, parent)
     _, c_layers = _by_layer(arch, child)
-    pieces = [(child[arch.embed], parent[arch.embed])]
-    if arch.lm_head in child and arch.lm_head in parent:
-        pieces.append((child[arch.lm_head], parent[arch.lm_head]))
-    module_sim = sum(column_cosines(c, p) for c, p in pieces) / len(pieces)
+    module_sim, pieces = residual_similarity(arch, parent, child)
     residual = assign(module_sim)
     sim = module_sim
     layer_sim = None
@@ -651,7 +658,7 @@ def match_child(parent: Tensors, parent_config, child: Tensors, child_cfg,
             qualities.append(q)
         if round_ == refine:
             break
-        sim, n = module_sim * len(pieces), len(pieces)
+        sim, n = module_sim * pieces, pieces
         for k, i in enumerate(lm):
             rows = dict(head_rows(pg, per_layer[k]), gate=per_layer[k].neurons, up=per_layer[k].neurons)
             for which in ("q", "k", "v", "gate", "up"):
@@ -699,5 +706,5 @@ __all__ = [
     "ChildMap", "ChildMatch", "LayerRestriction", "MatchQuality", "Restriction", "assign",
     "by_position", "check_child", "child_config", "child_warning", "explained", "layer_indices",
     "layer_similarity", "match_child", "match_layer", "module_indices", "monotone_layer_map",
-    "prune_state_dict", "restrict_state_dict", "scatter", "transfer", "validate_layer_map",
+    "prune_state_dict", "residual_similarity", "restrict_state_dict", "scatter", "transfer", "validate_layer_map",
 ]
