@@ -692,6 +692,36 @@ def explained(child: Tensors, parent: Tensors, parent_config, child_map: ChildMa
     return out
 
 
+def explained_by_layer(child: Tensors, parent: Tensors, parent_config,
+                       child_map: ChildMap) -> List[Dict[str, Any]]:
+    """Per child layer (and ``"module"``: embeddings, final norm, lm_head): the parent layer it
+    is matched to, and the share of the child's squared norm the restricted parent explains
+    over the layer's weight matrices together (what a report shows before merging). Norm
+    weights and biases are left out: norm weights sit near 1 in every model, so they would
+    make any two models look alike."""
+    rx = Restriction(parent_config, child_map)
+    sums: Dict[Any, List[float]] = {}
+    for name, c in child.items():
+        if c.dim() < 2:
+            continue
+        split = split_layer_name(rx.arch, name)
+        key = "module" if split is None else split[1]
+        p = rx.parent_name(name)
+        if p not in parent and p.endswith(rx.arch.lm_head):
+            p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
+        r = rx.restrict(name, parent[p]).double()
+        acc = sums.setdefault(key, [0.0, 0.0])
+        acc[0] += float((c.double() - r).pow(2).sum())
+        acc[1] += float(c.double().pow(2).sum())
+    out = []
+    for key in sorted(k for k in sums if k != "module") + (["module"] if "module" in sums else []):
+        residual_sq, norm_sq = sums[key]
+        out.append({"child_layer": key,
+                    "parent_layer": "module" if key == "module" else child_map.layers[key],
+                    "explained": 1.0 - residual_sq / max(norm_sq, 1e-30)})
+    return out
+
+
 def by_position(child: Tensors, parent: Tensors, skill: Tensors, scale: float = 1.0) -> Dict[str, torch.Tensor]:
     """What a shape-blind tool would do: ``child + tau[:rows, :cols]`` under the same names
     (child layer k takes parent layer k). For comparison only."""
@@ -704,7 +734,7 @@ def by_position(child: Tensors, parent: Tensors, skill: Tensors, scale: float = 
 
 __all__ = [
     "ChildMap", "ChildMatch", "LayerRestriction", "MatchQuality", "Restriction", "assign",
-    "by_position", "check_child", "child_config", "child_warning", "explained", "layer_indices",
+    "by_position", "check_child", "child_config", "child_warning", "explained", "explained_by_layer", "layer_indices",
     "layer_similarity", "match_child", "match_layer", "module_indices", "monotone_layer_map",
     "prune_state_dict", "residual_similarity", "restrict_state_dict", "scatter", "transfer", "validate_layer_map",
 ]

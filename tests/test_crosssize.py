@@ -141,12 +141,17 @@ def test_retrained_child_is_still_matched_and_an_unrelated_one_is_warned():
     match = cs.match_child(parent, config, drifted, child_cfg)
     assert match.map == truth
     assert cs.child_warning(match) is None
+    table = cs.explained_by_layer(drifted, parent, config, match.map)
+    assert [row["parent_layer"] for row in table] == [0, 1, 3, "module"]
+    assert all(0.85 < row["explained"] < 0.95 for row in table)  # noise of 0.3 sd: ~0.91
+    assert all(row["explained"] == 1.0 for row in cs.explained_by_layer(child, parent, config, truth))
     _, _, other_parent, _ = _family("llama", seed=40)
     stranger, stranger_cfg, _ = cs.prune_state_dict(other_parent, config, **SIZES)
     bad = cs.match_child(parent, config, stranger, stranger_cfg)
     message = cs.child_warning(bad, "parent-A", "child-of-B")
     assert message and "child-of-B" in message and f"{bad.worst():.3f}" in message
     assert bad.worst() < cs.MIN_MATCH_COSINE < match.worst()
+    assert all(row["explained"] < 0 for row in cs.explained_by_layer(stranger, parent, config, bad.map))
 
 
 def test_given_layer_map_is_validated_and_used():
