@@ -195,6 +195,9 @@ def tables(rows: List[Dict], strengths) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only-seeds", default=None,
+                    help="comma-separated seeds to run (e.g. two processes in parallel); each run "
+                         "saves its own results file and --from-results reports them all")
     ap.add_argument("--workdir", default="bench-output/cross-size")
     ap.add_argument("--problems", type=int, default=100, help="held-out problems per task")
     ap.add_argument("--strengths", default=",".join(DEFAULT_STRENGTHS),
@@ -219,16 +222,22 @@ def main(argv=None) -> int:
     exclude = {p for exs in held.values() for p, _ in exs}
     problems = {t: exs[: args.problems] for t, exs in held.items()}
     start = time.perf_counter()
+    seeds = ([int(x) for x in args.only_seeds.split(",")] if args.only_seeds
+             else list(range(args.seeds)))
+    results = workdir / f"results-{'-'.join(map(str, seeds))}.json"
     if args.from_results:
-        saved = json.loads((workdir / "results.json").read_text())
-        rows, wall = saved["rows"], saved["wall_s"]
+        rows, wall = [], 0.0
+        for path in sorted(workdir.glob("results-*.json")):
+            saved = json.loads(path.read_text())
+            rows += saved["rows"]
+            wall = max(wall, saved["wall_s"])
     else:
         rows = []
-        for seed in range(args.seeds):
+        for seed in seeds:
             rows += run_seed(workdir, seed, world, problems, exclude, strengths, seed == 0,
                              args.scale)
             wall = time.perf_counter() - start  # saved after every seed: a cut run still reports
-            (workdir / "results.json").write_text(json.dumps({"rows": rows, "wall_s": wall},
+            results.write_text(json.dumps({"rows": rows, "wall_s": wall},
                                                              indent=1))
     seeds = len({r["seed"] for r in rows})
     header = (f"{seeds} seeds, mean ± standard error; {args.problems} held-out problems per task "
