@@ -164,7 +164,11 @@ def tables(rows: List[Dict], strengths) -> str:
     for strength in strengths:
         steps, lr = STRENGTHS[strength]
         sel = [r for r in rows if r["strength"] == strength]
-        out += ["", f"**Child retrained {steps} steps at lr {lr:g}** ({strength}):", "",
+        if not sel:
+            continue
+        n = len({r["seed"] for r in sel})
+        out += ["", f"**Child retrained {steps} steps at lr {lr:g}** ({strength}; {n} "
+                f"seed{'s' if n > 1 else ''}):", "",
                 "| model | skill: add | own: copy, next |", "|---|---:|---:|"]
         for variant in dict.fromkeys(r["variant"] for r in sel):
             vs = [r for r in sel if r["variant"] == variant]
