@@ -78,6 +78,22 @@ def score(model, problems) -> Dict[str, float]:
     return {"skill": acc["add"], "own": statistics.mean(acc[t] for t in OWN)}
 
 
+CEILING = ("child before retraining (reference pruned)",
+           "skill model pruned by the same indices (= that + tau)")
+
+
+def ceiling_rows(root: Path, seed: int, problems) -> List[Dict]:
+    """What pruning alone leaves: the reference and the skill model pruned by the child's
+    indices, not retrained (the transfer onto the unretrained child is exactly the latter)."""
+    reference, skill = _load(root / "reference"), _load(root / "skill")
+    ref_sd = reference.state_dict()
+    pruned, child_cfg, truth = cs.prune_state_dict(ref_sd, reference.config, hidden=HIDDEN,
+                                                   intermediate=INTERMEDIATE)
+    skill_pruned = cs.restrict_state_dict(skill.state_dict(), reference.config, truth)
+    return [{"seed": seed, "strength": "-", "variant": name, **score(_model(child_cfg, sd), problems)}
+            for name, sd in zip(CEILING, (pruned, skill_pruned))]
+
+
 def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, other_direction,
              scale: float = 1.0):
     root = workdir / f"seed{seed}"
@@ -90,6 +106,7 @@ def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, othe
                                                    intermediate=INTERMEDIATE)
     rows = [{"seed": seed, "strength": "-", "variant": name, **score(m, problems)}
             for name, m in (("reference (parent)", reference), ("skill model (parent + tau)", skill))]
+    rows += ceiling_rows(root, seed, problems)
     print(f"seed {seed}: parent skill {rows[1]['skill']:.2f}, own {rows[1]['own']:.2f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     for strength in strengths:
@@ -235,6 +252,9 @@ def main(argv=None) -> int:
             saved = json.loads(path.read_text())
             rows += saved["rows"]
             wall = max(wall, saved["wall_s"])
+        for seed in sorted({r["seed"] for r in rows}):  # results saved before these rows existed
+            if not any(r["seed"] == seed and r["variant"] == CEILING[0] for r in rows):
+                rows += ceiling_rows(workdir / f"seed{seed}", seed, problems)
     else:
         rows = []
         for seed in seeds:
