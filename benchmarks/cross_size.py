@@ -94,6 +94,34 @@ def ceiling_rows(root: Path, seed: int, problems) -> List[Dict]:
             for name, sd in zip(CEILING, (pruned, skill_pruned))]
 
 
+PROBE = "skill model pruned, then retrained like the child (not a transfer)"
+PROBE_STRENGTHS = ("light", "gentle")  # cheap: 30 and 100 steps
+
+
+def probe_rows(root: Path, seed: int, world, problems, exclude, strengths) -> List[Dict]:
+    """Does the skill survive the child's pruning and retraining at all, when it is in the
+    weights from the start? The skill model pruned by the child's indices, retrained with the
+    child's recipe: an upper bound for a transfer that commutes with the retraining."""
+    reference, skill = _load(root / "reference"), _load(root / "skill")
+    _, child_cfg, truth = cs.prune_state_dict(reference.state_dict(), reference.config,
+                                              hidden=HIDDEN, intermediate=INTERMEDIATE)
+    skill_pruned = cs.restrict_state_dict(skill.state_dict(), reference.config, truth)
+    rows = []
+    for strength in [s for s in strengths if s in PROBE_STRENGTHS]:
+        steps, lr = STRENGTHS[strength]
+
+        def retrain():
+            model = _model(child_cfg, skill_pruned)
+            tw.train(model, tw.mixture(pa.REFERENCE_TASKS, world, 0.2),
+                     tw.Schedule(steps, lr, 32), seed + 10, exclude, desc=f"skill pruned {strength}")
+            return model
+
+        note = {"version": BUILD_VERSION, "seed": seed, "steps": steps, "lr": lr, "model": "probe"}
+        model = _trained(root / f"skill-pruned-{strength}", note, retrain)
+        rows.append({"seed": seed, "strength": strength, "variant": PROBE, **score(model, problems)})
+    return rows
+
+
 def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, other_direction,
              scale: float = 1.0):
     root = workdir / f"seed{seed}"
@@ -228,7 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply every training schedule's steps (e.g. 0.02 for a smoke run)")
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument("--from-results", action="store_true")
+    ap.add_argument("--from-results", action="store_true",
+                    help="report the workdir's saved results (no training but --probe's)")
+    ap.add_argument("--probe", action="store_true",
+                    help=f"with --from-results: add '{PROBE}' for {', '.join(PROBE_STRENGTHS)}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -255,6 +286,10 @@ def main(argv=None) -> int:
         for seed in sorted({r["seed"] for r in rows}):  # results saved before these rows existed
             if not any(r["seed"] == seed and r["variant"] == CEILING[0] for r in rows):
                 rows += ceiling_rows(workdir / f"seed{seed}", seed, problems)
+            if args.probe and not any(r["seed"] == seed and r["variant"] == PROBE for r in rows):
+                done = {r["strength"] for r in rows if r["seed"] == seed}
+                rows += probe_rows(workdir / f"seed{seed}", seed, world, problems, exclude,
+                                   [s for s in strengths if s in done])
     else:
         rows = []
         for seed in seeds:
