@@ -39,7 +39,8 @@ from benchmarks import toyworld as tw  # noqa: E402
 from mergekit_symalign import crosssize as cs  # noqa: E402
 
 BUILD_VERSION = 1
-HIDDEN, INTERMEDIATE = 96, 256
+HIDDEN, INTERMEDIATE = 96, 256  # the child's sizes (--child-size); the first probe's
+SUFFIX = ""  # folder suffix of children of other sizes than the default
 # name -> (steps, lr): retraining on the reference's data (batch 32), gentlest first
 STRENGTHS = {"light": (30, 1e-4), "gentle": (100, 3e-4), "medium": (300, 3e-4),
              "hard": (300, 1e-3)}
@@ -116,15 +117,37 @@ def probe_rows(root: Path, seed: int, world, problems, exclude, strengths) -> Li
                      tw.Schedule(steps, lr, 32), seed + 10, exclude, desc=f"skill pruned {strength}")
             return model
 
-        note = {"version": BUILD_VERSION, "seed": seed, "steps": steps, "lr": lr, "model": "probe"}
-        model = _trained(root / f"skill-pruned-{strength}", note, retrain)
+        note = {"version": BUILD_VERSION, "seed": seed, "steps": steps, "lr": lr, "model": "probe",
+                "hidden": HIDDEN, "intermediate": INTERMEDIATE}
+        model = _trained(root / f"skill-pruned-{strength}{SUFFIX}", note, retrain)
         rows.append({"seed": seed, "strength": strength, "variant": PROBE, **score(model, problems)})
     return rows
 
 
+SWEEP = ((128, 384), (128, 320), (128, 256), (120, 384), (112, 384), (96, 384), (96, 256))
+
+
+def sweep_rows(root: Path, seed: int, problems) -> List[Dict]:
+    """How much pruning the skill survives without any retraining: the skill model pruned by
+    importance to each (residual channels, neurons) of :data:`SWEEP`, scored as is."""
+    skill = _load(root / "skill")
+    rows = []
+    for hidden, intermediate in SWEEP:
+        sd, cfg, _ = cs.prune_state_dict(skill.state_dict(), skill.config, hidden=hidden,
+                                         intermediate=intermediate)
+        rows.append({"seed": seed, "hidden": hidden, "intermediate": intermediate,
+                     **score(_model(cfg, sd), problems)})
+    return rows
+
+
 def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, other_direction,
-             scale: float = 1.0):
+             scale: float = 1.0, family_from: Path = None):
     root = workdir / f"seed{seed}"
+    if family_from is not None:  # share another workdir's trained parent models
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ("base", "reference", "skill"):
+            if not (root / name).exists():
+                (root / name).symlink_to(family_from / f"seed{seed}" / name)
     t0 = time.perf_counter()
     paths = pa.build_family(root, seed, scale, world, exclude, models=("base", "reference", "skill"))
     reference, skill = _load(paths["reference"]), _load(paths["skill"])
@@ -149,7 +172,7 @@ def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, othe
                      tw.Schedule(steps, lr, 32), seed + 10, exclude, desc=f"child {strength}")
             return model
 
-        child = _trained(root / f"child-{strength}", {**note, "model": "child"}, retrain)
+        child = _trained(root / f"child-{strength}{SUFFIX}", {**note, "model": "child"}, retrain)
         child_sd = child.state_dict()
 
         def direct():
@@ -158,7 +181,7 @@ def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, othe
                      exclude, desc=f"child {strength} + skill")
             return model
 
-        tuned = _trained(root / f"child-{strength}-skill", {**note, "model": "direct"}, direct)
+        tuned = _trained(root / f"child-{strength}{SUFFIX}-skill", {**note, "model": "direct"}, direct)
         t = time.perf_counter()
         match = cs.match_child(ref_sd, config, child_sd, child_cfg)
         match_s = time.perf_counter() - t
@@ -258,9 +281,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--from-results", action="store_true",
                     help="report the workdir's saved results (no training but --probe's)")
+    ap.add_argument("--child-size", default=None,
+                    help="residual channels,MLP neurons kept (default 96,256); other sizes get "
+                         "their own folders, results files and docs region")
+    ap.add_argument("--family-from", default=None,
+                    help="another workdir whose trained base/reference/skill models to reuse")
+    ap.add_argument("--sweep", action="store_true",
+                    help="with --from-results: the skill model pruned to several sizes, no retraining")
     ap.add_argument("--probe", action="store_true",
                     help=f"with --from-results: add '{PROBE}' for {', '.join(PROBE_STRENGTHS)}")
     args = ap.parse_args(argv)
+    global HIDDEN, INTERMEDIATE, SUFFIX
+    if args.child_size:
+        HIDDEN, INTERMEDIATE = (int(x) for x in args.child_size.split(","))
+        SUFFIX = f"-{HIDDEN}x{INTERMEDIATE}"
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -276,10 +310,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     seeds = ([int(x) for x in args.only_seeds.split(",")] if args.only_seeds
              else list(range(args.seeds)))
-    results = workdir / f"results-{'-'.join(map(str, seeds))}.json"
+    results = workdir / f"results{SUFFIX}-{'-'.join(map(str, seeds))}.json"
     if args.from_results:
         rows, wall = [], 0.0
-        for path in sorted(workdir.glob("results-*.json")):
+        for path in sorted(workdir.glob(f"results{SUFFIX}-[0-9]*.json")):
             saved = json.loads(path.read_text())
             rows += saved["rows"]
             wall = max(wall, saved["wall_s"])
@@ -294,16 +328,23 @@ def main(argv=None) -> int:
         rows = []
         for seed in seeds:
             rows += run_seed(workdir, seed, world, problems, exclude, strengths, seed == 0,
-                             args.scale)
+                             args.scale, Path(args.family_from).resolve() if args.family_from
+                             else None)
             wall = time.perf_counter() - start  # saved after every seed: a cut run still reports
             results.write_text(json.dumps({"rows": rows, "wall_s": wall},
                                                              indent=1))
+    sweep = []
+    if args.sweep:
+        for seed in sorted({r["seed"] for r in rows}):
+            sweep += sweep_rows(workdir / f"seed{seed}", seed, problems)
     seeds = len({r["seed"] for r in rows})
     header = (f"{seeds} seeds, mean ± standard error; {args.problems} held-out problems per task "
               f"(greedy, exact match). Parent: the paper analog's reference (Llama, 4 layers, "
               f"hidden 128, GQA 4/2, MLP 384); child: {HIDDEN} channels and {INTERMEDIATE} "
               f"neurons per layer kept by importance, heads re-ordered. Regenerate: "
-              f"`.venv/bin/python -m benchmarks.cross_size --seeds {seeds}` (this run "
+              f"`.venv/bin/python -m benchmarks.cross_size --seeds {seeds}"
+              f"{f' --child-size {HIDDEN},{INTERMEDIATE}' if SUFFIX else ''} --strengths "
+              f"{','.join(strengths)}` (this run "
               f"{wall / 60:.0f} min on a shared 2-core x86_64 CPU, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}).")
     text = header + "\n\n" + tables(rows, strengths)
@@ -313,9 +354,19 @@ def main(argv=None) -> int:
                  f"{other[0]['strength']}): the child's own skill fine-tune scattered into the "
                  f"parent (zeros elsewhere): skill {other[0]['skill']:.2f}, own "
                  f"{other[0]['own']:.2f}.")
+    if sweep:
+        text += ("\n\nHow much pruning the skill survives with no retraining at all (the skill "
+                 "model pruned by importance, pruned only by residual channels and/or neurons; "
+                 f"{len({r['seed'] for r in sweep})} seed(s)):\n\n"
+                 "| residual channels kept | MLP neurons kept | skill: add | own: copy, next |\n"
+                 "|---:|---:|---:|---:|")
+        for hidden, intermediate in SWEEP:
+            sel = [r for r in sweep if (r["hidden"], r["intermediate"]) == (hidden, intermediate)]
+            text += (f"\n| {hidden} / 128 | {intermediate} / 384 | "
+                     f"{mean_se([r['skill'] for r in sel])} | {mean_se([r['own'] for r in sel])} |")
     print(text)
     if not args.no_docs:
-        report.update_page("cross-size.md", "cross_size", text)
+        report.update_page("cross-size.md", f"cross_size{SUFFIX.replace('-', '_')}", text)
         print("wrote docs/cross-size.md")
     return 0
 
