@@ -313,7 +313,10 @@ def main(argv=None) -> int:
     results = workdir / f"results{SUFFIX}-{'-'.join(map(str, seeds))}.json"
     if args.from_results:
         rows, wall = [], 0.0
-        for path in sorted(workdir.glob(f"results{SUFFIX}-[0-9]*.json")):
+        import re
+
+        mine = re.compile(rf"results{re.escape(SUFFIX)}(-\d+)+\.json")  # not other sizes'
+        for path in sorted(p for p in workdir.glob("results*.json") if mine.fullmatch(p.name)):
             saved = json.loads(path.read_text())
             rows += saved["rows"]
             wall = max(wall, saved["wall_s"])
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
               f"neurons per layer kept by importance, heads re-ordered. Regenerate: "
               f"`.venv/bin/python -m benchmarks.cross_size --seeds {seeds}"
               f"{f' --child-size {HIDDEN},{INTERMEDIATE}' if SUFFIX else ''} --strengths "
-              f"{','.join(strengths)}` (this run "
+              f"{','.join(strengths)}` (the longest of the saved runs: "
               f"{wall / 60:.0f} min on a shared 2-core x86_64 CPU, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}).")
     text = header + "\n\n" + tables(rows, strengths)
