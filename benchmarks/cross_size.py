@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks import paper_analog as pa  # noqa: E402
-from benchmarks import report  # noqa: E402
+from benchmarks import docs_pages  # noqa: E402
 from benchmarks import toyworld as tw  # noqa: E402
 from mergekit_symalign import crosssize as cs  # noqa: E402
 
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
                      f"{mean_se([r['skill'] for r in sel])} | {mean_se([r['own'] for r in sel])} |")
     print(text)
     if not args.no_docs:
-        report.update_page("cross-size.md", f"cross_size{SUFFIX.replace('-', '_')}", text)
+        docs_pages.update_page("cross-size.md", f"cross_size{SUFFIX.replace('-', '_')}", text)
         print("wrote docs/cross-size.md")
     return 0
 
