@@ -209,7 +209,7 @@ def calibration_token_count(paths, samples: int) -> int:
     from mergekit.common import ModelReference
 
     from mergekit_symalign.settings import BY_NAME
-    from mergekit_symalign.tasks import calibration_tokens
+    from mergekit_symalign.calibration import calibration_tokens
 
     return calibration_tokens(ModelReference.parse(str(paths["reference"])), (), None, samples,
                               BY_NAME["calibration_max_tokens"].default).numel()

@@ -3,8 +3,10 @@
 Importing the package registers the ``symmetry_aligned_*`` methods with mergekit (when
 mergekit is installed; a ``.pth`` hook also does it as soon as ``mergekit.plan`` is
 imported). The pure mathematics (:mod:`.groups`, :mod:`.spec`, :mod:`.architectures`,
-:mod:`.statedict`, :mod:`.activations`) imports no mergekit module; the mergekit glue is
-:mod:`.plugin`, :mod:`.planner`, :mod:`.tasks`, :mod:`.methods` and :mod:`.validation`.
+:mod:`.statedict`, :mod:`.activations`, :mod:`.solve`, :mod:`.kernels`) imports no mergekit
+module; the mergekit glue is :mod:`.plugin`, :mod:`.planner` (with :mod:`.layout`,
+:mod:`.alignments`, :mod:`.tensor_inputs`), :mod:`.tasks`, :mod:`.methods` and
+:mod:`.validation`. The module map: ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"

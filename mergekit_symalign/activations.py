@@ -30,7 +30,7 @@ Pure torch + transformers (no mergekit import). Three parts:
   Fused Phi-3 projections need no splitting: the fused output rows carry the same row
   offsets as the fused weight rows. The MLP and V/O scales end up with covariant sites only
   (their ``1/s`` side sits in the next projection's weights, not in any activation): that
-  is the "free scale" case of :func:`groups.solve_scale`,
+  is the "free scale" case of :func:`groups.solve_continuous`,
   ``s = <X, X_a> / ||X||^2``. The Q/K scale keeps its ``s`` (queries) / ``1/s`` (keys)
   pair and uses the same quartic solver as the weight path.
 
@@ -73,6 +73,7 @@ from .architectures import (
     geometry_from_config,
     layer_spec,
     text_config,
+    tied_embeddings,
 )
 from . import residual as res
 from .calibration import check_enough_tokens
@@ -92,7 +93,6 @@ __all__ = [
     "activation_plan",
     "align_by_activations",
     "full_forward_statistics",
-    "solve_layer",
     "solve_layer_with_quality",
     "stream_statistics",
 ]
@@ -729,7 +729,11 @@ def solve_layer_with_quality(
     label: str = "model",
     layer: int = 0,
 ) -> Tuple[LayerTransform, FitQuality]:
-    """:func:`solve_layer`, and the :class:`FitQuality` of the solve."""
+    """The weight-space element that maps ``model``'s layer onto ``reference``'s, and the
+    :class:`FitQuality` of the solve: :func:`spec.align_layer` on the activation mirror of
+    the weight spec (same solvers and order; the MLP neurons matched by
+    :func:`_solve_mlp_permutation`), then each solved element re-attached to the weight
+    spec's symmetry of the same name."""
     margins: List[torch.Tensor] = []
 
     def mlp_neurons(_symmetry, reference, model):
@@ -758,17 +762,6 @@ def solve_layer_with_quality(
     transform = LayerTransform(tuple((plan.weight_symmetry(symmetry.name), element.detach().cpu())
                                      for symmetry, element in solved.steps))
     return transform, quality
-
-
-def solve_layer(*args, **kwargs) -> LayerTransform:
-    """The weight-space element that maps ``model``'s layer onto ``reference``'s: the
-    transform of :func:`solve_layer_with_quality` (same arguments).
-
-    :func:`spec.align_layer` on the activation mirror of the weight spec (same solvers and
-    order; the MLP neurons matched by :func:`_solve_mlp_permutation`), then each solved
-    element re-attached to the weight spec's symmetry of the same name.
-    """
-    return solve_layer_with_quality(*args, **kwargs)[0]
 
 
 def required_tokens(plan: ActivationPlan, switches: Switches = Switches()) -> List[Tuple[int, str]]:
@@ -865,7 +858,7 @@ def align_by_activations(
     results: Dict[str, Dict[Any, LayerTransform]] = {key: {} for key in models}
     if not models:
         return results if compose else (results, {})
-    tied = bool(getattr(text_config(config), "tie_word_embeddings", False))
+    tied = tied_embeddings(config)
     if residual != "none":
         res.check_supported(plan.arch, residual, tied, text_config(config))
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
@@ -910,7 +903,7 @@ def compose_residual(config: Any, results: Dict[str, Dict[Any, LayerTransform]],
         return results
     geometry = geometry_from_config(config)
     arch = architecture_for(geometry.model_type)
-    tied = bool(getattr(text_config(config), "tie_word_embeddings", False))
+    tied = tied_embeddings(config)
     out = dict(results)
     for key, element in elements.items():
         parts = res.model_transforms(arch, geometry, element, _norm_getter(models[key]),

@@ -155,6 +155,15 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def tied_embeddings(config: Any) -> bool:
+    """Does ``lm_head`` share the embeddings' weight? The model's own config says so where it
+    sets ``tie_word_embeddings`` (a multimodal model's top-level config: transformers ties by
+    the config of the model that holds ``lm_head``), else its text config."""
+    if getattr(config, "tie_word_embeddings", None) is not None:
+        return bool(config.tie_word_embeddings)
+    return bool(getattr(text_config(config), "tie_word_embeddings", False))
+
+
 def geometry_from_config(cfg: Any, model: str = "model") -> Geometry:
     cfg = text_config(cfg)
     model_type = getattr(cfg, "model_type", None)

@@ -134,12 +134,13 @@ _PAIRS_PER_CHUNK = 1024  # gathered feature rows per chunk of exact pair scoring
 _BLOCKED_ABOVE = 4096  # the dense path computes larger similarity matrices in row blocks
 # Elements per chunk of the column-layout dot products (16 MiB of float32): 1 Mi-element chunks
 # are faster on an idle machine but several times slower when other processes share the cores.
-_CHUNK_ELEMENTS = 1 << 22
+# (groups.CHUNK_ELEMENTS, 4x smaller, is the budget of the site sums' conversions: another loop.)
+_DOT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _rows_per_chunk(width: int) -> int:
-    """How many rows of ``width`` elements make one :data:`_CHUNK_ELEMENTS` chunk (>= 1)."""
-    return max(1, _CHUNK_ELEMENTS // max(width, 1))
+    """How many rows of ``width`` elements make one :data:`_DOT_CHUNK_ELEMENTS` chunk (>= 1)."""
+    return max(1, _DOT_CHUNK_ELEMENTS // max(width, 1))
 
 
 def match(

@@ -243,3 +243,22 @@ def calibration_token_ids(
                   for name, path, revision in models}
     texts = load_calibration(calibration, samples)
     return tokenize_calibration(tokenizers, texts, max_tokens, budget)
+
+
+def calibration_tokens(reference, models, calibration: Optional[str], samples: int, max_tokens: int,
+                       trust_remote_code: bool = False) -> torch.Tensor:
+    """The calibration token ids every model of an activation alignment runs on, tokenized
+    with each model's tokenizer (which must agree); ``samples == 0``: as many prompts as
+    the reference's width needs. Models are mergekit ``ModelReference``s (duck-typed: their
+    ``config()`` and ``model.path`` / ``model.revision``). Cached: the plan-time check and
+    the task share one call."""
+    from .architectures import geometry_from_config
+
+    budget = None
+    if not samples:
+        g = geometry_from_config(reference.config(trust_remote_code=trust_remote_code), str(reference))
+        budget = default_token_budget(g.intermediate_size, g.head_dim)
+    return calibration_token_ids(
+        tuple((str(m), m.model.path, m.model.revision) for m in (reference, *models)),
+        calibration, samples, max_tokens, trust_remote_code, budget,
+    )

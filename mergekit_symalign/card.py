@@ -17,10 +17,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from .methods import PREFIX
+from .compat import TARGET_VERSION
+from .methods import PAPER_URL, PREFIX
 from .report import fmt, versions
 
-PAPER_URL = "https://arxiv.org/abs/2511.10850"
 PROJECT_URL = "https://pypi.org/project/mergekit-symalign/"
 TAG = "mergekit-symalign"
 MAX_LAYER_ROWS = 48  # per-layer table rows in the card (the report has them all)
@@ -73,7 +73,7 @@ def card_section(method: str, report: Optional[Mapping[str, Any]]) -> str:
         "To reproduce this model from the configuration above (`mergekit_config.yml`):",
         "",
         "```sh",
-        f'pip install "mergekit=={installed.get("mergekit", "0.1.5")}" "mergekit-symalign=={version}"',
+        f'pip install "mergekit=={installed.get("mergekit", TARGET_VERSION)}" "mergekit-symalign=={version}"',
         "mergekit-yaml mergekit_config.yml ./merged",
         "```",
         "",
@@ -123,12 +123,13 @@ def _recorded(config, method) -> Optional[Mapping[str, Any]]:
     """The summary of what this merge's alignment tasks recorded (its collector, released)."""
     from . import collect
     from .report import build_report
+    from .settings import recipe_setting
 
     collector = collect.find(config)
     if collector is None:
         return None
     collect.release(collector.key)
-    alignment = (config.parameters or {}).get("alignment", "weights")
+    alignment = recipe_setting(config.parameters, "alignment")
     return build_report(collector.records, method=method.spec.name, wrapped=method.wrapped,
                         alignment=alignment, tol=collector.tolerance, versions=versions())
 

@@ -18,7 +18,7 @@ import click
 import yaml
 from mergekit.options import PrettyPrintHelp, add_merge_options
 
-from .report import IDENTITY_TOLERANCE
+from .measure import IDENTITY_TOLERANCE
 
 # A refused recipe (the plugin's checks, mergekit's, pydantic's: all ValueError or
 # RuntimeError), an unreadable file, or a failure while aligning: reported in one line.

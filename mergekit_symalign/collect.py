@@ -1,8 +1,8 @@
 """The per-merge collector: what each alignment task solved, for the model card and the report.
 
-The hook, in one place: when a merge has a collector, :class:`.planner.AlignedPlanning`
+The hook, in one place: when a merge has a collector, :class:`.alignments.Alignments`
 builds its alignment tasks through :func:`collected`, which returns a subclass of the task
-that, after solving, appends one :func:`.report.layer_record` (the transform's summary and the
+that, after solving, appends one :func:`.measure.layer_record` (the transform's summary and the
 layer's distance to the reference before and after) to the collector. Nothing is recomputed:
 the record is made from the tensors and the transform the task already holds.
 
@@ -24,9 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from mergekit.common import ModelReference
 
-from .report import IDENTITY_TOLERANCE, layer_record
+from .measure import IDENTITY_TOLERANCE, layer_record
 from .spec import WorkingCopy
-from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform, cleans_output
+from .tasks import LayerAlignmentTask, NamedLoads, PickLayerTransform
 
 _KEEP = 16  # collectors of merges that never asked for theirs back (a merge that failed)
 _LOCK = threading.Lock()
@@ -114,7 +114,6 @@ class CollectedLayerAlignment(LayerAlignmentTask):
     collector: str
     layer: int  # the model's own layer index
 
-    @cleans_output
     def execute(self, residual=None, **kwargs):
         start = time.perf_counter()
         working = WorkingCopy()  # the record measures the aligned layer on the solve's copy
@@ -158,7 +157,7 @@ def collected(key: Optional[str], task, layer: Optional[int] = None, reference=N
 
     A :class:`LayerAlignmentTask` needs ``layer`` (the model's index); a
     :class:`PickLayerTransform` needs the ``reference``, the model's layer ``prefix`` and the
-    layer's ``loads`` (``(model_loads, reference_loads)`` as the planner's ``_pair_loads``).
+    layer's ``loads`` (``(model_loads, reference_loads)`` as ``Alignments._pair_loads``).
     """
     if key is None:
         return task

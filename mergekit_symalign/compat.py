@@ -39,6 +39,14 @@ def _parameters(func) -> List[str]:
     return list(inspect.signature(func).parameters)
 
 
+def _executor_run(path: str) -> bool:
+    mod, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(mod), name)
+    run = cls.__dict__.get("_symalign_original_run", cls.run)
+    return inspect.isgeneratorfunction(run) and _parameters(run)[:2] == ["self", "quiet"] \
+        and "targets" in cls.__init__.__code__.co_names
+
+
 def _lists_models_first(func) -> bool:
     names = func.__code__.co_names
     return "referenced_models" in names and (
@@ -98,12 +106,21 @@ def internals_problems() -> List[str]:
     gta = lambda: module("mergekit.merge_methods.generalized_task_arithmetic")  # noqa: E731
     check("mergekit.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge "
           "(consensus_method, sparsification_method).merge_group: weights the deltas, divides "
-          "by the weights' sum when normalize, scales by lambda (tasks.single_delta_task_arithmetic "
-          "repeats it for one skill; tests/test_merge.py compares them bit for bit)",
+          "by the weights' sum when normalize, scales by lambda "
+          "(tasks.transfer.single_delta_task_arithmetic repeats it for one skill; "
+          "tests/test_kernels.py and tests/test_merge.py compare them bit for bit)",
           lambda: {"consensus_method", "sparsification_method"}
           <= set(gta().GeneralizedTaskArithmeticMerge.__dataclass_fields__)
           and {"normalize", "lambda", 1e-08} <= set(gta().GeneralizedTaskArithmeticMerge.merge_group.__code__.co_consts)
           and {"mul_", "sum"} <= set(gta().GeneralizedTaskArithmeticMerge.merge_group.__code__.co_names))
+    # An aligned merge's output folder is removed when its graph fails (plugin.hook_executor):
+    # found through the SaveTensor targets' writer task, around the executors' run().
+    check("mergekit.io.tasks.SaveTensor has writer_task; TensorWriterTask has out_path",
+          lambda: "writer_task" in fields("mergekit.io.tasks.SaveTensor")
+          and "out_path" in fields("mergekit.io.tasks.TensorWriterTask"))
+    for path in ("mergekit.graph.Executor", "mergekit.multigpu_executor.MultiGPUExecutor"):
+        check(f"{path}.run(self, quiet, ...) is a generator and {path}.targets holds the targets",
+              lambda path=path: _executor_run(path))
     check("mergekit.io.tasks.GatherTensors fields == {weight_info, dtype, device}",
           lambda: fields("mergekit.io.tasks.GatherTensors") == {"weight_info", "dtype", "device"})
     check("mergekit.io.tasks.LoadTensor fields",

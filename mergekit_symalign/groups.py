@@ -588,7 +588,8 @@ def assign(similarity: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
     return perm
 
 
-SKETCH_DIM = 512  # head-matching Grams: feature rows longer than SKETCH_ABOVE are sketched
+GRAM_SKETCH_DIM = 512  # head-matching Grams: feature rows longer than SKETCH_ABOVE are sketched
+# (assignment.SKETCH_DIM is another thing: the neuron matcher's candidate-search sketch)
 SKETCH_ABOVE = 2048
 
 
@@ -596,7 +597,7 @@ SKETCH_ABOVE = 2048
 def _sketch(width: int) -> torch.Tensor:
     """One fixed Gaussian sketch per width (seeded: the same for every model and run)."""
     generator = torch.Generator().manual_seed(width)
-    return torch.randn(width, SKETCH_DIM, generator=generator) / math.sqrt(SKETCH_DIM)
+    return torch.randn(width, GRAM_SKETCH_DIM, generator=generator) / math.sqrt(GRAM_SKETCH_DIM)
 
 
 def _feature_sites(feature: Tuple[Site, ...], tensors: Tensors):
@@ -618,7 +619,7 @@ def _feature_values(feature: Tuple[Site, ...], tensors: Tensors) -> torch.Tensor
 
 
 def _sketch_positions(tensor: torch.Tensor, axis: int, block: torch.Tensor) -> torch.Tensor:
-    """``[positions along axis, SKETCH_DIM]`` float32: each position's values (all other axes,
+    """``[positions along axis, GRAM_SKETCH_DIM]`` float32: each position's values (all other axes,
     flattened) times ``block``. bfloat16 is multiplied natively (float32 accumulation, the
     result rounded once: ~0.2 % relative, the order of the checkpoint's own rounding, so a
     bf16 copy's true match scores 1 to that precision; faster than converting); float16
@@ -725,7 +726,7 @@ def gram_similarity(symmetry: Symmetry, reference: Tensors, model: Tensors,
     (||X_a X_a^T||_F ||X_m X_m^T||_F)`` lies in ``[0, 1]`` and is 1 for the true match of an
     exactly transformed copy. Summed over copies and features. Rows longer than
     :data:`SKETCH_ABOVE` are first multiplied by one fixed random Gaussian sketch to
-    :data:`SKETCH_DIM` columns (shared by both models): the true match still scores exactly 1
+    :data:`GRAM_SKETCH_DIM` columns (shared by both models): the true match still scores exactly 1
     (the sketch acts on the other side of ``X``), other pairs approximately what they would.
     ``sketches`` (reference's, model's) share those products between symmetries.
 
@@ -835,9 +836,6 @@ def quartic_scale(
 def solve_continuous(symmetry: Symmetry, reference: Tensors, model: Tensors, **kw) -> torch.Tensor:
     """The element of a rotation, sign or scale symmetry (see :func:`_solve_from_sums`)."""
     return _solve_from_sums(symmetry, site_sums(symmetry, reference, model, fit=False, **kw))
-
-
-solve_scale = solve_continuous  # the scale solver's name in the docs and tests
 
 
 def _solve_from_sums(symmetry: Symmetry, sums: SiteSums) -> torch.Tensor:
@@ -969,7 +967,7 @@ SNAP_DEVIATION = 1e-2
 def slot_deviations(element: torch.Tensor) -> torch.Tensor:
     """Per slot (float64, CPU), how far a continuous element is from the identity: ``|s - 1|``
     of a scalar per slot ``[n]`` (scale or sign), ``||R - I||_F / sqrt(k)`` of a matrix per
-    slot ``[n, k, k]`` (rotation). The report's measure too (``report.step_summary``)."""
+    slot ``[n, k, k]`` (rotation). The report's measure too (``measure.step_summary``)."""
     value = element.detach().double().cpu()
     if value.dim() == 1:
         return (value - 1).abs()

@@ -35,6 +35,7 @@ from mergekit.merge_methods.base import (
 from .settings import GLOBAL, LAYER, MODEL, PARAMETERS, resolve_roles
 
 PREFIX = "symmetry_aligned_"
+PAPER_URL = "https://arxiv.org/abs/2511.10850"  # the symmetries' paper (method spec, model card)
 WRAPPED_METHODS = (
     "task_arithmetic",
     "ties",
@@ -72,7 +73,7 @@ class SymmetryAlignedMerge(GroupMergeMethod):
         return MergeMethodSpec(
             name=PREFIX + self.wrapped,
             pretty_name=f"Symmetry-aligned {inner.pretty_name or self.wrapped}",
-            reference_url="https://arxiv.org/abs/2511.10850",
+            reference_url=PAPER_URL,
             parameters=tuple(params),
             contract=InputContract(base=BasePolicy.REQUIRED),
             optional_tensor_policy=inner.optional_tensor_policy,

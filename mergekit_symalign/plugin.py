@@ -8,11 +8,14 @@ module's namespace: ``mergekit.merge``, ``mergekit.evo.actors`` and any other co
 method does exactly what mergekit does unless the planner's method is a
 ``symmetry_aligned_*`` one; then planning goes to :class:`.planner.AlignedPlanning`.
 
-Two more in-place hooks, inert for other methods:
+Three more in-place hooks, inert for other methods:
 
 * ``MergePlanner.plan_to_disk(out_path)`` tells the planning where the merge will write
-  (refused if inside an input model's folder; removed again if a refusal during execution
-  happens after mergekit's writer created it);
+  (refused if inside an input model's folder) and notes whether that folder existed;
+* ``Executor.run`` / ``MultiGPUExecutor.run``: when the graph being run is an aligned merge's
+  (its writer is one ``plan_to_disk`` noted), any failure while it runs — a task raising, a
+  missing shard, ``--cuda`` without CUDA, Ctrl-C — removes the output folder if this merge
+  created it (mergekit's writer creates it as the graph starts); never one that existed;
 * ``MergeConfiguration.referenced_models()``: ``run_merge`` reads every model's config
   (``get_architecture_info``, before any planning), and a local folder that does not exist
   would reach the Hub client as a repo id ("Repo id must be in the form ..."). The first
@@ -22,12 +25,16 @@ Two more in-place hooks, inert for other methods:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections import OrderedDict
 
 from .compat import TARGET_VERSION
 from .errors import IncompatibleMergekit
+from .output import OutputFolder
 
 HOOKED = ("_plan", "plan_module", "plan_layer", "plan_tensor", "plan_to_disk")
+EXECUTORS = (("mergekit.graph", "Executor"), ("mergekit.multigpu_executor", "MultiGPUExecutor"))
 
 
 def _mergekit_version() -> str:
@@ -37,7 +44,27 @@ def _mergekit_version() -> str:
         return version("mergekit")
     except PackageNotFoundError:
         return "(unknown version)"
+
+
 _STATE = "_symalign_planning"
+# Where the planner is (a module, a layer of it): mergekit's plan_layer calls plan_tensor
+# without saying which layer of which model the tensor comes from, so the hooks remember it
+# here between the two calls and hand it to AlignedPlanning.plan_tensor explicitly (the
+# only ambient state of the planning; nothing below the plugin reads it).
+_POSITION = "_symalign_position"
+
+
+@contextlib.contextmanager
+def _at(planner, position):
+    outer = planner.__dict__.get(_POSITION)
+    planner.__dict__[_POSITION] = position
+    try:
+        yield
+    finally:
+        if outer is None:
+            planner.__dict__.pop(_POSITION, None)
+        else:
+            planner.__dict__[_POSITION] = outer
 
 
 def install() -> None:
@@ -65,6 +92,8 @@ def install() -> None:
             registry.register(method)
     hook_planner(plan.MergePlanner)
     hook_config(importlib.import_module("mergekit.config").MergeConfiguration)
+    for module, name in EXECUTORS:
+        hook_executor(getattr(importlib.import_module(module), name))
     from .card import hook_card
 
     hook_card()
@@ -122,38 +151,39 @@ def hook_planner(cls) -> None:
         planning = _planning(self)
         if planning is None:
             return original["plan_module"](self, module_name, definition)
-        planning.context, planning.module_context = None, module_name
-        try:
+        from .layout import Position
+
+        with _at(self, Position(module_name)):
             return original["plan_module"](self, module_name, definition)
-        finally:
-            planning.module_context = None
 
     def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
         planning = _planning(self)
         if planning is None:
             return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
-        from .planner import LayerContext
+        from .layout import Position
 
-        planning.context = LayerContext(
-            module=module_name,
-            indices={s.model: s.layer_range[0] + layer_offset for s in sources},
-        )
-        try:
+        indices = {s.model: s.layer_range[0] + layer_offset for s in sources}
+        with _at(self, Position(module_name, indices)):
             return original["plan_layer"](self, sources, layer_offset, t, cfg_reader, module_name)
-        finally:
-            planning.context = None
 
     def plan_tensor(self, weight, weights_in, models, cfg_reader):
         planning = _planning(self)
         if planning is None:
             return original["plan_tensor"](self, weight, weights_in, models, cfg_reader)
-        return planning.plan_tensor(weight, weights_in, models, cfg_reader)
+        from .layout import Position
+
+        position = self.__dict__.get(_POSITION, Position())
+        return planning.plan_tensor(weight, weights_in, models, cfg_reader, position)
 
     def plan_to_disk(self, out_path):
         planning = _planning(self)
-        if planning is not None:
-            planning.set_output(out_path)  # checked in planning.check(), from _plan
-        return original["plan_to_disk"](self, out_path)
+        if planning is None:
+            return original["plan_to_disk"](self, out_path)
+        planning.out_path = out_path  # checked in planning.check(), from _plan
+        folder = OutputFolder.before_merge(out_path)  # before the writer creates it
+        targets = original["plan_to_disk"](self, out_path)
+        _note_output(targets, folder)
+        return targets
 
     for name, hooked in (("_plan", _plan), ("plan_module", plan_module),
                          ("plan_layer", plan_layer), ("plan_tensor", plan_tensor),
@@ -163,3 +193,56 @@ def hook_planner(cls) -> None:
         hooked.__qualname__ = f"{cls.__qualname__}.{name}"
         setattr(cls, name, hooked)
     cls._symalign_original = original
+
+
+# Output folders of aligned merges planned to disk and not yet run, by their writer task
+# (mergekit builds one ``TensorWriterTask`` per merge; every ``SaveTensor`` target holds it).
+# Bounded: a merge planned and never run leaves its entry behind.
+_KEEP = 16
+_OUTPUTS: "OrderedDict[object, OutputFolder]" = OrderedDict()
+
+
+def _writer(task):
+    return getattr(task, "writer_task", None)
+
+
+def _note_output(targets, folder: OutputFolder) -> None:
+    for task in targets:
+        writer = _writer(task)
+        if writer is not None:
+            _OUTPUTS[writer] = folder
+            while len(_OUTPUTS) > _KEEP:
+                _OUTPUTS.popitem(last=False)
+            return
+
+
+def _output_of(executor):
+    """The output folder of an aligned merge whose graph ``executor`` runs (taken: one run),
+    or None for any other graph."""
+    for handle in executor.targets:
+        task = handle.task() if hasattr(handle, "task") else handle
+        folder = _OUTPUTS.pop(_writer(task), None) if _writer(task) is not None else None
+        if folder is not None:
+            return folder
+    return None
+
+
+def hook_executor(cls) -> None:
+    """``cls.run`` (a generator) removes an aligned merge's output folder when it fails."""
+    if "_symalign_original_run" in cls.__dict__:
+        return
+    original = cls.__dict__["run"]
+
+    def run(self, *args, **kwargs):
+        folder = _output_of(self)
+        if folder is None:
+            yield from original(self, *args, **kwargs)
+            return
+        with folder.removed_on_failure():
+            yield from original(self, *args, **kwargs)
+
+    run.__wrapped__ = original
+    run.__doc__ = original.__doc__
+    run.__qualname__ = f"{cls.__qualname__}.run"
+    cls.run = run
+    cls._symalign_original_run = original

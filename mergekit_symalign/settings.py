@@ -20,7 +20,7 @@ The pure mathematics (:mod:`.groups`, :mod:`.spec`) calls the two sides of an al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, Mapping, Sequence, Tuple
+from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -84,6 +84,13 @@ PARAMETERS: Tuple[Parameter, ...] = (
 )
 BY_NAME: Dict[str, Parameter] = {p.name: p for p in PARAMETERS}
 CALIBRATION_PARAMETERS = ("calibration", "calibration_samples", "calibration_max_tokens")
+
+
+def recipe_setting(parameters: Optional[Mapping[str, Any]], name: str) -> Any:
+    """A global parameter's value in a recipe's top-level ``parameters`` (None or a mapping),
+    or its default: the one way to read ``alignment``, ``residual`` and the like before
+    mergekit resolves per-tensor values."""
+    return (parameters or {}).get(name, BY_NAME[name].default)
 
 
 class AlignSettings(BaseModel):
@@ -181,15 +188,8 @@ def resolve_roles(
     return Roles(base=base, reference=reference, skills=skills, aligned=aligned)
 
 
-def default_settings(**overrides) -> TensorSettings:
-    """The settings of a recipe that sets nothing (for callers outside mergekit)."""
-    values = {p.name: p.default for p in PARAMETERS if p.where != MODEL}
-    values.update(overrides)
-    return resolve_settings(values)
-
-
 __all__ = [
     "AlignSettings", "BY_NAME", "CALIBRATION_PARAMETERS", "GLOBAL", "LAYER", "MODEL",
-    "PARAMETERS", "Parameter", "Roles", "TensorSettings", "default_settings",
-    "resolve_roles", "resolve_settings",
+    "PARAMETERS", "Parameter", "Roles", "TensorSettings", "recipe_setting", "resolve_roles",
+    "resolve_settings",
 ]

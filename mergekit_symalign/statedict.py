@@ -23,8 +23,10 @@ from .architectures import (
     layer_spec,
     split_layer_name,
     text_config,
+    tied_embeddings,
 )
-from .spec import LayerSpec, LayerTransform, Switches, align_layer, random_transform
+from .solve import solve_layer, solve_residual
+from .spec import LayerSpec, LayerTransform, Switches, random_transform
 
 MODULE = res.MODULE
 Key = Union[int, str]
@@ -50,14 +52,6 @@ def _module_prefix(layers) -> str:
 def _module_tensors(arch: Architecture, state_dict, prefix: str) -> Dict[str, torch.Tensor]:
     names = (arch.embed, f"{arch.final_norm}.weight", f"{arch.final_norm}.bias", arch.lm_head)
     return {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
-
-
-def tied_embeddings(config: Any, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> bool:
-    cfg = text_config(config)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if getattr(config, "tie_word_embeddings", None) is not None:
-        tied = bool(config.tie_word_embeddings)
-    return tied
 
 
 def spec_for_config(config: Any, qk_rotation: str = "rope", model: str = "model") -> LayerSpec:
@@ -110,20 +104,6 @@ def residual_transforms(
     return res.model_transforms(arch, geometry, element, getter(state_dict),
                                 getter(reference_norms_from), sorted(layers),
                                 tied_embeddings(config), model)
-
-
-# Embedding rows a weight-based residual solve reads: all up to this many, else this many
-# tokens drawn once (seeded; the same rows in both models). 8x a large hidden size pins a
-# [D, D] statistic down; Llama 3's full 128k-token vocabulary would cost 4 TFLOP a pass.
-RESIDUAL_ROWS = 32768
-
-
-def _rows(embed: torch.Tensor, max_rows: int = RESIDUAL_ROWS):
-    vocab = embed.shape[0]
-    if vocab <= max_rows:
-        return None
-    pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:max_rows].sort().values
-    return pick, pick
 
 
 def layer_tensor_names(arch: Architecture, geometry, qk_rotation: str, residual: str):
@@ -181,51 +161,31 @@ def align_state_dict(
 ) -> Tuple[Dict[str, torch.Tensor], Dict[Key, LayerTransform]]:
     """Align ``model`` into ``reference``'s coordinates: the residual stream first (solved
     from the embedding and ``lm_head`` rows of the same tokens), then every layer's group on
-    the residual-aligned tensors. ``cache``: a folder of saved alignments, shared with
-    merges that use ``alignment_cache`` (the same entries are found and written)."""
-    from . import cache as store_module
-
-    store = store_module.AlignmentCache(cache) if cache else None
+    the residual-aligned tensors (:mod:`.solve`, as a merge solves). ``cache``: a folder of
+    saved alignments, shared with merges that use ``alignment_cache`` (the same entries are
+    found and written)."""
     geometry = geometry_from_config(config)
-    spec = spec_for_config(config, qk_rotation)
-    arch = architecture_for(spec.architecture)
+    arch = architecture_for(geometry.model_type)
     transforms: Dict[Key, LayerTransform] = {}
-    current = dict(model)
+    solution = None
     if residual != "none":
         tied = tied_embeddings(config)
         res.check_supported(arch, residual, tied, text_config(config))
         prefix = _module_prefix(_by_layer(arch, model))
         names = res.input_names(arch, tied)
-        mine = {n: model[prefix + n] for n in names if prefix + n in model}
-        theirs = {n: reference[prefix + n] for n in names if prefix + n in reference}
-        element = None
-        if store is not None:
-            residual_key = store_module.residual_key(residual, arch.name, RESIDUAL_ROWS, mine, theirs)
-            element = store_module.load_residual(store, residual_key)
-        if element is None:
-            element = res.solve(arch, residual, res.embedding_statistic(theirs, mine, arch, tied,
-                                                                        _rows(theirs[arch.embed])))
-            if store is not None:
-                store_module.save_residual(store, residual_key, element)
-        transforms = residual_transforms(model, reference, config, element)
-        current = transform_state_dict(model, config, transforms)
-    settings = store_module.weight_solve_settings(switches, qk_rotation, residual)
+        solution = solve_residual(arch, residual,
+                                  {n: model[prefix + n] for n in names if prefix + n in model},
+                                  {n: reference[prefix + n] for n in names if prefix + n in reference},
+                                  tied, cache_folder=cache or "")
+        transforms = residual_transforms(model, reference, config, solution.element)
     reference_layers = _by_layer(arch, reference)
-    model_layers = _by_layer(arch, model)
     names = layer_tensor_names(arch, geometry, qk_rotation, residual)[0]
-    for index, (_prefix, tensors) in _by_layer(arch, current).items():
-        layer = None
-        if store is not None:
-            def own(layers):
-                return {n: t for n, t in layers[index][1].items() if n in names}
+    for index, (_prefix, tensors) in _by_layer(arch, model).items():
+        def own(layer):
+            return {n: t for n, t in layer.items() if n in names}
 
-            key = store_module.layer_key(settings, arch.name, geometry, own(model_layers),
-                                         own(reference_layers),
-                                         residual_key if residual != "none" else None)
-            layer = store_module.load_layer(store, key, spec)
-        if layer is None:
-            layer = align_layer(spec, reference_layers[index][1], tensors, switches)
-            if store is not None:
-                store_module.save_layer(store, key, layer)
-        transforms[index] = transforms[index].then(layer) if index in transforms else layer
+        layer = solve_layer(arch, geometry, switches, qk_rotation, residual, own(tensors),
+                            own(reference_layers[index][1]), solution, cache_folder=cache or "")
+        transforms[index] = transforms[index].then(layer.layer_steps) if index in transforms \
+            else layer.layer_steps
     return transform_state_dict(model, config, transforms), transforms

@@ -10,8 +10,11 @@ ignores parameters a method does not declare, so for our methods a typo would si
 switch a symmetry back on: every parameter name, place, type and choice is checked here.
 
 During execution, :func:`check_finite` is applied to every tensor the merge reads (as it
-loads; no second pass over the checkpoints). A refusal raised then removes the output folder
-if this merge created it (:class:`.tasks.OutputFolder`).
+loads; no second pass over the checkpoints). A failure then removes the output folder if
+this merge created it (:mod:`.plugin`, :class:`.output.OutputFolder`).
+
+:func:`check_aligned_merge` runs every plan-time check in order and returns what they found
+(:class:`MergeFacts`) for the planner.
 """
 
 from __future__ import annotations
@@ -20,15 +23,23 @@ import difflib
 import os
 import re
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .architectures import Architecture, Geometry, architecture_for, geometry_from_config, text_config
+from .architectures import (
+    Architecture,
+    Geometry,
+    architecture_for,
+    geometry_from_config,
+    text_config,
+    tied_embeddings,
+)
 import logging
 
 from .errors import NonFiniteTensorError, SymAlignConfigError, UnsupportedArchitecture
-from .settings import BY_NAME, CALIBRATION_PARAMETERS, GLOBAL, LAYER, MODEL, Parameter
+from .settings import BY_NAME, CALIBRATION_PARAMETERS, GLOBAL, LAYER, MODEL, Parameter, recipe_setting
 
 LOG = logging.getLogger(__name__)
 
@@ -133,7 +144,7 @@ def check_recipe(cfg, method) -> None:
             if key == "role" and value == "reference":
                 references.add(model)
     top = cfg.parameters or {}
-    if top.get("alignment", "weights") != "activations":
+    if recipe_setting(top, "alignment") != "activations":
         stray = [k for k in CALIBRATION_PARAMETERS if k in top]
         if stray:
             raise SymAlignConfigError(
@@ -180,7 +191,7 @@ def check_calibration(cfg, tokenize: Callable[[Optional[str], int, int], "torch.
     tokenizers and text that is mostly unknown tokens) and check that it has enough tokens
     for the statistics the enabled symmetries use. Returns the token ids (or None)."""
     top = cfg.parameters or {}
-    if top.get("alignment") != "activations":
+    if recipe_setting(top, "alignment") != "activations":
         return None
     from .calibration import load_calibration
 
@@ -432,10 +443,9 @@ def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], mod
     """``residual``: exact for every model (tied or not), one decoder module, and (aligned
     by weights) vocabularies whose rows are the same tokens. Returns the mode."""
     from .residual import check_supported
-    from .statedict import tied_embeddings
 
     top = cfg.parameters or {}
-    mode = top.get("residual", "none")
+    mode = recipe_setting(top, "residual")
     if mode == "none":
         return mode
     if modules > 1:
@@ -451,7 +461,7 @@ def check_residual(cfg, arch: Architecture, configs: Mapping[Hashable, Any], mod
         except UnsupportedArchitecture as err:
             raise SymAlignConfigError(str(err)) from None
         vocab[model] = getattr(text_config(config), "vocab_size", None)
-    if top.get("alignment", "weights") == "weights" and len(set(vocab.values())) > 1:
+    if recipe_setting(top, "alignment") == "weights" and len(set(vocab.values())) > 1:
         sizes = ", ".join(f"{m}: {v}" for m, v in vocab.items())
         raise SymAlignConfigError(
             f"{method_name}: residual: {mode} with alignment: weights matches the residual "
@@ -555,8 +565,66 @@ def never_aligned(cfg) -> set:
     return {m for m, flags in seen.items() if flags == {True}}
 
 
+def activation_models(cfg, reference) -> Tuple[Any, ...]:
+    """The models an activation alignment streams besides the reference (sorted)."""
+    never = never_aligned(cfg)
+    return tuple(sorted((m for m in cfg.referenced_models() if m != reference and m not in never),
+                        key=str))
+
+
+@dataclass(frozen=True)
+class MergeFacts:
+    """What the plan-time checks established about an aligned merge."""
+
+    arch: Architecture
+    geometry: Geometry
+    module: str  # the text decoder's module in mergekit's architecture definition
+    residual: str
+    tied: bool
+
+
+def check_aligned_merge(planner, method, out_path: Optional[str]) -> MergeFacts:
+    """Every recipe check of an aligned merge, in order, before mergekit normalizes the config
+    or builds a task (``planner``: mergekit's ``MergePlanner``; ``out_path``: where the merge
+    will be written, None when planned in memory)."""
+    from .calibration import calibration_tokens
+    from .layout import decoder_module
+
+    cfg, options, name = planner.config, planner.options, method.spec.name
+    check_recipe(cfg, method)
+    check_options(options, method)
+    models = cfg.referenced_models()  # (hooked: a missing local folder is refused)
+    if out_path is not None:
+        check_output_path(out_path, models, name)
+    configs = {m: m.config(trust_remote_code=options.trust_remote_code) for m in models}
+    arch, geometry = check_models(name, configs)
+    check_same_computation(name, configs,
+                           refuse=recipe_setting(cfg.parameters, "alignment") == "activations")
+    check_vocabularies(name, configs, cfg.base_model,
+                       has_tokenizer=cfg.tokenizer is not None or cfg.tokenizer_source is not None)
+    check_architecture_settings(cfg, arch)
+    reference = recipe_reference(cfg)
+    check_calibration(
+        cfg,
+        lambda path, samples, max_tokens: calibration_tokens(
+            reference, activation_models(cfg, reference), path, samples, max_tokens,
+            options.trust_remote_code),
+        geometry=geometry,
+        vocab_size=getattr(text_config(configs[reference]), "vocab_size", None),
+    )
+    module = decoder_module(planner.arch_info, arch, name)
+    residual = check_residual(cfg, arch, configs, len(planner.arch_info.modules), name)
+    tied = {m: tied_embeddings(c) for m, c in configs.items()}
+    if residual != "none" and len(set(tied.values())) > 1:
+        raise SymAlignConfigError(
+            f"{name}: residual: {residual} needs all models tied or all untied "
+            f"(tie_word_embeddings: {', '.join(f'{m}: {t}' for m, t in tied.items())})."
+        )
+    return MergeFacts(arch, geometry, module, residual, next(iter(tied.values())))
+
+
 __all__ = [
-    "LayerConsistency", "calibration_settings", "check_activation_layers",
+    "LayerConsistency", "MergeFacts", "activation_models", "check_aligned_merge", "calibration_settings", "check_activation_layers",
     "check_architecture_settings", "check_calibration", "check_finite", "check_layer_tensors",
     "check_model_paths", "check_models", "check_options", "check_output_path", "check_recipe",
     "check_residual", "check_same_computation", "check_same_optional_tensors",

@@ -312,17 +312,17 @@ def test_free_scale_is_least_squares_and_guarded():
     target[3] = 0.0  # a dead slot: falls back to 1
     site = Site("x", 0, slot_index(6, 1, 1))
     signed = Symmetry("free", Kind.scale, (site,), signed=True)
-    found = groups.solve_scale(signed, {"x": anchor}, {"x": target})
+    found = groups.solve_continuous(signed, {"x": anchor}, {"x": target})
     expected = s.clone()
     expected[3] = 1.0
     assert torch.allclose(found, expected, rtol=1e-10)
     positive = Symmetry("free+", Kind.scale, (site,), signed=False)
-    found = groups.solve_scale(positive, {"x": anchor}, {"x": target})
+    found = groups.solve_continuous(positive, {"x": anchor}, {"x": target})
     assert torch.equal(found[s < 0], torch.ones(int((s < 0).sum()), dtype=torch.float64))
     assert torch.allclose(found[s > 0], s[s > 0])
     nan = target.clone()
     nan[0, 0] = float("nan")
-    assert float(groups.solve_scale(signed, {"x": anchor}, {"x": nan})[0]) == 1.0
+    assert float(groups.solve_continuous(signed, {"x": anchor}, {"x": nan})[0]) == 1.0
 
 
 # --------------------------------------------------------------------------- calibration

@@ -174,7 +174,7 @@ def test_bfloat16_features_are_scored_in_float32_chunks(path, monkeypatch):
     low = _terms(reference, model)
     assert low[2][0].dtype == torch.bfloat16 and low[2][0].stride(0) == 1  # column layout
     high = [(a.float(), t.float(), role) for a, t, role in low]
-    monkeypatch.setattr(assignment, "_CHUNK_ELEMENTS", 1000)  # many blocks per product
+    monkeypatch.setattr(assignment, "_DOT_CHUNK_ELEMENTS", 1000)  # many blocks per product
     options = {"dense": dict(dense_below=n), "sparse": SPARSE, "blocked_dense": dict(dense_below=n),
                "uncertain_rows": dict(SPARSE, candidates=1)}[path]
     if path == "blocked_dense":

@@ -15,11 +15,10 @@ class Counting:
 
     def __init__(self, monkeypatch, forbid=False):
         import mergekit_symalign.residual as res
-        import mergekit_symalign.statedict as statedict
-        import mergekit_symalign.tasks as tasks
+        import mergekit_symalign.solve as solve
 
         self.calls = 0
-        real_layer, real_residual = tasks.align_layer, res.solve
+        real_layer, real_residual = solve.align_layer, res.solve
 
         def layer(*a, **k):
             self.calls += 1
@@ -31,8 +30,7 @@ class Counting:
             assert not forbid, "solved although a saved alignment exists"
             return real_residual(*a, **k)
 
-        for module in (tasks, statedict):
-            monkeypatch.setattr(module, "align_layer", layer)
+        monkeypatch.setattr(solve, "align_layer", layer)  # the one solve: merges and statedict
         monkeypatch.setattr(res, "solve", residual)
 
 
@@ -145,7 +143,7 @@ def test_card_record_is_cached_next_to_the_alignment(family, tmp_path, monkeypat
     import logging
     from pathlib import Path
 
-    import mergekit_symalign.report as report
+    import mergekit_symalign.measure as report
 
     folder = tmp_path / "cache"
     first = run_recipe(recipe(family, alignment_cache=str(folder)), tmp_path / "a", write_model_card=True)

@@ -168,16 +168,16 @@ def test_plain_fusion_without_alignment_is_mergekits_method(family, tmp_path, wr
 
 
 def test_alignment_runs_once_per_layer_and_model(family, tmp_path, monkeypatch):
-    import mergekit_symalign.tasks as tasks
+    import mergekit_symalign.solve as solve
 
     calls = []
-    real = tasks.align_layer
+    real = solve.align_layer
 
     def counting(spec, reference, model, switches, label, **kwargs):
         calls.append(label)
         return real(spec, reference, model, switches, label=label, **kwargs)
 
-    monkeypatch.setattr(tasks, "align_layer", counting)
+    monkeypatch.setattr(solve, "align_layer", counting)
     run_recipe(
         transfer(PREFIX + "ties", family["reference_scrambled"], family["reference"],
                  [(family["skill"], {}), (family["sibling"], {"weight": 0.5})]),
@@ -301,6 +301,26 @@ def test_tokenizer_section_uses_mergekits_vocabulary_path(family_with_tokenizers
     fam = family_with_tokenizers
     rec = transfer(PREFIX + "task_arithmetic", fam["sibling_scrambled"], fam["reference"],
                    [(fam["skill"], {})])
+    a = load_file(f"{run_recipe(rec, tmp_path / 'a')}/model.safetensors")
+    b = load_file(f"{run_recipe({**rec, 'tokenizer': {'source': 'base'}}, tmp_path / 'b')}"
+                  f"/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("params", [{"residual": "permutation"}, {"alignment": "activations"}])
+def test_tokenizer_section_with_a_residual_transform(family_with_tokenizers, tmp_path, params):
+    """Embeddings under a tokenizer section are moved by the residual stream's transform
+    after mergekit's vocabulary permutation (AlignVocabularyTask, the method's input: it was
+    refused by pydantic); with equal vocabularies the result is the merge without the section."""
+    from .conftest import word_calibration
+
+    fam = family_with_tokenizers
+    if params.get("alignment") == "activations":
+        params = {**params, "residual": "permutation", "calibration": word_calibration(tmp_path / "c.txt"),
+                  "calibration_samples": 64, "calibration_max_tokens": 32}
+    rec = transfer(PREFIX + "task_arithmetic", fam["sibling_scrambled"], fam["reference"],
+                   [(fam["skill_scrambled"], {})], **params)
     a = load_file(f"{run_recipe(rec, tmp_path / 'a')}/model.safetensors")
     b = load_file(f"{run_recipe({**rec, 'tokenizer': {'source': 'base'}}, tmp_path / 'b')}"
                   f"/model.safetensors")
@@ -451,7 +471,7 @@ def test_skill_deltas_are_exact_widened_differences(monkeypatch, dtypes, shape):
     """SkillDeltas' ``S - R``: float32, equal to the float64 difference rounded once (exact
     for bf16/f16 inputs), whether widened whole or a block of rows at a time."""
     from mergekit_symalign import groups
-    from mergekit_symalign.tasks import widened_difference
+    from mergekit_symalign.kernels import widened_difference
 
     monkeypatch.setattr(groups, "CHUNK_ELEMENTS", 32)  # 2 rows of 11 per block
     gen = torch.Generator().manual_seed(0)
@@ -470,7 +490,7 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
                                                     nodes):
     """mergekit's executor moves every task's inputs to the GPU and its result back to host
     memory: a transfer's float32 aligned skills, deltas and merged delta stay inside one task
-    (AlignTensorTask, SkillDeltas and the wrapped method run in the TransferTask), so only
+    (AlignTensorTask, SkillDeltas and the wrapped method run in a FusedTransferTask), so only
     loaded tensors and the result cross. A residual: orthogonal refold shares a norm's merged
     delta between tasks: nodes there."""
     import mergekit.graph as graph
@@ -488,19 +508,19 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
     recipe = transfer(PREFIX + "task_arithmetic", family["sibling_scrambled"], family["reference"],
                       [(family[skill], {"align": aligned})], residual=residual)
     out = load(run_recipe(recipe, tmp_path / "out"))
-    assert seen.count("TransferTask") == len(out)
+    assert seen.count("TransferTask") + seen.count("FusedTransferTask") == len(out)
+    assert ("FusedTransferTask" in seen) and (("TransferTask" in seen) == nodes)
     for node in ("SkillDeltas", "ExecuteMergeMethodTask"):
         assert (node in seen) == nodes, node
     assert "AlignTensorTask" not in seen
     # the same merge, bit for bit, as the tasks as separate nodes
     import mergekit_symalign.planner as planner
 
-    transfer_task = planner.TransferTask
-    monkeypatch.setattr(planner, "TransferTask",
-                        lambda **fields: transfer_task(**{**fields, "fused": False}))
+    monkeypatch.setattr(planner, "FUSE", False)
     seen.clear()
     nodes_out = load(run_recipe(recipe, tmp_path / "nodes"))
     assert ("AlignTensorTask" in seen) == aligned and "SkillDeltas" in seen
+    assert "FusedTransferTask" not in seen
     assert all(torch.equal(out[k], nodes_out[k]) for k in out)
 
 
@@ -516,10 +536,10 @@ def test_a_transfer_merges_inside_its_transfer_task(family, tmp_path, monkeypatc
 def test_single_skill_task_arithmetic_is_the_kernel_bit_for_bit(family, tmp_path, monkeypatch, method,
                                                                skill_params, params, dtype, direct):
     """A transfer of one skill with task_arithmetic skips mergekit's kernel
-    (tasks.single_delta_task_arithmetic: the kernel's operations in place on the delta); the
+    (tasks.transfer.single_delta_task_arithmetic: the kernel's operations in place on the delta); the
     merged model must equal the kernel's bit for bit, and every other method or a second
     skill must still go through the kernel."""
-    from mergekit_symalign import tasks
+    from mergekit_symalign.tasks import transfer as tasks
 
     calls = []
     real = tasks.single_delta_task_arithmetic

@@ -399,7 +399,7 @@ def test_default_calibration_is_accepted_at_plan_time_at_8b_width(smollm2_tokeni
     from mergekit.merge import MergeOptions
     from mergekit.plan import MergePlanner
 
-    from mergekit_symalign.tasks import calibration_tokens
+    from mergekit_symalign.calibration import calibration_tokens
 
     folder, vocab = smollm2_tokenizer_folder
     paths = _wide_family(tmp_path, folder, vocab, 14336)

@@ -145,7 +145,7 @@ def test_cli_module_and_console_script(family, tmp_path):
 def test_report_reuses_and_fills_the_merge_cache(family, tmp_path, monkeypatch):
     """--cache DIR: the report solves once and saves; the merge with alignment_cache: DIR
     then solves nothing (and the other way round)."""
-    import mergekit_symalign.tasks as tasks
+    import mergekit_symalign.solve as solve
 
     folder = tmp_path / "cache"
     recipe = transfer_onto(family, "reference_scrambled")
@@ -155,7 +155,7 @@ def test_report_reuses_and_fills_the_merge_cache(family, tmp_path, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("solved although a saved alignment exists")
 
-    monkeypatch.setattr(tasks, "align_layer", forbidden)
+    monkeypatch.setattr(solve, "align_layer", forbidden)
     run_recipe({**recipe, "parameters": {**(recipe.get("parameters") or {}),
                                          "alignment_cache": str(folder)}}, tmp_path / "merged")
     status, again, _ = report(recipe, tmp_path / "b", "--cache", str(folder))
@@ -334,7 +334,7 @@ def test_record_on_the_solves_working_copy(arch, dtype):
     """The merge's record measures the aligned layer on what the solve leaves of its working
     copy (``spec.WorkingCopy``: moved by every step but the unapplied last scales); that is the
     model moved by the whole solved transform, and gives the same distances."""
-    from mergekit_symalign.report import _exact_in_working_copy, distances_before_after
+    from mergekit_symalign.measure import _exact_in_working_copy, distances_before_after
     from mergekit_symalign.spec import WorkingCopy, align_layer, random_transform
     from mergekit_symalign.statedict import spec_for_config
 

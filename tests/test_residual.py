@@ -238,3 +238,19 @@ def test_residual_on_a_same_base_sibling_changes_no_merge(rotated_family, tmp_pa
     recipe["parameters"] = {"residual": mode}
     b = load(run_recipe(recipe, tmp_path / mode))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tied_embeddings_follow_the_config_that_holds_lm_head():
+    """A multimodal config's top-level tie_word_embeddings is what transformers ties by (the
+    model that holds lm_head); its text config may say otherwise. One answer everywhere."""
+    import transformers
+
+    from mergekit_symalign.architectures import tied_embeddings
+
+    top_tied = transformers.Gemma3Config(text_config=dict(tie_word_embeddings=False))
+    top_untied = transformers.Gemma3Config(tie_word_embeddings=False)
+    assert top_tied.get_text_config().tie_word_embeddings is False
+    assert tied_embeddings(top_tied) is True
+    assert tied_embeddings(top_untied) is False
+    assert tied_embeddings(transformers.LlamaConfig(tie_word_embeddings=False)) is False
+    assert tied_embeddings(transformers.LlamaConfig(tie_word_embeddings=True)) is True
