@@ -34,7 +34,7 @@ TA, TIES, CRUMBS = ("symmetry_aligned_" + m for m in ("task_arithmetic", "ties",
 
 
 def build_family(root: Path) -> dict:
-    from examples.common import perturbed
+    from tests.support import perturbed
     from mergekit_symalign.spec import Switches
     from mergekit_symalign.statedict import scramble_state_dict
     from tests.conftest import make_config, make_model, save, save_word_tokenizer, word_calibration
@@ -71,7 +71,7 @@ def build_family(root: Path) -> dict:
 
 
 def recipes(fam: dict, root: Path) -> dict:
-    from examples.common import aligned_recipe as rec
+    from tests.support import aligned_recipe as rec
 
     cache = str(root / "cache")
     calib = dict(alignment="activations", calibration=fam["calibration"], calibration_samples=64,
@@ -127,7 +127,7 @@ def digest(tensor: torch.Tensor) -> str:
 def state_dict_alignments(fam: dict, root: Path) -> dict:
     """statedict.align_state_dict (the solve outside mergekit) on the same models: the aligned
     tensors, per residual mode, and solved then read back through a cache."""
-    from examples.common import load_tensors
+    from tests.support import load_tensors
     from mergekit_symalign.statedict import align_state_dict
     from tests.conftest import make_config
 
@@ -145,7 +145,7 @@ def state_dict_alignments(fam: dict, root: Path) -> dict:
 
 
 def run_all(only=None) -> dict:
-    from examples.common import load_tensors, run_recipe
+    from tests.support import load_tensors, run_recipe
 
     root = Path(tempfile.mkdtemp(prefix="bitwise_"))
     try:

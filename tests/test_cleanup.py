@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.common import aligned_recipe, perturbed, plain_transfer_recipe, run_recipe
+from .support import aligned_recipe, perturbed, plain_transfer_recipe, run_recipe
 from mergekit_symalign.methods import PREFIX
 
 from .conftest import make_config, make_model
@@ -71,7 +71,7 @@ def test_sigint_in_a_mergekit_yaml_like_process(family, tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from mergekit.io.tasks import SaveTensor
-from examples.common import aligned_recipe, run_recipe
+from .support import aligned_recipe, run_recipe
 real, calls = SaveTensor.execute, []
 def execute(self, **kwargs):
     calls.append(1)
@@ -152,7 +152,7 @@ def test_a_merge_that_succeeds_keeps_its_folder_and_a_later_failure_is_its_own(f
 
 def test_a_missing_shard_through_mergekit_yaml(family, sharded_skill_missing_a_shard, tmp_path):
     """The same through an unmodified mergekit-yaml (the plugin loaded by its .pth hook)."""
-    from examples.common import run_mergekit_yaml
+    from .support import run_mergekit_yaml
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="FileNotFoundError|No such file"):

@@ -7,7 +7,7 @@ import transformers
 
 from mergekit_symalign import crosssize as cs
 
-from examples.common import perturbed
+from .support import perturbed
 from .conftest import ARCH_CONFIGS, make_config, make_model
 
 # StableLM's transformers class ignores config.head_dim (see crosssize.HEAD_DIM_FROM_HIDDEN):
