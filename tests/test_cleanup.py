@@ -71,7 +71,7 @@ def test_sigint_in_a_mergekit_yaml_like_process(family, tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from mergekit.io.tasks import SaveTensor
-from .support import aligned_recipe, run_recipe
+from tests.support import aligned_recipe, run_recipe
 real, calls = SaveTensor.execute, []
 def execute(self, **kwargs):
     calls.append(1)
