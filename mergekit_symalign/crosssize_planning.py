@@ -79,6 +79,22 @@ def detect(planner, method) -> Optional["CrossSizePlanning"]:
     return CrossSizePlanning(planner, method, base, reference, base_cfg, ref_cfg)
 
 
+def check_architectures(cfg, method: str, trust_remote_code: bool = False) -> None:
+    """A base of another architecture than its reference, named before mergekit reads every
+    model's architecture (its own refusal, "Must specify --allow-crimes", names no model)."""
+    base, reference = cfg.base_model, recipe_reference(cfg)
+    if base is None or reference is None or reference == base:
+        return
+    types = {m: getattr(m.config(trust_remote_code=trust_remote_code), "model_type", None)
+             for m in (base, reference)}
+    if types[base] != types[reference]:
+        raise SymAlignConfigError(
+            f"{method}: base {base} ({types[base]}) and reference {reference} "
+            f"({types[reference]}) are different architectures: a skill vector measured on "
+            f"the reference can only be moved onto a model of the same architecture (the same "
+            f"model or a pruned child of it). Use the base's own parent as the reference.")
+
+
 def parse_layer_map(value: str, method: str) -> Optional[List[int]]:
     """``layer_map: "0, 1, 3"`` (one parent layer per child layer) as a list; "" = solved."""
     if value is None or str(value).strip() == "":
@@ -191,7 +207,7 @@ class CrossSizePlanning:
         m = self.match
         pb, pr = cs._sizes(self.base_cfg), cs._sizes(self.ref_cfg)
         sizes = ", ".join(f"{k} {pr[k]} -> {pb[k]}" for k in cs.NARROWABLE if pb[k] != pr[k])
-        return (f"aligned a pruned child: base {self.base} is a pruned child of the reference "
+        return (f"aligned a pruned child: base {self.base} taken as a pruned child of the reference "
                 f"{self.reference} ({sizes}); layer map "
                 f"{'given' if self.layer_map is not None else 'solved'} {list(m.map.layers)}; "
                 f"weakest matched cosine {m.worst():.3f} (residual stream {m.residual.cosine:.3f}); "
@@ -263,4 +279,4 @@ def card_section(config) -> Optional[str]:
     return _CARDS.pop(id(config), None)
 
 
-__all__ = ["CrossSizePlanning", "card_section", "detect", "parse_layer_map"]
+__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "detect", "parse_layer_map"]
