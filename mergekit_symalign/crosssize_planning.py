@@ -27,7 +27,7 @@ dtype), then frees them; the merge itself streams tensor by tensor as a plain on
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
@@ -221,6 +221,15 @@ class CrossSizePlanning:
         lines += [f"| {r['child_layer']} | {r['parent_layer']} | {r['explained']:.3f} |" for r in self.explained]
         return "\n".join(lines) + "\n"
 
+    def report_entry(self) -> Dict[str, Any]:
+        """What ``mergekit-symalign report`` shows of the solve (report.json's ``pruned_child``)."""
+        m = self.match
+        return {"model": str(self.base), "reference": str(self.reference),
+                "layer_map": list(m.map.layers), "layer_map_given": self.layer_map is not None,
+                "residual_cosine": m.residual.cosine, "weakest_cosine": m.worst(),
+                "warning": cs.child_warning(m, str(self.reference), str(self.base)),
+                "layers": [dict(r) for r in self.explained]}
+
     # ------------------------------------------------------------------ planning
 
     def normalize(self) -> None:
@@ -274,9 +283,37 @@ class CrossSizePlanning:
         self.planner._tensors.append((weight, final))
 
 
+# Below this share of a child layer explained by its matched parent slice, the child has
+# moved far from the coordinates the skill vector was measured in (a judgement, not a proof:
+# docs/cross-size.md).
+FAR_EXPLAINED = 0.5
+
+
+def child_verdict(entry: Mapping[str, Any]) -> List[str]:
+    """The report's lines for a pruned child: one per child layer, then the verdict."""
+    lines = [f"child layer {r['child_layer']} <- parent layer {r['parent_layer']}: "
+             f"{r['explained']:.3f} of the child explained" for r in entry["layers"]]
+    layers = [r for r in entry["layers"] if r["child_layer"] != "module"]
+    worst = min(layers, key=lambda r: r["explained"]) if layers else None
+    head = (f"{entry['model']} is aligned as a pruned child of {entry['reference']} (layer map "
+            f"{entry['layer_map']}, weakest matched cosine {entry['weakest_cosine']:.3f})")
+    if entry["warning"]:
+        lines.append(f"{head}, but it does not look like a child of it: {entry['warning']}")
+    elif worst is None or worst["explained"] >= FAR_EXPLAINED:
+        lines.append(f"{head}: every layer is at least {FAR_EXPLAINED} explained by its matched "
+                     f"parent slice, so the restricted skill vector lands on coordinates the "
+                     f"child still shares with its parent.")
+    else:
+        lines.append(f"{head}; child layer {worst['child_layer']} is only "
+                     f"{worst['explained']:.3f} explained by parent layer {worst['parent_layer']}: "
+                     f"the child has moved far from its parent there, and a skill vector "
+                     f"measured on the parent may not carry over (docs/cross-size.md).")
+    return lines
+
+
 def card_section(config) -> Optional[str]:
     """The model card's pruned-child section of the merge planned from ``config`` (taken)."""
     return _CARDS.pop(id(config), None)
 
 
-__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "detect", "parse_layer_map"]
+__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "child_verdict", "detect", "parse_layer_map"]

@@ -192,3 +192,43 @@ def test_skill_of_another_depth_is_refused(llama_pair, tmp_path):
     msg = _refused(aligned_recipe(TA, paths["child"], paths["parent"], [shallow]), tmp_path / "out",
                    "has 3 layers but the reference")
     assert shallow in msg
+
+
+def _report(recipe, tmp_path, capsys):
+    import json
+
+    from mergekit_symalign.cli import main
+
+    from .support import write_recipe
+
+    status = main(["report", write_recipe(recipe, tmp_path / "recipe.yml"), str(tmp_path / "report"), "--quiet"])
+    printed = capsys.readouterr().out
+    return status, json.loads((tmp_path / "report" / "report.json").read_text()), printed
+
+
+def test_report_shows_each_child_layer_s_parent_and_share_explained(llama_pair, tmp_path, capsys):
+    paths, m = llama_pair
+    status, doc, printed = _report(aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]]),
+                                   tmp_path / "exact", capsys)
+    assert status == 0
+    child = doc["pruned_child"]
+    assert child["layer_map"] == [0, 1, 3] and child["warning"] is None
+    assert [r["parent_layer"] for r in child["layers"]] == [0, 1, 3, "module"]
+    assert all(abs(r["explained"] - 1) < 1e-6 for r in child["layers"])  # not retrained
+    assert "child layer 2 <- parent layer 3: 1.000 of the child explained" in printed
+    assert "every layer is at least 0.5 explained" in printed
+    assert "| 2 | 3 | 1.000 |" in (tmp_path / "exact" / "report" / "report.md").read_text()
+    assert not (tmp_path / "exact" / "out").exists()  # the report merges nothing
+
+    # one child layer moved far from its parent (retrained hard there): named in the verdict
+    drifted = {k: (v + 2 * v.std() * torch.randn(v.shape, generator=torch.Generator().manual_seed(3))
+                   if k.startswith("model.layers.2.") and v.dim() == 2 else v)
+               for k, v in m["child"].items()}
+    from transformers import AutoConfig
+    path = save(drifted, AutoConfig.from_pretrained(paths["child"]), tmp_path / "drifted")
+    status, doc, printed = _report(aligned_recipe(TA, path, paths["parent"], [paths["skill"]], layer_map="0, 1, 3"),
+                                   tmp_path / "drifted_report", capsys)
+    assert status == 0
+    explained = {r["child_layer"]: r["explained"] for r in doc["pruned_child"]["layers"]}
+    assert explained[2] < 0.5 < explained[1]
+    assert f"child layer 2 is only {explained[2]:.3f} explained by parent layer 3" in printed
