@@ -402,9 +402,8 @@ def run_report(config, options=None, recipe: Optional[str] = None,
     try:
         planner = MergePlanner(config, arch_info, options=options, out_model_config=cfg_out)
         planner._plan()  # the hooked planner: the plugin's checks, then mergekit's planning
-        cross_size = planner.__dict__["_symalign_planning"].cross_size
-        if cross_size is not None:  # a pruned child: solved while planning, nothing to run
-            return _child_report(cross_size, method, config, recipe, tol, start)
+        if planner.__dict__["_symalign_planning"].cross_size is not None:  # a pruned child:
+            return _child_report(planner, method, config, recipe, tol, start)  # solved in _plan
         tasks = alignment_tasks(task for _weight, task in planner._tensors)
         executor = Executor(tasks, math_device=options.device,
                             storage_device=options.device if options.low_cpu_memory else "cpu")
@@ -421,7 +420,8 @@ def run_report(config, options=None, recipe: Optional[str] = None,
     )
 
 
-def _child_report(cross_size, method, config, recipe, tol, start) -> Dict[str, Any]:
+def _child_report(planner, method, config, recipe, tol, start) -> Dict[str, Any]:
+    cross_size = planner.__dict__["_symalign_planning"].cross_size
     from .crosssize_planning import card_section, child_verdict
     from .settings import recipe_setting
 
