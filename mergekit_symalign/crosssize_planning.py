@@ -42,7 +42,14 @@ from .settings import recipe_setting, resolve_roles
 from .tasks import SkillDeltas
 from .tasks.crosssize import RestrictedTransferTask, register_restriction
 from .tensor_inputs import method_task
-from .validation import check_models, check_options, check_output_path, check_recipe, recipe_reference
+from .validation import (
+    check_models,
+    check_options,
+    check_output_path,
+    check_recipe,
+    check_same_computation,
+    recipe_reference,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -95,6 +102,41 @@ def check_architectures(cfg, method: str, trust_remote_code: bool = False) -> No
             f"model or a pruned child of it). Use the base's own parent as the reference.")
 
 
+def check_child_settings(cfg, method: str, base, reference) -> None:
+    """What a cross-size transfer does not define, refused with the reason (static: no model
+    is opened)."""
+    top = cfg.parameters or {}
+    what = (f"{method}: base {base} is a pruned child of the reference {reference} "
+            f"(narrower and/or shallower)")
+    if recipe_setting(top, "output_frame") == "reference":
+        raise SymAlignConfigError(
+            f"{what}; output_frame: reference is not defined for it: the reference's frame "
+            f"is wider than the child, so the merged model is written in the child's "
+            f"coordinates and shape. Remove output_frame (or set output_frame: base).")
+    if recipe_setting(top, "alignment") == "activations":
+        raise SymAlignConfigError(
+            f"{what}; alignment: activations is not built for a pruned child yet (its maps "
+            f"are solved from the weights). Remove alignment (or set alignment: weights).")
+    if recipe_setting(top, "residual") != "none":
+        raise SymAlignConfigError(
+            f"{what}; residual: {recipe_setting(top, 'residual')} moves a model's residual "
+            f"stream within its own width, but a child's residual channels are already "
+            f"matched to the reference's (a subset, in the child's order) by the pruned-child "
+            f"alignment. Remove residual.")
+    if cfg.tokenizer is not None or cfg.tokenizer_source is not None:
+        raise SymAlignConfigError(
+            f"{what}; a tokenizer section is not supported with it: a pruned child keeps "
+            f"its parent's vocabulary. Remove tokenizer / tokenizer_source.")
+    if cfg.slices or cfg.modules:
+        raise SymAlignConfigError(
+            f"{what}; give the models as `models:`, not `slices:` / `modules:`: the layers "
+            f"are paired by the layer map (solved, or the layer_map parameter), not by "
+            f"layer ranges.")
+    if recipe_setting(top, "alignment_cache"):
+        LOG.warning("%s; alignment_cache is not used for it (the child's maps are solved "
+                    "again by every merge).", what)
+
+
 def parse_layer_map(value: str, method: str) -> Optional[List[int]]:
     """``layer_map: "0, 1, 3"`` (one parent layer per child layer) as a list; "" = solved."""
     if value is None or str(value).strip() == "":
@@ -128,7 +170,8 @@ class CrossSizePlanning:
         models = cfg.referenced_models()
         if out_path is not None:
             check_output_path(out_path, models, name)
-        self._check_settings()
+        check_child_settings(cfg, name, self.base, self.reference)
+        check_same_computation(name, {self.base: self.base_cfg, self.reference: self.ref_cfg}, refuse=False)
         trust = self.planner.options.trust_remote_code
         others = {m: m.config(trust_remote_code=trust) for m in models if m != self.base}
         check_models(name, others)  # skills: the reference's architecture and shape
@@ -147,36 +190,6 @@ class CrossSizePlanning:
             except ValueError as err:
                 raise SymAlignConfigError(f"{name}: {err}") from None
         self.layer_map = layer_map
-
-    def _check_settings(self) -> None:
-        cfg, name = self.planner.config, self.method.spec.name
-        top = cfg.parameters or {}
-        what = (f"{name}: base {self.base} is a pruned child of the reference {self.reference} "
-                f"(narrower and/or shallower)")
-        if recipe_setting(top, "output_frame") == "reference":
-            raise SymAlignConfigError(
-                f"{what}; output_frame: reference is not defined for it: the reference's frame "
-                f"is wider than the child, so the merged model is written in the child's "
-                f"coordinates and shape. Remove output_frame (or set output_frame: base).")
-        if recipe_setting(top, "alignment") == "activations":
-            raise SymAlignConfigError(
-                f"{what}; alignment: activations is not built for a pruned child yet (its maps "
-                f"are solved from the weights). Remove alignment (or set alignment: weights).")
-        if recipe_setting(top, "residual") != "none":
-            raise SymAlignConfigError(
-                f"{what}; residual: {recipe_setting(top, 'residual')} moves a model's residual "
-                f"stream within its own width, but a child's residual channels are already "
-                f"matched to the reference's (a subset, in the child's order) by the pruned-child "
-                f"alignment. Remove residual.")
-        if cfg.tokenizer is not None or cfg.tokenizer_source is not None:
-            raise SymAlignConfigError(
-                f"{what}; a tokenizer section is not supported with it: a pruned child keeps "
-                f"its parent's vocabulary. Remove tokenizer / tokenizer_source.")
-        if cfg.slices or cfg.modules:
-            raise SymAlignConfigError(
-                f"{what}; give the models as `models:`, not `slices:` / `modules:`: the layers "
-                f"are paired by the layer map (solved, or the layer_map parameter), not by "
-                f"layer ranges.")
 
     # ------------------------------------------------------------------ solve
 
@@ -316,4 +329,4 @@ def card_section(config) -> Optional[str]:
     return _CARDS.pop(id(config), None)
 
 
-__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "child_verdict", "detect", "parse_layer_map"]
+__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "check_child_settings", "child_verdict", "detect", "parse_layer_map"]

@@ -232,3 +232,45 @@ def test_report_shows_each_child_layer_s_parent_and_share_explained(llama_pair, 
     explained = {r["child_layer"]: r["explained"] for r in doc["pruned_child"]["layers"]}
     assert explained[2] < 0.5 < explained[1]
     assert f"child layer 2 is only {explained[2]:.3f} explained by parent layer 3" in printed
+
+
+CHILD_RECIPES = ["minitron_4b_width_transfer.yml", "mistral_nemo_minitron_8b_transfer.yml",
+                 "llama3_2_3b_depth_width_transfer.yml"]
+
+
+@pytest.mark.parametrize("name", CHILD_RECIPES)
+def test_shipped_child_recipes_pass_the_static_checks(name):
+    """Parsed by mergekit's config loader, checked as a recipe and as a pruned-child recipe
+    (no model is opened: the sizes are the Hub's, which tests do not reach)."""
+    from pathlib import Path
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+
+    from mergekit_symalign.crosssize_planning import check_child_settings
+    from mergekit_symalign.validation import check_recipe, recipe_reference
+
+    path = Path(__file__).parent.parent / "recipes" / name
+    config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
+    method = registry.get(config.merge_method)
+    check_recipe(config, method)
+    reference = recipe_reference(config)
+    assert reference != config.base_model
+    check_child_settings(config, method.spec.name, config.base_model, reference)
+
+
+def test_tied_child_of_an_untied_parent_takes_the_embedding_s_delta(llama_pair, tmp_path):
+    """Llama-3.2-3B ties its embeddings, Llama-3.1-8B does not: the output has no lm_head and
+    its embedding is the child's plus the restriction of the parent's embedding delta."""
+    paths, m = llama_pair
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(paths["child"])
+    config.tie_word_embeddings = True
+    tied = {**m["child"], "lm_head.weight": m["child"]["model.embed_tokens.weight"]}
+    path = save(tied, config, tmp_path / "tied")  # transformers saves no tied lm_head
+    assert "lm_head.weight" not in load_tensors(path)
+    out = load_tensors(run_recipe(aligned_recipe(TA, path, paths["parent"], [paths["skill"]]), tmp_path / "out"))
+    want = cs.restrict_state_dict(m["skills"][0], m["config"], m["truth"])
+    del want["lm_head.weight"]
+    assert _max_diff(out, want) < 1e-6
