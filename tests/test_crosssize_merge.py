@@ -50,8 +50,9 @@ def _max_diff(got, want):
 def test_task_arithmetic_through_mergekit_yaml_equals_the_pruned_skill_model(llama_pair, tmp_path):
     paths, m = llama_pair
     out = tmp_path / "out"
-    run_mergekit_yaml(aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]]),
-                      tmp_path / "r.yml", out, "--no-copy-tokenizer")
+    run = run_mergekit_yaml(aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]]),
+                            tmp_path / "r.yml", out, "--no-copy-tokenizer")
+    assert "aligned a pruned child" in run.stderr and "hidden_size 48 -> 36" in run.stderr
     want = cs.restrict_state_dict(m["skills"][0], m["config"], m["truth"])
     assert _max_diff(load_tensors(out), want) < 1e-6
     # the child's shape and layer count, in its own coordinates; the card says what was done
