@@ -75,8 +75,8 @@ def detect(planner, method) -> Optional["CrossSizePlanning"]:
     trust = planner.options.trust_remote_code
     base_cfg, ref_cfg = base.config(trust_remote_code=trust), reference.config(trust_remote_code=trust)
     sb, sr = _sizes(base_cfg), _sizes(ref_cfg)
-    if sb is None or sr is None or sb == sr:
-        return None
+    if sb is None or sr is None or all(sb[k] == sr[k] for k in cs.NARROWABLE):
+        return None  # the same width and depth: the same-size checks (a vocabulary, ...)
     try:
         smaller = cs.check_child(ref_cfg, base_cfg, parent=str(reference), child=str(base))
     except ValueError as err:
