@@ -275,3 +275,29 @@ def test_tied_child_of_an_untied_parent_takes_the_embedding_s_delta(llama_pair, 
     want = cs.restrict_state_dict(m["skills"][0], m["config"], m["truth"])
     del want["lm_head.weight"]
     assert _max_diff(out, want) < 1e-6
+
+
+def test_real_smollm2_pruned_child_through_mergekit(tmp_path):
+    """SmolLM2-135M-Instruct (tied embeddings, GQA 9/3) pruned 576 -> 432 channels, 3 -> 2 KV
+    groups, 1536 -> 1152 neurons, layers 9, 20, 21 of 30 dropped, not retrained; skill = the
+    model plus 1 % of each tensor's standard deviation of noise: the merge through mergekit is
+    the pruned skill model, weight for weight."""
+    smollm = pytest.importorskip("examples.smollm")
+    try:
+        model, _ = smollm.load_smollm2(torch.float32)
+    except smollm.SmolLM2Missing as err:
+        pytest.skip(str(err))
+    config = model.config
+    parent = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    skill = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) for k, v in parent.items()}
+    skill["lm_head.weight"] = skill["model.embed_tokens.weight"]  # tied, as saved
+    child, child_cfg, truth = cs.prune_state_dict(parent, config, hidden=432, kv_heads=2,
+                                                  intermediate=1152, drop_layers=(9, 20, 21))
+    child["lm_head.weight"] = child["model.embed_tokens.weight"]
+    paths = {n: save(sd, c, tmp_path / n) for n, sd, c in
+             (("parent", parent, config), ("skill", skill, config), ("child", child, child_cfg))}
+    out = load_tensors(run_recipe(aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]]),
+                                  tmp_path / "out"))
+    want = cs.restrict_state_dict({k: v for k, v in skill.items() if k != "lm_head.weight"}, config, truth)
+    assert _max_diff(out, want) < 1e-6
