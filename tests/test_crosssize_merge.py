@@ -75,6 +75,10 @@ def test_ties_and_two_skills_match_the_restricted_combination(llama_pair, tmp_pa
                                     [(paths["skill"], {"density": 1.0})]), tmp_path / "ties")
     want = cs.restrict_state_dict(m["skills"][0], m["config"], m["truth"])
     assert _max_diff(load_tensors(out), want) < 1e-6
+    # DARE at density 1 drops nothing and rescales by 1
+    out = run_recipe(aligned_recipe("symmetry_aligned_dare_linear", paths["child"], paths["parent"],
+                                    [(paths["skill"], {"density": 1.0})]), tmp_path / "dare")
+    assert _max_diff(load_tensors(out), want) < 1e-6
     out = run_recipe(aligned_recipe(TA, paths["child"], paths["parent"],
                                     [(paths["skill"], {"weight": 0.7}), (paths["skill2"], {"weight": 0.4})]),
                      tmp_path / "two")
