@@ -178,7 +178,15 @@ def aligned_card(card: str, config) -> str:
     method = _aligned_method(config)
     if method is None:
         return card
-    section = card_section(method.spec.name, _recorded(config, method), source_commit())
+    from .crosssize_planning import card_section as pruned_child_section
+
+    recorded = _recorded(config, method)
+    child = pruned_child_section(config)
+    # a pruned child's merge records no same-size alignment: its section says what was done
+    section = card_section(method.spec.name, None if child else recorded, source_commit())
+    if child:
+        section = section.replace("Not recorded for this merge; `mergekit-symalign report "
+                                  "mergekit_config.yml OUT` shows it.", child.rstrip("\n"))
     return _tagged(card).rstrip("\n") + "\n\n" + section
 
 

@@ -40,6 +40,7 @@ from mergekit.parameter_resolver import resolve_parameters
 
 from .alignments import Alignments
 from .collect import for_planning
+from .crosssize_planning import detect as detect_cross_size
 from .layout import LayerTensor, Layout, Moved, Position
 from .settings import Roles, TensorSettings, resolve_roles, resolve_settings
 from .tasks import FusedTransferTask, TransferTask
@@ -76,12 +77,19 @@ class AlignedPlanning:
         self.alignments: Optional[Alignments] = None
         self._planned: Dict[str, Planned] = {}
         self._consistency = LayerConsistency()
+        self.cross_size = None  # a CrossSizePlanning when the base is a pruned child (check())
         # Report hook (.collect): a key when the merge's alignments are recorded (for the model
         # card or `mergekit-symalign report`); alignment tasks are then built by collected().
         self.collector: Optional[str] = for_planning(planner)
 
     def check(self) -> None:
         """Every recipe check, before mergekit normalizes the config or builds a task."""
+        self.cross_size = detect_cross_size(self.planner, self.method)
+        if self.cross_size is not None:  # a pruned child as the base: its own planning
+            self.cross_size.check(self.out_path)
+            self.cross_size.solve()
+            self.cross_size.normalize()
+            return
         facts = check_aligned_merge(self.planner, self.method, self.out_path)
         self.layout = Layout(self.planner, facts.arch, facts.geometry, facts.module, facts.tied)
         config = self.planner.config
@@ -91,6 +99,8 @@ class AlignedPlanning:
     def plan_tensor(self, weight: WeightInfo, weights_in: List[WeightInfo], models: List[ModelReference],
                     cfg_reader: ConfigReader, position: Position) -> None:
         """Plan one output tensor (mergekit's ``plan_tensor``, with where mergekit is)."""
+        if self.cross_size is not None:
+            return self.cross_size.plan_tensor(weight, weights_in, models, cfg_reader)
         if weight.optional and not any(self.layout.present(m, w) for m, w in zip(models, weights_in)):
             LOG.info("Skipping optional weight %s", weight.name)
             return

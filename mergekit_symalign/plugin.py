@@ -115,6 +115,9 @@ def hook_config(cls) -> None:
             from .validation import check_model_paths
 
             check_model_paths(models, method)
+            from .crosssize_planning import check_architectures
+
+            check_architectures(self, method)
         return models
 
     referenced_models.__wrapped__ = original

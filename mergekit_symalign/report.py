@@ -220,6 +220,15 @@ def markdown(report: Mapping[str, Any], images: Sequence[Tuple[str, str]] = (),
         lines += [f"![{alt}]({path})", ""]
     if note:
         lines += [note, ""]
+    child = report.get("pruned_child")
+    if child:
+        lines += [f"## Pruned child `{child['model']}` → `{child['reference']}`", "",
+                  "Share explained: 1 − ‖child − restrict(parent)‖² / ‖child‖² over the layer's "
+                  "weight matrices (1: the parent's slice unchanged; 0 or below: nothing in common).", "",
+                  "| child layer | parent layer | share explained |", "|---:|---:|---:|"]
+        lines += [f"| {r['child_layer']} | {r['parent_layer']} | {r['explained']:.3f} |"
+                  for r in child["layers"]]
+        lines.append("")
     for p in report["pairs"]:
         lines += [f"## `{p['model']}` → `{p['reference']}`", "",
                   "| layer | distance before | after | what moved | time (s) |",
@@ -465,6 +474,8 @@ def run_report(config, options=None, recipe: Optional[str] = None,
     try:
         planner = MergePlanner(config, arch_info, options=options, out_model_config=cfg_out)
         planner._plan()  # the hooked planner: the plugin's checks, then mergekit's planning
+        if planner.__dict__["_symalign_planning"].cross_size is not None:  # a pruned child:
+            return _child_report(planner, method, config, recipe, tol, start)  # solved in _plan
         tasks = alignment_tasks(task for _weight, task in planner._tensors)
         executor = Executor(tasks, math_device=options.device,
                             storage_device=options.device if options.low_cpu_memory else "cpu")
@@ -479,6 +490,20 @@ def run_report(config, options=None, recipe: Optional[str] = None,
         not_aligned=[m for m in models if m not in involved],
         recipe=recipe, seconds=time.perf_counter() - start, versions=versions(),
     )
+
+
+def _child_report(planner, method, config, recipe, tol, start) -> Dict[str, Any]:
+    cross_size = planner.__dict__["_symalign_planning"].cross_size
+    from .crosssize_planning import card_section, child_verdict
+    from .settings import recipe_setting
+
+    card_section(config)  # planned for the report, not a card
+    document = build_report([], method=method.spec.name, wrapped=method.wrapped,
+                            alignment=recipe_setting(config.parameters, "alignment"), tol=tol,
+                            recipe=recipe, seconds=time.perf_counter() - start, versions=versions())
+    document["pruned_child"] = cross_size.report_entry()
+    document["verdict"] = child_verdict(document["pruned_child"])
+    return document
 
 
 __all__ = [

@@ -79,6 +79,10 @@ PARAMETERS: Tuple[Parameter, ...] = (
               "a folder for solved alignments: a later merge of the same models with the same "
               "settings reuses them (entries keyed by a hash of every tensor they were solved "
               "from); empty = no cache", scalar=True),
+    Parameter("layer_map", str, GLOBAL, "",
+              "a pruned child as the base: its parent (reference) layer per child layer, "
+              "comma-separated and increasing, e.g. \"0, 1, 2, 4\"; empty = solved from the "
+              "weights", scalar=True),
     Parameter("role", str, MODEL, "skill", "skill (default) or reference", ROLES, scalar=True),
     Parameter("align", bool, MODEL, True, "align this model to the reference first"),
 )
