@@ -3,21 +3,28 @@
 Installs a meta-path hook that, right after ``mergekit.plan`` has been imported (every
 entry point that plans a merge imports it: ``mergekit-yaml``, ``run_merge``, the
 evolutionary merge), registers the ``symmetry_aligned_*`` merge methods and the planner
-hook. Processes that never import mergekit pay for one small module and nothing else.
+hook; and right after ``mergekit.merge`` has loaded (it imports ``mergekit.plan`` itself, so
+the plugin is installed by then), wraps its ``run_merge`` so that a failed aligned merge
+leaves no output folder (before ``mergekit-yaml`` binds the name). Processes that never
+import mergekit pay for one small module and nothing else.
 """
 
 import sys
 from importlib.abc import MetaPathFinder
 
-_TRIGGER = "mergekit.plan"
+_TRIGGERS = ("mergekit.plan", "mergekit.merge")
 
 
-def _register(module_name):
+def _register(module):
     import importlib
     import warnings
 
     try:
-        importlib.import_module("mergekit_symalign.plugin").install()
+        plugin = importlib.import_module("mergekit_symalign.plugin")
+        if module.__name__ == "mergekit.merge":
+            plugin.hook_run_merge(module)
+        else:
+            plugin.install()
     except Exception as err:  # never break plain mergekit merges
         warnings.warn(
             f"mergekit-symalign could not register its merge methods ({err!r}); "
@@ -28,7 +35,7 @@ def _register(module_name):
 
 class _RegisterAfterMergekit(MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TRIGGER:
+        if fullname not in _TRIGGERS:
             return None
         from importlib.machinery import PathFinder
 
@@ -39,7 +46,7 @@ class _RegisterAfterMergekit(MetaPathFinder):
 
         def exec_module(module):
             loader_exec(module)
-            _register(fullname)
+            _register(module)
 
         spec.loader.exec_module = exec_module
         return spec

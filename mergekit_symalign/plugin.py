@@ -16,6 +16,12 @@ Three more in-place hooks, inert for other methods:
   (its writer is one ``plan_to_disk`` noted), any failure while it runs — a task raising, a
   missing shard, ``--cuda`` without CUDA, Ctrl-C — removes the output folder if this merge
   created it (mergekit's writer creates it as the graph starts); never one that existed;
+* ``mergekit.merge.run_merge`` (:func:`hook_run_merge`): the same for the rest of the merge,
+  after the graph ran: ``config.json``, the model card, the tokenizer and tag-along files are
+  written then, and a failure there (Ctrl-C included) would leave a folder that looks
+  complete. ``mergekit-yaml`` binds ``run_merge`` by name as ``mergekit.merge`` finishes
+  importing, before :func:`install` can run (it runs from inside that import), so the
+  ``.pth`` autoload wraps it the moment ``mergekit.merge`` has loaded;
 * ``MergeConfiguration.referenced_models()``: ``run_merge`` reads every model's config
   (``get_architecture_info``, before any planning), and a local folder that does not exist
   would reach the Hub client as a repo id ("Repo id must be in the form ..."). The first
@@ -94,6 +100,7 @@ def install() -> None:
     hook_config(importlib.import_module("mergekit.config").MergeConfiguration)
     for module, name in EXECUTORS:
         hook_executor(getattr(importlib.import_module(module), name))
+    hook_run_merge()
     from .card import hook_card
 
     hook_card()
@@ -228,6 +235,32 @@ def _output_of(executor):
         if folder is not None:
             return folder
     return None
+
+
+def hook_run_merge(module=None) -> None:
+    """Idempotent: wrap ``run_merge`` in ``module`` (default: ``mergekit.merge`` if it has
+    finished importing) so that an aligned merge that fails anywhere in it removes the output
+    folder it created; inert for other methods."""
+    import sys
+
+    module = module if module is not None else sys.modules.get("mergekit.merge")
+    original = getattr(module, "run_merge", None)
+    if original is None or getattr(original, "_symalign", False):
+        return  # half-imported (the autoload wraps it once loaded), or wrapped already
+    from .methods import PREFIX
+
+    def run_merge(merge_config, out_path, *args, **kwargs):
+        method = getattr(merge_config, "merge_method", None)
+        if not (isinstance(method, str) and method.startswith(PREFIX)):
+            return original(merge_config, out_path, *args, **kwargs)
+        with OutputFolder.before_merge(out_path).removed_on_failure():
+            return original(merge_config, out_path, *args, **kwargs)
+
+    run_merge.__wrapped__ = original
+    run_merge.__doc__ = original.__doc__
+    run_merge.__qualname__ = original.__qualname__
+    run_merge._symalign = True
+    module.run_merge = run_merge
 
 
 def hook_executor(cls) -> None:
