@@ -376,9 +376,8 @@ def _plot_child(plt, child, path: Path) -> None:
     from .crosssize_planning import FAR_EXPLAINED
 
     rows = child["layers"]
-    many = len(rows) > 16
-    ticks = [("embed,\nnorm,\nhead" if not many else "embed, norm, head")
-             if r["child_layer"] == "module" else str(r["child_layer"]) for r in rows]
+    ticks = ["embed,\nnorm,\nhead" if r["child_layer"] == "module" else str(r["child_layer"])
+             for r in rows]
     shares = [float(r["explained"]) for r in rows]
     low = min(0.0, min(shares, default=0.0))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(rows) + 2.5), 3.8), layout="constrained")
@@ -386,9 +385,7 @@ def _plot_child(plt, child, path: Path) -> None:
     bars = ax.bar(range(len(rows)), shares, color=colors, width=0.7)
     ax.axhline(FAR_EXPLAINED, color="grey", linestyle=":", linewidth=1,
                label=f"{FAR_EXPLAINED}: below it (red), the child layer is far from its parent")
-    # beside the axes, never over the bars
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.28 if not many else -0.4),
-              frameon=False)
+    fig.legend(fontsize=7, loc="outside lower right", frameon=False)  # never over the bars
     for bar, r in zip(bars, rows):
         if r["parent_layer"] == "module":
             continue
@@ -396,7 +393,7 @@ def _plot_child(plt, child, path: Path) -> None:
         ax.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.0) + 0.02,
                 str(r["parent_layer"]), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(ticks, fontsize=7, rotation=90 if many else 0)
+    ax.set_xticklabels(ticks, fontsize=7)
     ax.set_xlabel("child layer (number on the bar: the parent layer it was matched to)")
     ax.set_ylabel("share explained")
     ax.set_ylim(low - 0.05 if low < 0 else 0.0, 1.12)

@@ -442,7 +442,7 @@ def test_missing_matplotlib_is_said_on_the_terminal(tmp_path, monkeypatch, capsy
 
 
 def _child_doc(shares=(1.0, 0.98, 0.3)):
-    rows = [{"child_layer": k, "parent_layer": [0, 1, 3][k], "explained": v}
+    rows = [{"child_layer": k, "parent_layer": k + (k >= 2), "explained": v}  # parent 2 dropped
             for k, v in enumerate(shares)]
     rows.append({"child_layer": "module", "parent_layer": "module", "explained": 0.99})
     return {"method": TA, "wrapped": "task_arithmetic", "alignment": "weights", "pairs": [],
@@ -457,7 +457,8 @@ def test_plot_of_a_pruned_child_draws_without_warnings_and_report_md_links_it(tm
     pytest.importorskip("matplotlib")
     from mergekit_symalign.report import write_report
 
-    for name, shares in (("near", (1.0, 0.98, 0.3)), ("negative", (1.0, -0.4, 0.7))):
+    for name, shares in (("near", (1.0, 0.98, 0.3)), ("negative", (1.0, -0.4, 0.7)),
+                         ("deep", [0.9, 0.7, 0.2] + [0.8] * 29)):  # a real model's 32 layers
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             paths = write_report(_child_doc(shares), tmp_path / name)
