@@ -216,8 +216,10 @@ def markdown(report: Mapping[str, Any], images: Sequence[Tuple[str, str]] = (),
                   + ", ".join(f"`{m}`" for m in report["not_aligned"]) + ".", ""]
     lines += [f"Distance: ||model − reference|| / ||reference|| over the layer's tensors that the "
               f"symmetries move. Identity: {report['identity_definition']}.", ""]
+    child_images = [(alt, path) for alt, path in images if path == "child.png"]
     for alt, path in images:
-        lines += [f"![{alt}]({path})", ""]
+        if (alt, path) not in child_images:
+            lines += [f"![{alt}]({path})", ""]
     if note:
         lines += [note, ""]
     child = report.get("pruned_child")
@@ -229,6 +231,7 @@ def markdown(report: Mapping[str, Any], images: Sequence[Tuple[str, str]] = (),
         lines += [f"| {r['child_layer']} | {r['parent_layer']} | {r['explained']:.3f} |"
                   for r in child["layers"]]
         lines.append("")
+        lines += [line for alt, path in child_images for line in (f"![{alt}]({path})", "")]
     for p in report["pairs"]:
         lines += [f"## `{p['model']}` → `{p['reference']}`", "",
                   "| layer | distance before | after | what moved | time (s) |",
@@ -300,6 +303,10 @@ def _plot_distances(plt, pairs, labels, path: Path) -> None:
                 markersize=5, linestyle="--", color=color,
                 label=f"{labels[p['model']]}: after" + (" (= before)" if p["identity"] else ""))
     ax.set_yscale("log")
+    drawn = [max(r[k], floor) for p in pairs for r in p["layers"]
+             for k in ("distance_before", "distance_after")]
+    if drawn and max(drawn) < 10 * min(drawn):  # under a decade: widen to a decade's tick
+        ax.set_ylim(min(drawn) / 3, max(drawn) * 3)
     _layer_axis(ax)
     ax.set_ylabel("‖model − ref‖ / ‖ref‖")
     at_floor = any(r["distance_after"] < floor for p in pairs for r in p["layers"])
@@ -362,24 +369,72 @@ def _plot_moved(plt, pairs, labels, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_child(plt, child, path: Path) -> None:
+    """A pruned child: per child layer, the share of it explained by its matched parent layer
+    (the parent layer's index written on the bar); the layers below the verdict's threshold in
+    a warning colour."""
+    from .crosssize_planning import FAR_EXPLAINED
+
+    rows = child["layers"]
+    ticks = ["embed,\nnorm,\nhead" if r["child_layer"] == "module" else str(r["child_layer"])
+             for r in rows]
+    shares = [float(r["explained"]) for r in rows]
+    low = min(0.0, min(shares, default=0.0))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(rows) + 2.5), 3.8), layout="constrained")
+    colors = ["C3" if v < FAR_EXPLAINED else "C0" for v in shares]
+    bars = ax.bar(range(len(rows)), shares, color=colors, width=0.7)
+    ax.axhline(FAR_EXPLAINED, color="grey", linestyle=":", linewidth=1,
+               label=f"{FAR_EXPLAINED}: below it (red), the child layer is far from its parent")
+    fig.legend(fontsize=7, loc="outside lower right", frameon=False)  # never over the bars
+    for bar, r in zip(bars, rows):
+        if r["parent_layer"] == "module":
+            continue
+        # above the bar, or at the axis for a share at or below zero
+        ax.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.0) + 0.02,
+                str(r["parent_layer"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(ticks, fontsize=7)
+    ax.set_xlabel("child layer (number on the bar: the parent layer it was matched to)")
+    ax.set_ylabel("share explained")
+    ax.set_ylim(low - 0.05 if low < 0 else 0.0, 1.12)
+    labels = short_names([child["model"], child["reference"]])
+    ax.set_title(f"pruned child {labels[child['model']]} ← parent {labels[child['reference']]}\n"
+                 f"share of each child layer explained: 1 − ‖child − restrict(parent)‖² / ‖child‖²",
+                 fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(report: Mapping[str, Any], out_dir: Path) -> List[Tuple[str, str]]:
     """``distance.png`` (how far each layer is from the reference, before and after) and
-    ``moved.png`` (what each symmetry moved, per layer); ``[(caption, file name)]``, empty
-    without matplotlib (then the terminal is told how to install it)."""
+    ``moved.png`` (what each symmetry moved, per layer), or for a pruned child ``child.png``
+    (per child layer, its matched parent layer and the share of the child it explains);
+    ``[(caption, file name)]``, empty without matplotlib (then the terminal is told how to
+    install it)."""
     pairs = report["pairs"]
-    if not pairs:
+    child = report.get("pruned_child")
+    if not pairs and not child:
         return []
     plt = pyplot()
     if plt is None:
         print(f"Plots skipped: matplotlib is not installed ({PLOTS_NEED}).", file=sys.stderr)
         return []
-    labels = short_names(list(dict.fromkeys(
-        [p["model"] for p in pairs] + [p["reference"] for p in pairs])))
-    _plot_distances(plt, pairs, labels, out_dir / "distance.png")
-    _plot_moved(plt, pairs, labels, out_dir / "moved.png")
-    return [("distance to the reference per layer, before and after alignment", "distance.png"),
-            ("fraction of each symmetry's slots (neurons, KV groups, RoPE planes) moved, per "
-             "layer", "moved.png")]
+    images = []
+    if pairs:
+        labels = short_names(list(dict.fromkeys(
+            [p["model"] for p in pairs] + [p["reference"] for p in pairs])))
+        _plot_distances(plt, pairs, labels, out_dir / "distance.png")
+        _plot_moved(plt, pairs, labels, out_dir / "moved.png")
+        images += [("distance to the reference per layer, before and after alignment",
+                    "distance.png"),
+                   ("fraction of each symmetry's slots (neurons, KV groups, RoPE planes) moved, "
+                    "per layer", "moved.png")]
+    if child:
+        _plot_child(plt, child, out_dir / "child.png")
+        images.append(("share of each child layer explained by its matched parent layer",
+                       "child.png"))
+    return images
 
 
 def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
@@ -389,7 +444,7 @@ def write_report(report: Mapping[str, Any], out_dir) -> Dict[str, str]:
     paths = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     images = write_plots(report, out_dir)
-    note = "" if images or not report["pairs"] else (
+    note = "" if images or not (report["pairs"] or report.get("pruned_child")) else (
         f"(Plots skipped: matplotlib is not installed; `{PLOTS_NEED}`.)")
     (out_dir / "report.md").write_text(markdown(report, images, note))
     for _caption, name in images:

@@ -20,6 +20,7 @@ $PY -m benchmarks.bench_merge                       # docs/performance.md: whole
 $PY -m benchmarks.bench_merge --layer-only          # docs/performance.md: one Llama-3.1-8B-shaped layer, per symmetry
 $PY -m benchmarks.bench_assignment                  # prints: the 8B-shaped MLP matching, dense vs sparse, per stage
 $PY -m benchmarks.bench_moe --expert-width 1792 --repeats 2   # docs/moe-benchmark.md: one Mixtral-8x7B-shaped MoE layer (experts at 1/8 width), plain vs aligned
+$PY -m benchmarks.report_figures                    # docs/report.md: the report's plots (identity pair, scrambled pair, pruned child; ~15 s)
 # then the quality results (the SmolLM2 family is the demo's, built once under demo-output/)
 $PY -m examples.demo                                # docs/demo-results.md's table (printed, and in demo-output/results.md)
 $PY -m benchmarks.layer_distances --sibling demo-output/models/sibling   # docs/layer-distances.md

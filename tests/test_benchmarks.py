@@ -5,6 +5,7 @@ the regeneration command runs still works, and that its plain baseline is what i
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,24 @@ def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tm
     assert len(ran) == 2 and ran[1]["parameters"]["alignment"] == "activations"
     with pytest.raises(SystemExit, match="no row of suite smollm2-random matches.*activations"):
         bench_merge.main(common + ["--rows", "no-such-row"])
+
+
+def test_report_figures_writes_the_three_cases_pngs_and_not_the_docs(tmp_path):
+    """The script that draws docs/img/report_*.png runs offline and writes each case's plots
+    where it is told (here a tmp dir; docs/ untouched)."""
+    from benchmarks import report_figures
+
+    docs_page = ROOT / "docs" / "report.md"
+    before = docs_page.read_text() if docs_page.exists() else None
+    written = report_figures.main(["--images", str(tmp_path / "img"), "--workdir", str(tmp_path),
+                                   "--no-docs"])
+    names = sorted(p.name for p in (tmp_path / "img").iterdir())
+    assert names == ["report_child_child.png", "report_identity_distance.png",
+                     "report_identity_moved.png", "report_scrambled_distance.png",
+                     "report_scrambled_moved.png"]
+    assert all((tmp_path / "img" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    assert sorted(written) == ["child", "identity", "scrambled"]
+    assert (docs_page.read_text() if docs_page.exists() else None) == before
+    # the docs show exactly the files the script writes
+    shown = set(re.findall(r"img/(report_[a-z_]+\.png)", docs_page.read_text()))
+    assert shown == set(names)

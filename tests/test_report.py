@@ -439,3 +439,44 @@ def test_missing_matplotlib_is_said_on_the_terminal(tmp_path, monkeypatch, capsy
     assert report_module.write_plots(_plot_doc(["/m/s"], []), tmp_path) == []
     err = capsys.readouterr().err
     assert "matplotlib is not installed" in err and "pip install 'matplotlib>=3.8'" in err
+
+
+def _child_doc(shares=(1.0, 0.98, 0.3)):
+    rows = [{"child_layer": k, "parent_layer": k + (k >= 2), "explained": v}  # parent 2 dropped
+            for k, v in enumerate(shares)]
+    rows.append({"child_layer": "module", "parent_layer": "module", "explained": 0.99})
+    return {"method": TA, "wrapped": "task_arithmetic", "alignment": "weights", "pairs": [],
+            "identity_definition": "", "verdict": ["a pruned child"],
+            "pruned_child": {"model": "/data/models/child", "reference": "/data/models/parent",
+                             "layers": rows}}
+
+
+def test_plot_of_a_pruned_child_draws_without_warnings_and_report_md_links_it(tmp_path):
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from mergekit_symalign.report import write_report
+
+    for name, shares in (("near", (1.0, 0.98, 0.3)), ("negative", (1.0, -0.4, 0.7)),
+                         ("deep", [0.9, 0.7, 0.2] + [0.8] * 29)):  # a real model's 32 layers
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            paths = write_report(_child_doc(shares), tmp_path / name)
+        assert (tmp_path / name / "child.png").read_bytes()[:4] == b"\x89PNG"
+        assert paths["child"] == str(tmp_path / name / "child.png")
+        assert not (tmp_path / name / "distance.png").exists()  # no pairs: nothing to draw there
+        md = (tmp_path / name / "report.md").read_text()
+        assert "](child.png)" in md
+        # the figure sits in the child's section, after its table
+        assert md.index("| 2 | 3 |") < md.index("](child.png)")
+
+
+def test_missing_matplotlib_for_a_pruned_child_is_said_on_the_terminal_and_in_report_md(
+        tmp_path, monkeypatch, capsys):
+    from mergekit_symalign import report as report_module
+
+    monkeypatch.setattr(report_module, "pyplot", lambda: None)
+    report_module.write_report(_child_doc(), tmp_path)
+    assert "pip install 'matplotlib>=3.8'" in capsys.readouterr().err
+    assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "child.png").exists()
