@@ -65,7 +65,18 @@ def recipes(paths, dtype, suite: str, cache: Path, calibration_samples=()):
     return out
 
 
+#: What each suite's models are, for the table's header and the chart's title.
+SUITE_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct, float32",
+    "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
+    "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16",
+    "smollm2-random": "SmolLM2-135M-Instruct's config and tokenizer, random weights, float32",
+}
+
+
 def merge_benchmark(args, suite: str):
+    """One suite: build its models, time its rows (alternating, ``args.repeats`` rounds),
+    print the table and write it (with its chart) to docs/performance.md."""
     workdir = Path(args.workdir).resolve()  # absolute: mergekit asks the Hub about "a/b" paths
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -76,28 +87,68 @@ def merge_benchmark(args, suite: str):
     if args.mmap_threshold:  # read by each child's glibc at start-up (see --mmap-threshold)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cache = Path(tempfile.mkdtemp(dir=workdir, prefix="alignment-cache-"))
-    plan = every_row = recipes(paths, dtype, suite, cache, args.calibration_samples or ())
-    if args.rows:  # plain always: every ratio is against it
-        plan = {name: r for i, (name, r) in enumerate(every_row.items())
-                if i == 0 or any(word in name for word in args.rows)}
-        if len(plan) == 1:
-            shutil.rmtree(cache, ignore_errors=True)
-            raise SystemExit(f"--rows {' '.join(args.rows)}: no row of suite {suite} matches "
-                             f"(rows: {'; '.join(every_row)})")
-    results = {name: [] for name in plan}
+    plan = recipes(paths, dtype, suite, cache, args.calibration_samples or ())
     try:
-        for name, (_recipe, warm) in plan.items():
-            if warm is not None:
-                run_one(warm, workdir, extra)  # fills the cache
-        for _ in range(args.repeats):
-            for name, (recipe, _warm) in plan.items():
-                results[name].append(run_one(recipe, workdir, extra))
-                run = results[name][-1]
-                print(f"  {name}: {run.seconds:.1f} s, peak RSS {run.rss_mib:.0f} MiB, peak "
-                      f"anonymous {run.anon_mib:.0f} MiB"
-                      + (f", peak GPU {run.gpu_mib:.0f} MiB" if args.cuda else ""), flush=True)
+        if args.rows:  # plain always: every ratio is against it
+            plan = selected_rows(plan, args.rows, suite)
+        results = run_rounds(plan, workdir, extra, args.repeats, args.cuda)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    rows = summarize(results)
+    lb = layer_mib(paths)
+    device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
+    header = _header(args, SUITE_MODELS[suite], device, lb)
+    suffix = (("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
+              + ("_calibration" if args.calibration_samples else ""))
+    table = merge_table(rows, lb, gpu_columns=args.cuda,
+                        distance_column=bool(args.calibration_samples))
+    print(header)
+    print(table, flush=True)
+    (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
+                                                            indent=1))
+    if args.no_docs or args.rows:  # a partial table never replaces the page's full one
+        return
+    title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
+             f"({SUITE_MODELS[suite]}, {device}, median of {args.repeats})")
+    image = cost_plot([(r["name"], r["t"], r["anon"]) for r in rows], title,
+                      f"merge_cost_{suite}{suffix}.png")
+    path = docs_pages.update_page(PAGE, f"merge_cost_{suite}{suffix}",
+                              f"{header}:\n\n{table}\n\n![Merge cost relative to plain "
+                              f"task_arithmetic]({image})\n")
+    print(f"wrote {path} and docs/{image}")
+
+
+def selected_rows(every_row, words, suite: str):
+    """Plain and the rows whose name contains one of ``words``; exits naming the suite's
+    rows when none does."""
+    plan = {name: r for i, (name, r) in enumerate(every_row.items())
+            if i == 0 or any(word in name for word in words)}
+    if len(plan) == 1:
+        raise SystemExit(f"--rows {' '.join(words)}: no row of suite {suite} matches "
+                         f"(rows: {'; '.join(every_row)})")
+    return plan
+
+
+def run_rounds(plan, workdir: Path, extra, repeats: int, cuda: bool):
+    """name -> its runs: each row's warm-up first, then ``repeats`` rounds of every row in
+    turn (so that the rows share the machine's noise)."""
+    results = {name: [] for name in plan}
+    for name, (_recipe, warm) in plan.items():
+        if warm is not None:
+            run_one(warm, workdir, extra)  # fills the cache
+    for _ in range(repeats):
+        for name, (recipe, _warm) in plan.items():
+            results[name].append(run_one(recipe, workdir, extra))
+            run = results[name][-1]
+            print(f"  {name}: {run.seconds:.1f} s, peak RSS {run.rss_mib:.0f} MiB, peak "
+                  f"anonymous {run.anon_mib:.0f} MiB"
+                  + (f", peak GPU {run.gpu_mib:.0f} MiB" if cuda else ""), flush=True)
+    return results
+
+
+def summarize(results):
+    """One row per name: medians and ranges of its runs, and its times against plain's
+    (the first name's) run by run."""
     rows = []
     plain_times = [r.seconds for r in next(iter(results.values()))]
     for name, runs in results.items():
@@ -114,18 +165,13 @@ def merge_benchmark(args, suite: str):
                      "paired_min": min(paired), "paired_max": max(paired),
                      "gpu": statistics.median(gpu), "gpu_min": min(gpu), "gpu_max": max(gpu),
                      "distance_after": statistics.median(after) if after else None})
-    lb = layer_mib(paths)
-    device = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
-    what = {"smollm2": "SmolLM2-135M-Instruct, float32",
-            "8b-layer": "one layer with Llama-3.1-8B's shapes (vocabulary 512), bfloat16",
-            "1b": "synthetic Llama-3.2-1B shapes (16 layers, vocabulary 2048), bfloat16",
-            "smollm2-random": "SmolLM2-135M-Instruct's config and tokenizer, random weights, "
-                              "float32"}[suite]
+    return rows
+
+
+def _header(args, what: str, device: str, lb: float) -> str:
     header = (f"{what}; {machine()}; {device}; median of {args.repeats} runs (range); "
               f"one layer = {lb:.1f} MiB; *time vs plain, run by run*: the median (range) of "
               f"each run's time over the plain run of the same round")
-    suffix = (("_cuda" if args.cuda else "") + ("_mmap" if args.mmap_threshold else "")
-              + ("_calibration" if args.calibration_samples else ""))
     if args.mmap_threshold:
         header += (f"; every merge with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} (each "
                    f"allocation above it returned to the system when freed: the anonymous peak "
@@ -134,19 +180,4 @@ def merge_benchmark(args, suite: str):
         header += ("; *distance after*: the model card's distance of the aligned target to the "
                    "reference after alignment, median over layers (the target is the skill's "
                    "sibling under a random exact symmetry: weights alignment undoes it exactly)")
-    table = merge_table(rows, lb, gpu_columns=args.cuda,
-                        distance_column=bool(args.calibration_samples))
-    print(header)
-    print(table, flush=True)
-    (workdir / f"bench-{suite}{suffix}.json").write_text(json.dumps({"rows": rows, "layer_mib": lb},
-                                                            indent=1))
-    if args.no_docs or args.rows:  # a partial table never replaces the page's full one
-        return
-    title = (f"Whole merge through mergekit-yaml, relative to plain task_arithmetic\n"
-             f"({what}, {device}, median of {args.repeats})")
-    image = cost_plot([(r["name"], r["t"], r["anon"]) for r in rows], title,
-                      f"merge_cost_{suite}{suffix}.png")
-    path = docs_pages.update_page(PAGE, f"merge_cost_{suite}{suffix}",
-                              f"{header}:\n\n{table}\n\n![Merge cost relative to plain "
-                              f"task_arithmetic]({image})\n")
-    print(f"wrote {path} and docs/{image}")
+    return header
