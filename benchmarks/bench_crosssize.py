@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_merge import machine, run_one
+from benchmarks.bench_merge.child import run_one
+from benchmarks.bench_merge.tables import machine
 from examples.common import ALIGNED_TASK_ARITHMETIC, aligned_recipe, plain_transfer_recipe
 from tests.support import perturbed
 

@@ -28,7 +28,7 @@ from typing import Dict
 import torch
 
 from benchmarks import docs_pages
-from benchmarks.bench_merge import machine
+from benchmarks.bench_merge.tables import machine
 from mergekit_symalign import crosssize as cs
 from mergekit_symalign.cli import main as symalign
 from mergekit_symalign.statedict import scramble_state_dict

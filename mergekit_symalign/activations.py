@@ -864,20 +864,20 @@ def align_by_activations(
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
     _announce_cost(plan.geometry, int(text_config(config).num_hidden_layers), token_ids.numel(),
                    1 + len(models), device)
-    ref = LayerStreamer(config, reference, token_ids, name="reference", **kw)
+    reference_streamer = LayerStreamer(config, reference, token_ids, name="reference", **kw)
     model_configs = model_configs or {}
     streamers = {key: LayerStreamer(model_configs.get(key, config), get_tensor, token_ids,
                                     name=str(key), **kw)
                  for key, get_tensor in models.items()}
     width = plan.geometry.hidden_size
     stats = {key: res.ResidualStatistic(width) for key in models} if residual != "none" else {}
-    bar = tqdm(range(ref.num_layers), desc="activation alignment", unit="layer",
+    bar = tqdm(range(reference_streamer.num_layers), desc="activation alignment", unit="layer",
                disable=not progress)
     for index in bar:
         for key, statistic in stats.items():  # the residual stream entering this layer
-            for a, b in zip(ref.hidden, streamers[key].hidden):
+            for a, b in zip(reference_streamer.hidden, streamers[key].hidden):
                 statistic.add(a.reshape(-1, width), b.reshape(-1, width))
-        reference_acts = ref.step(plan)
+        reference_acts = reference_streamer.step(plan)
         for key, streamer in streamers.items():
             acts = streamer.step(plan)
             try:

@@ -55,10 +55,10 @@ class Alignments:
 
     # ---------------------------------------------------------------- one layer's loads
 
-    def _layer_loads(self, model: ModelReference, layer: LayerTensor, settings: AlignSettings,
+    def _layer_loads(self, model: ModelReference, tensor: LayerTensor, settings: AlignSettings,
                      position: Position):
         layout = self.layout
-        prefix, infos = layout.layer_infos(model, position.module, layer.indices[model])
+        prefix, infos = layout.layer_infos(model, position.module, tensor.indices[model])
         names, optional = layout.layer_names(settings)
 
         def info(rel):
@@ -73,33 +73,33 @@ class Alignments:
         )
         return tuple((rel, layout.load(model, info(rel))) for rel in found)
 
-    def _pair_loads(self, model, reference, layer: LayerTensor, settings: AlignSettings,
+    def _pair_loads(self, model, reference, tensor: LayerTensor, settings: AlignSettings,
                     position: Position):
-        model_loads = self._layer_loads(model, layer, settings, position)
-        reference_loads = self._layer_loads(reference, layer, settings, position)
-        check_same_optional_tensors(model, reference, layer.prefixes[model],
+        model_loads = self._layer_loads(model, tensor, settings, position)
+        reference_loads = self._layer_loads(reference, tensor, settings, position)
+        check_same_optional_tensors(model, reference, tensor.prefixes[model],
                                     (r for r, _ in model_loads), (r for r, _ in reference_loads))
         return model_loads, reference_loads
 
     # ---------------------------------------------------------------- by weights
 
-    def _layer(self, model, reference, layer: LayerTensor, settings: AlignSettings, position: Position):
-        key = (model, layer.prefixes[model], reference, layer.prefixes[reference], settings)
+    def _layer(self, model, reference, tensor: LayerTensor, settings: AlignSettings, position: Position):
+        key = (model, tensor.prefixes[model], reference, tensor.prefixes[reference], settings)
         if key not in self._tasks:
-            model_loads, reference_loads = self._pair_loads(model, reference, layer, settings, position)
+            model_loads, reference_loads = self._pair_loads(model, reference, tensor, settings, position)
             self._warn_full_qk(model, settings)
             task = LayerAlignmentTask(
                 residual=self._residual(model, reference, settings),
                 model=model,
                 reference=reference,
-                layer_prefix=layer.prefixes[model],
+                layer_prefix=tensor.prefixes[model],
                 architecture=self.layout.arch.name,
                 geometry=self.layout.geometry,
                 settings=settings,
                 model_tensors=model_loads,
                 reference_tensors=reference_loads,
             )
-            self._tasks[key] = collected(self.collector, task, layer=layer.indices[model])
+            self._tasks[key] = collected(self.collector, task, layer=tensor.indices[model])
         return self._tasks[key]
 
     def _residual(self, model, reference, settings: AlignSettings) -> Optional[ResidualAlignmentTask]:
@@ -134,14 +134,14 @@ class Alignments:
             )
         return self._tasks[key]
 
-    def _activation_layer(self, model, reference, layer: LayerTensor, settings: AlignSettings,
+    def _activation_layer(self, model, reference, tensor: LayerTensor, settings: AlignSettings,
                           position: Position):
-        check_activation_layers(model, reference, layer.prefixes, layer.indices)
+        check_activation_layers(model, reference, tensor.prefixes, tensor.indices)
         # the same checks as by weights; the streamer loads, the record measures these
-        loads = self._pair_loads(model, reference, layer, settings, position)
+        loads = self._pair_loads(model, reference, tensor, settings, position)
         source = self._activation_source(reference, settings)
         if model not in source.models:
             raise SymAlignConfigError(f"model {model} was planned without alignment")
-        pick = PickLayerTransform(source=source, model=model, layer=layer.indices[model])
+        pick = PickLayerTransform(source=source, model=model, layer=tensor.indices[model])
         return collected(self.collector, pick, reference=reference,
-                         prefix=layer.prefixes[model], loads=loads)
+                         prefix=tensor.prefixes[model], loads=loads)

@@ -86,8 +86,8 @@ def distances_before_after(reference: Mapping[str, torch.Tensor],
                            working=None) -> Tuple[float, float]:
     """``||model - reference|| / ||reference||`` before and after ``transform`` moves the model,
     over the tensors the reference holds. In blocks of rows, in at least float32 (as the
-    merge moves them), float32 norms: no float64 copy and no second copy of the layer (the
-    whole-tensor version of this record took 2 s per bf16 8B layer, mostly fresh memory).
+    merge moves them), float32 norms: no float64 copy and no second copy of the layer (at 8B
+    shapes whole-tensor temporaries are fresh memory, most of such a record's cost).
 
     ``working`` (a :class:`~.spec.WorkingCopy` that the solve of ``transform`` left): the
     distance after is measured on its tensors moved by its pending steps alone (at most a

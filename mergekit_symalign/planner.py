@@ -156,8 +156,8 @@ class AlignedPlanning:
             return self.alignments.for_tensor(model, roles.reference, tensor, settings.align, position)
         return alignment
 
-    def _check_layer(self, layer: LayerTensor, settings: TensorSettings, per_input) -> None:
-        for m, prefix in layer.prefixes.items():
+    def _check_layer(self, tensor: LayerTensor, settings: TensorSettings, per_input) -> None:
+        for m, prefix in tensor.prefixes.items():
             self._consistency.check(("layer", m, prefix), settings.align, f"{m} {prefix}* settings")
             self._consistency.check(("align", m, prefix), per_input[m]["align"], f"align of {m}")
 

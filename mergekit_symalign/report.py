@@ -338,13 +338,13 @@ def _plot_moved(plt, pairs, labels, path: Path) -> None:
     """What moved: per pair, a symmetry × layer grid of the fraction of slots moved; the pairs
     whose alignment is the identity are named in one sentence instead of empty grids."""
     grids = {p["model"]: _moved_grid(p) for p in pairs}
-    moving = [p for p in pairs if any(v > 0 for row in grids[p["model"]][2] for v in row)]
-    still = [p for p in pairs if p not in moving]
-    heights = [1.0 + 0.3 * len(grids[p["model"]][0]) for p in moving] + ([0.5] if still else [])
+    moved = [p for p in pairs if any(v > 0 for row in grids[p["model"]][2] for v in row)]
+    still = [p for p in pairs if p not in moved]
+    heights = [1.0 + 0.3 * len(grids[p["model"]][0]) for p in moved] + ([0.5] if still else [])
     fig, axes = plt.subplots(len(heights), 1, figsize=(8, sum(heights) + 0.3), squeeze=False,
                              height_ratios=heights, layout="constrained")
     image = None
-    for ax, p in zip(axes[:, 0], moving):
+    for ax, p in zip(axes[:, 0], moved):
         names, layers, grid = grids[p["model"]]
         # grey: a symmetry whose moved fraction was not recorded
         cmap = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
@@ -363,7 +363,7 @@ def _plot_moved(plt, pairs, labels, path: Path) -> None:
         ax.text(0.0, 0.5, f"Nothing moved in any layer (the alignment is the identity): {names}.",
                 fontsize=9, va="center", ha="left", wrap=True, transform=ax.transAxes)
     if image is not None:
-        fig.colorbar(image, ax=list(axes[: len(moving), 0]), fraction=0.03, pad=0.02,
+        fig.colorbar(image, ax=list(axes[: len(moved), 0]), fraction=0.03, pad=0.02,
                      label="fraction of slots moved")
     fig.savefig(path, dpi=100)
     plt.close(fig)

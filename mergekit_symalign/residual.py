@@ -284,17 +284,17 @@ def transform(arch: Architecture, sites: ResidualSites, element: ResidualElement
     for norm, readers in sites.readers:
         if norm is None:
             continue
-        mine = _effective(arch, model_norms[f"{norm}.weight"])
-        theirs = _effective(arch, reference_norms[f"{norm}.weight"])
-        for which, weights in (("model", mine), ("reference", theirs)):
+        model_weights = _effective(arch, model_norms[f"{norm}.weight"])
+        reference_weights = _effective(arch, reference_norms[f"{norm}.weight"])
+        for which, weights in (("model", model_weights), ("reference", reference_weights)):
             if bool((weights == 0).any()):
                 raise UnsupportedArchitecture(
                     f"{model if which == 'model' else 'the reference'}: norm {norm} has "
                     f"{int((weights == 0).sum())} zero weights, so it cannot be folded into "
                     f"its readers (residual: orthogonal). Use residual: permutation."
                 )
-        fold.append((_fold(arch, norm, readers, dim, "fold"), 1.0 / mine))
-        unfold.append((_fold(arch, norm, readers, dim, "unfold"), theirs))
+        fold.append((_fold(arch, norm, readers, dim, "fold"), 1.0 / model_weights))
+        unfold.append((_fold(arch, norm, readers, dim, "unfold"), reference_weights))
     rotation = (_rotation(arch, sites, dim), element.rotation[None])
     return LayerTransform(tuple(fold + [rotation] + unfold))
 

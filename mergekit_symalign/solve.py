@@ -99,13 +99,13 @@ def solve_layer(arch: Architecture, geometry: Geometry, switches: Switches, qk_r
                               arch.name, geometry, model, reference,
                               residual.key if residual is not None else None)
         solved = cache.load_layer(store, key, spec)
-    first, moving = LayerTransform(), model
+    first, moved = LayerTransform(), model
     if residual is not None:
         first = res.transform(arch, res.layer_sites(arch, geometry), residual.element, model,
                               reference, label)
-        moving = first.apply(model)
+        moved = first.apply(model)
     if solved is None:
-        solved = align_layer(spec, reference, moving, switches, label=label, working=working)
+        solved = align_layer(spec, reference, moved, switches, label=label, working=working)
         if store is not None:
             cache.save_layer(store, key, solved)
     return LayerSolution(first, solved, key)

@@ -166,7 +166,7 @@ def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> Non
                     raise SpecError(f"{symmetry.name}: an outer block may only permute slots")
             list(_check_sites(block, shapes))
             continue
-        mine = set()
+        block_positions = set()
         main_positions = set()
         for symmetry, site in _check_sites(block, shapes):
             # a part's positions are its own; a flattened site's are those of every part
@@ -179,8 +179,8 @@ def validate_spec(spec: LayerSpec, shapes: Mapping[str, Tuple[int, ...]]) -> Non
                     f"{symmetry.name}: scales {site.tensor} positions that "
                     f"{block.main.name} does not move"
                 )
-            mine |= positions
-        for position in mine:
+            block_positions |= positions
+        for position in block_positions:
             other = owner.setdefault(position, block.name)
             if other != block.name:
                 raise SpecError(

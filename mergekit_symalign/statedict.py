@@ -145,8 +145,8 @@ def scramble_state_dict(
                 else v for k, v in state_dict.items()}
         transforms = residual_transforms(state_dict, unit, config, element)
     for index in sorted(_by_layer(arch, state_dict)):
-        layer = random_transform(spec, generator, switches)
-        transforms[index] = transforms[index].then(layer) if index in transforms else layer
+        layer_element = random_transform(spec, generator, switches)
+        transforms[index] = transforms[index].then(layer_element) if index in transforms else layer_element
     return transform_state_dict(state_dict, config, transforms), transforms
 
 
@@ -181,11 +181,11 @@ def align_state_dict(
     reference_layers = _by_layer(arch, reference)
     names = layer_tensor_names(arch, geometry, qk_rotation, residual)[0]
     for index, (_prefix, tensors) in _by_layer(arch, model).items():
-        def own(layer):
-            return {n: t for n, t in layer.items() if n in names}
+        def own(layer_tensors):
+            return {n: t for n, t in layer_tensors.items() if n in names}
 
-        layer = solve_layer(arch, geometry, switches, qk_rotation, residual, own(tensors),
-                            own(reference_layers[index][1]), solution, cache_folder=cache or "")
-        transforms[index] = transforms[index].then(layer.layer_steps) if index in transforms \
-            else layer.layer_steps
+        solved = solve_layer(arch, geometry, switches, qk_rotation, residual, own(tensors),
+                             own(reference_layers[index][1]), solution, cache_folder=cache or "")
+        transforms[index] = transforms[index].then(solved.layer_steps) if index in transforms \
+            else solved.layer_steps
     return transform_state_dict(model, config, transforms), transforms

@@ -204,14 +204,14 @@ def test_bench_merge_child_reports_its_own_peak_rss(family, tmp_path):
     up in the child's figure."""
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs Linux's /proc/self/status")
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import child
     from tests.support import plain_transfer_recipe
 
     ballast = torch.ones(2**29)  # 2 GiB of float32, touched: this process's RSS grows by it
     with open("/proc/self/status") as f:
         parent_mib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     recipe = plain_transfer_recipe(family["sibling"], family["reference"], family["skill"])
-    seconds, rss_mib, anon_mib, gpu_mib, distance = bench_merge.run_one(recipe, tmp_path, [])
+    seconds, rss_mib, anon_mib, gpu_mib, distance = child.run_one(recipe, tmp_path, [])
     del ballast
     assert seconds > 0 and 0 < anon_mib <= rss_mib and gpu_mib == 0  # no --cuda
     assert rss_mib < parent_mib - 1024, (rss_mib, parent_mib)
@@ -223,13 +223,13 @@ def test_bench_merge_reads_the_distance_after_from_the_aligned_merges_card(famil
     onto the scrambled reference itself (the alignment undoes it exactly) ~0, onto the
     unmoved sibling its own distance; read from a real merge's card, so a change of the
     card's table shows here."""
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import child
     from tests.support import aligned_recipe
 
     def after(target):
         recipe = aligned_recipe("symmetry_aligned_task_arithmetic", family[target],
                                 family["reference"], [(family["skill"], {"align": False})])
-        return bench_merge.run_one(recipe, tmp_path, []).distance_after
+        return child.run_one(recipe, tmp_path, []).distance_after
 
     exact, sibling = after("reference_scrambled"), after("sibling")
     assert exact is not None and sibling is not None
@@ -239,7 +239,7 @@ def test_bench_merge_reads_the_distance_after_from_the_aligned_merges_card(famil
 def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
     """--calibration-samples times plain, weights and alignment: activations at the default
     budget and at each number of prompts, with a distance column, into its own region."""
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import child, merge, run
 
     from tests.conftest import make_config, save_word_tokenizer
 
@@ -247,14 +247,14 @@ def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
     make_config("llama").save_pretrained(shape)
     save_word_tokenizer(shape)
     ran, written = [], []
-    monkeypatch.setattr(bench_merge, "run_one", lambda recipe, workdir, extra: ran.append(recipe)
-                        or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, 0.5 if len(ran) > 1 else None))
-    monkeypatch.setattr(bench_merge, "calibration_token_count", lambda paths, samples: 100 + samples)
-    monkeypatch.setattr(bench_merge, "cost_plot", lambda *a, **k: "img/x.png")
-    monkeypatch.setattr(bench_merge.docs_pages, "update_page",
+    monkeypatch.setattr(merge, "run_one", lambda recipe, workdir, extra: ran.append(recipe)
+                        or child.MergeRun(1.0, 2.0, 1.0, 0.0, 0.5 if len(ran) > 1 else None))
+    monkeypatch.setattr(merge, "calibration_token_count", lambda paths, samples: 100 + samples)
+    monkeypatch.setattr(merge, "cost_plot", lambda *a, **k: "img/x.png")
+    monkeypatch.setattr(merge.docs_pages, "update_page",
                         lambda page, region, text: written.append((region, text)))
-    bench_merge.main(["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
-                      "--workdir", str(tmp_path / "work"), "--calibration-samples", "20", "14"])
+    run.main(["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
+              "--workdir", str(tmp_path / "work"), "--calibration-samples", "20", "14"])
     assert [r.get("parameters", {}).get("calibration_samples") for r in ran] == [None, None, None,
                                                                                  20, 14]
     assert [r.get("parameters", {}).get("alignment") for r in ran[2:]] == ["activations"] * 3
@@ -265,14 +265,14 @@ def test_bench_merge_calibration_samples_rows_and_region(tmp_path, monkeypatch):
     assert "the default budget: 100 tokens" in text and "calibration_samples: 14: 114 tokens" in text
     assert table[2].endswith("| — |") and table[-1].endswith("| 0.5 |")
     with pytest.raises(SystemExit):
-        bench_merge.main(["--suites", "1b", "--calibration-samples", "20"])
+        run.main(["--suites", "1b", "--calibration-samples", "20"])
 
 
 def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path):
     """The GPU machine's stand-in for SmolLM2 (suite smollm2-random): the models have the
     given config's shapes and its tokenizer (activation alignment needs it), and the target is
     the sibling moved by an exact symmetry (same shapes, other values), not the sibling."""
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import models
     from safetensors.torch import load_file
 
     from tests.conftest import make_config, save_word_tokenizer
@@ -280,7 +280,7 @@ def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path)
     shape = tmp_path / "shape"
     make_config("llama").save_pretrained(shape)
     save_word_tokenizer(shape)
-    paths = bench_merge.build_models(tmp_path / "work", "smollm2-random", str(shape))
+    paths = models.build_models(tmp_path / "work", "smollm2-random", str(shape))
     assert sorted(paths) == ["reference", "sibling", "skill", "target"]
     want = make_config("llama")
     states = {name: load_file(f"{p}/model.safetensors") for name, p in paths.items()}
@@ -296,7 +296,7 @@ def test_bench_merge_smollm2_random_builds_from_a_config_and_tokenizer(tmp_path)
 def test_bench_merge_table_gpu_columns():
     """With --cuda the table adds each merge's peak GPU memory against plain's; every line has
     the header's number of cells."""
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import tables
 
     def row(name, t, anon, gpu):
         return {"name": name, "t": t, "t_min": t, "t_max": t, "paired": t / 10, "paired_min": 1,
@@ -305,7 +305,7 @@ def test_bench_merge_table_gpu_columns():
 
     rows = [row("plain", 10.0, 1000, 800), row("aligned", 12.0, 1100, 1216)]
     for gpu_columns in (False, True):
-        lines = bench_merge.merge_table(rows, 416.0, gpu_columns).splitlines()
+        lines = tables.merge_table(rows, 416.0, gpu_columns).splitlines()
         assert len({line.count("|") for line in lines}) == 1
         assert ("peak GPU memory" in lines[0]) == gpu_columns
     assert lines[-1].endswith("| 1216 (1216–1216) | +416 MiB = +1.0 layers |")
@@ -331,7 +331,7 @@ def test_gpu_check_script_names_what_exists():
     import re
     import subprocess
 
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import run
 
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
@@ -344,14 +344,14 @@ def test_gpu_check_script_names_what_exists():
     lines = [line for line in script.splitlines()
              if "benchmarks.bench_merge" in line or line.startswith("SMOLLM2=")]
     flags = {f for line in lines for f in re.findall(r"--[a-z][\w-]*", line)}
-    known = {o for action in bench_merge.build_parser()._actions for o in action.option_strings}
+    known = {o for action in run.build_parser()._actions for o in action.option_strings}
     assert {"--smollm2-dir", "--rows", "--cuda"} <= flags <= known, flags - known
 
 
 def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tmp_path, monkeypatch):
     """--rows keeps plain and the rows named (a partial table: printed, never written over the
     page's full one), and names the suite's rows when none matches."""
-    from benchmarks import bench_merge
+    from benchmarks.bench_merge import child, merge, run
 
     from tests.conftest import make_config, save_word_tokenizer
 
@@ -359,17 +359,17 @@ def test_bench_merge_rows_runs_plain_and_the_named_rows_and_never_writes_docs(tm
     make_config("llama").save_pretrained(shape)
     save_word_tokenizer(shape)
     ran = []
-    monkeypatch.setattr(bench_merge, "run_one",
+    monkeypatch.setattr(merge, "run_one",
                         lambda recipe, workdir, extra: ran.append(recipe)
-                        or bench_merge.MergeRun(1.0, 2.0, 1.0, 0.0, None))
-    monkeypatch.setattr(bench_merge.docs_pages, "update_page",
+                        or child.MergeRun(1.0, 2.0, 1.0, 0.0, None))
+    monkeypatch.setattr(merge.docs_pages, "update_page",
                         lambda *a, **k: pytest.fail("a --rows run wrote docs/"))
     common = ["--suites", "smollm2-random", "--smollm2-dir", str(shape), "--repeats", "1",
               "--workdir", str(tmp_path / "work")]
-    bench_merge.main(common + ["--rows", "activations"])
+    run.main(common + ["--rows", "activations"])
     assert len(ran) == 2 and ran[1]["parameters"]["alignment"] == "activations"
     with pytest.raises(SystemExit, match="no row of suite smollm2-random matches.*activations"):
-        bench_merge.main(common + ["--rows", "no-such-row"])
+        run.main(common + ["--rows", "no-such-row"])
 
 
 def test_report_figures_writes_the_three_cases_pngs_and_not_the_docs(tmp_path):

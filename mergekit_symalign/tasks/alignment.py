@@ -180,8 +180,8 @@ class LayerAlignmentTask(Task[LayerTransform]):
             self._warn_full_qk(solution.residual_steps.apply(model), solution.layer_steps, arch)
         return solution.transform
 
-    def _warn_full_qk(self, moving, solved: LayerTransform, arch) -> None:
-        change = attention_logit_change(moving, solved.within_heads(moving), arch,
+    def _warn_full_qk(self, moved, solved: LayerTransform, arch) -> None:
+        change = attention_logit_change(moved, solved.within_heads(moved), arch,
                                         self.geometry, self.geometry.rope_theta or 10000.0)
         LOG.warning(
             "qk_rotation: full altered %s %s*: relative change of attention logits on "
