@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -217,11 +216,7 @@ def run_seed(workdir: Path, seed: int, world, problems, exclude, strengths, othe
     return rows
 
 
-def mean_se(values: List[float]) -> str:
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return f"{m:.2f}"
-    return f"{m:.2f} ± {statistics.stdev(values) / math.sqrt(len(values)):.2f}"
+mean_se = pa.mean_se  # "mean ± standard error", as the paper analog's tables
 
 
 def tables(rows: List[Dict], strengths) -> str:

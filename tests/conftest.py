@@ -176,3 +176,20 @@ def assert_tensors_close(got: Dict, want: Dict, rtol: float = 1e-5):
     for name in want:
         err = float((got[name].double() - want[name].double()).abs().max())
         assert err <= rtol * scale_of(want[name]), (name, err, scale_of(want[name]))
+
+
+def scrambled_pair_with_tokenizers(tmp_path: Path) -> Dict[str, str]:
+    """A tiny Llama reference, a skill (reference + 5 % noise) and a base (the reference under
+    a random residual-permutation element), saved with word tokenizers: the activation-path
+    family of the cache tests."""
+    from mergekit_symalign.statedict import scramble_state_dict
+
+    config = make_config("llama")
+    ref = make_model("llama", seed=0)
+    paths = {"reference": save(ref, config, tmp_path / "reference"),
+             "skill": save(perturbed(ref, seed=1, scale=0.05), config, tmp_path / "skill"),
+             "base": save(scramble_state_dict(ref.state_dict(), config, seed=2, residual="permutation")[0],
+                          config, tmp_path / "base")}
+    for path in paths.values():
+        save_word_tokenizer(path)
+    return paths

@@ -109,18 +109,10 @@ def test_fingerprint_sees_every_byte():
 
 def test_activation_alignment_is_cached_too(tmp_path, monkeypatch):
     """alignment: activations (with the residual stream): the second merge streams no model."""
-    from .conftest import make_config, make_model, perturbed, save_word_tokenizer, word_calibration
-    from mergekit_symalign.statedict import scramble_state_dict
+    from .conftest import scrambled_pair_with_tokenizers, word_calibration
     import mergekit_symalign.activations as activations
 
-    config = make_config("llama")
-    ref = make_model("llama", seed=0)
-    paths = {"reference": save(ref, config, tmp_path / "reference"),
-             "skill": save(perturbed(ref, seed=1, scale=0.05), config, tmp_path / "skill"),
-             "base": save(scramble_state_dict(ref.state_dict(), config, seed=2, residual="permutation")[0],
-                          config, tmp_path / "base")}
-    for path in paths.values():
-        save_word_tokenizer(path)
+    paths = scrambled_pair_with_tokenizers(tmp_path)
     folder = tmp_path / "cache"
     rec = aligned_recipe("symmetry_aligned_task_arithmetic", paths["base"], paths["reference"],
                          [paths["skill"]], alignment="activations", residual="permutation",

@@ -269,16 +269,9 @@ def test_data_without_json_is_no_entry_and_is_overwritten(family, merged, tmp_pa
 def test_cached_activation_entry_is_checked(tmp_path, caplog, monkeypatch):
     """alignment: activations (with the residual stream): a duplicated index in a cached
     permutation (valid checksum) and a bit flip (stale checksum) are each solved again."""
-    from .conftest import save, save_word_tokenizer, word_calibration
+    from .conftest import scrambled_pair_with_tokenizers, word_calibration
 
-    config = make_config("llama")
-    ref = make_model("llama", seed=0)
-    paths = {"reference": save(ref, config, tmp_path / "reference"),
-             "skill": save(perturbed(ref, seed=1, scale=0.05), config, tmp_path / "skill"),
-             "base": save(scramble_state_dict(ref.state_dict(), config, seed=2, residual="permutation")[0],
-                          config, tmp_path / "base")}
-    for path in paths.values():
-        save_word_tokenizer(path)
+    paths = scrambled_pair_with_tokenizers(tmp_path)
     calibration = word_calibration(tmp_path / "c.txt")
 
     def rec(folder=None):
