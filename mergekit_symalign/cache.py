@@ -291,11 +291,17 @@ def element_problem(symmetry, element: torch.Tensor) -> Optional[str]:
         return None
     if not element.is_floating_point() or tuple(element.shape) != (n, k, k):
         return f"not {n} rotations of {k} x {k} (dtype {element.dtype}, shape {tuple(element.shape)})"
-    if not bool(torch.isfinite(element).all()):
-        return "rotations with NaN/Inf entries"
-    error = _orthogonality_error(element)
+    return _rotation_problem(element, "rotations")
+
+
+def _rotation_problem(rotation: torch.Tensor, what: str) -> Optional[str]:
+    """Why finite, orthogonal ``rotation`` (one matrix or a stack) is not: NaN/Inf entries,
+    or max |R^T R - I| above :data:`ORTHOGONALITY_TOLERANCE`."""
+    if not bool(torch.isfinite(rotation).all()):
+        return f"{what}: NaN/Inf entries"
+    error = _orthogonality_error(rotation)
     if not error <= ORTHOGONALITY_TOLERANCE:
-        return f"rotations that are not orthogonal (max |R^T R - I| = {error:.3g})"
+        return f"{what}: not orthogonal (max |R^T R - I| = {error:.3g})"
     return None
 
 
@@ -316,12 +322,7 @@ def residual_problem(element, dim: Optional[int] = None) -> Optional[str]:
         size = dim if dim is not None else (r.shape[0] if r.dim() else 0)
         if not r.is_floating_point() or tuple(r.shape) != (size, size):
             return f"not a residual rotation of {size} x {size} (shape {tuple(r.shape)})"
-        if not bool(torch.isfinite(r).all()):
-            return "a residual rotation with NaN/Inf entries"
-        error = _orthogonality_error(r)
-        if not error <= ORTHOGONALITY_TOLERANCE:
-            return f"a residual rotation that is not orthogonal (|R^T R - I| = {error:.3g})"
-        return None
+        return _rotation_problem(r, "a residual rotation")
     return f"a residual element of unknown mode {element.mode!r}"
 
 
