@@ -391,3 +391,43 @@ def test_report_figures_writes_the_three_cases_pngs_and_not_the_docs(tmp_path):
     # the docs show exactly the files the script writes
     shown = set(re.findall(r"img/(report_[a-z_]+\.png)", docs_page.read_text()))
     assert shown == set(names)
+
+
+def test_cross_size_smollm2_distillation_moves_a_child_toward_its_parent_and_keeps_snapshots():
+    """The real-weights cross-size benchmark's retraining, on a tiny random Llama pair: the
+    child pruned from the parent gets closer to it (KL on held-out blocks), snapshots come at
+    the asked step counts, and its text helpers split and block deterministically."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import cross_size_smollm2 as bench
+    from mergekit_symalign import crosssize as cs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=True)
+    parent = LlamaForCausalLM(cfg).eval()
+    sd = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight"}
+    child_sd, child_cfg, _ = cs.prune_state_dict(sd, cfg, hidden=24, intermediate=48)
+    child = bench._model(child_cfg, child_sd)
+    blocks = torch.randint(64, (64, 8), generator=torch.Generator().manual_seed(1))
+    held = blocks[:8]
+    parent_lp = bench.logprobs(parent, held)
+    before = bench.own_kl(child, parent_lp, held)
+    seen = []
+    losses = bench.distill(child, parent, blocks[8:], [5, 30], lr=3e-3, seed=0,
+                           on_stop=lambda step, m: seen.append((step, bench.own_kl(m, parent_lp, held))))
+    assert [s for s, _ in seen] == [5, 30] and len(losses) == 30
+    assert seen[-1][1] < 0.8 * before, (before, seen)
+    assert bench.parse_child("512,3,2,1344,9;20") == {
+        "hidden": 512, "kv_heads": 3, "heads_per_group": 2, "intermediate": 1344, "drop_layers": (9, 20)}
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [1 + ord(ch) % 60 for ch in text]}
+
+    out = bench.token_blocks(Tok(), ["abcdefgh" * 3, "xyz" * 9], length=10, limit=4)
+    assert out.shape == (4, 10) and out[2, 4].item() == 0  # EOS after the first text (25th id)
+    train, held_out = bench.stdlib_docstrings()
+    assert len(train) > 1000 and len(held_out) > 100 and not set(train) & set(held_out)
