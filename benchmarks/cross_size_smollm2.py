@@ -104,6 +104,55 @@ def token_blocks(tok, texts: Sequence[str], length: int, limit: int) -> torch.Te
 # --------------------------------------------------------------------------- models
 
 
+@torch.no_grad()
+def activation_importance(model, blocks: torch.Tensor) -> "cs.PruningImportance":
+    """Minitron-style importance from activations on calibration blocks: a residual channel
+    by the mean |value| of every norm's output (each layer's two, and the final one); a query
+    head by the mean norm of what it writes into the residual stream (its slice of o_proj
+    applied to its own output); a neuron by mean |input to down_proj| times its down_proj
+    column's norm. (Weight norms alone drop SmolLM2 neurons and heads it depends on.)"""
+    layers = model.model.layers
+    g_heads = model.config.num_attention_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // g_heads
+    residual = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    heads = {i: torch.zeros(g_heads, dtype=torch.float64) for i in range(len(layers))}
+    neurons = {i: torch.zeros(model.config.intermediate_size, dtype=torch.float64) for i in range(len(layers))}
+    hooks = []
+
+    def on_norm(_m, _inp, out):
+        residual.add_(out.detach().abs().double().mean((0, 1)))
+
+    def on_o(i, o_proj):
+        w = o_proj.weight.detach().double().reshape(o_proj.weight.shape[0], g_heads, head_dim)
+
+        def hook(_m, inp):
+            x = inp[0].detach().double().reshape(*inp[0].shape[:2], g_heads, head_dim)
+            written = torch.einsum("bshd,ohd->bsho", x, w)  # each head's write, separately
+            heads[i].add_(written.norm(dim=-1).mean((0, 1)))
+        return hook
+
+    def on_down(i, down):
+        col = down.weight.detach().double().norm(dim=0)
+
+        def hook(_m, inp):
+            neurons[i].add_(inp[0].detach().double().abs().mean((0, 1)) * col)
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks += [layer.input_layernorm.register_forward_hook(on_norm),
+                  layer.post_attention_layernorm.register_forward_hook(on_norm),
+                  layer.self_attn.o_proj.register_forward_pre_hook(on_o(i, layer.self_attn.o_proj)),
+                  layer.mlp.down_proj.register_forward_pre_hook(on_down(i, layer.mlp.down_proj))]
+    hooks.append(model.model.norm.register_forward_hook(on_norm))
+    try:
+        for j in range(0, len(blocks), 8):
+            model.model(input_ids=blocks[j: j + 8])
+    finally:
+        for h in hooks:
+            h.remove()
+    return cs.PruningImportance(residual, heads, neurons)
+
+
 def _model(config, state: Dict[str, torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
@@ -209,6 +258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--distill-steps", default="60,200",
                     help="retraining lengths (snapshots of one run), batch %d x %d tokens" % (BATCH, SEQ))
     ap.add_argument("--distill-lr", type=float, default=DISTILL_LR)
+    ap.add_argument("--importance", choices=("activations", "weights"), default="activations",
+                    help="what ranks channels, heads and neurons for pruning (default: activations "
+                         "on --calibration-blocks blocks of the training text, as Minitron)")
+    ap.add_argument("--calibration-blocks", type=int, default=64)
     ap.add_argument("--skill-steps", type=int, default=120, help="the child's own skill fine-tune")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--own-blocks", type=int, default=32, help="held-out docstring blocks for the own-ability KL")
@@ -239,6 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_text, held_text = stdlib_docstrings()
     own_blocks = token_blocks(tok, held_text, SEQ, a.own_blocks)
     parent_lp = logprobs(parent, own_blocks)
+    importance = (activation_importance(parent, token_blocks(tok, train_text, SEQ, a.calibration_blocks))
+                  if a.importance == "activations" else None)
 
     def score(model) -> Dict[str, float]:
         acc, _ = demo.skill_accuracy(model, tok, problems)
@@ -251,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = []
         for spec in a.sweep.split(";"):
             child = parse_child(spec)
-            c_sd, c_cfg, true_map = cs.prune_state_dict(p_sd, cfg, **child)
+            c_sd, c_cfg, true_map = cs.prune_state_dict(p_sd, cfg, importance=importance, **child)
             pruned_skill = cs.restrict_state_dict(s_sd, cfg, true_map)
             entry = {"child": describe(child), "child pruned": score(_model(c_cfg, c_sd)),
                      "skill model pruned": score(_model(c_cfg, pruned_skill))}
@@ -262,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     child = parse_child(a.child)
     stops = sorted(int(x) for x in a.distill_steps.split(","))
-    c_sd, c_cfg, true_map = cs.prune_state_dict(p_sd, cfg, **child)
+    c_sd, c_cfg, true_map = cs.prune_state_dict(p_sd, cfg, importance=importance, **child)
     pruned_skill = cs.restrict_state_dict(s_sd, cfg, true_map)
     rows["child before retraining"] = score(_model(c_cfg, c_sd))
     rows["skill model pruned by the same indices"] = score(_model(c_cfg, pruned_skill))
@@ -336,11 +391,11 @@ def render(result: Dict[str, object]) -> str:
     rows, snaps = result["rows"], result["snapshots"]
     lines = [
         f"Parent SmolLM2-135M-Instruct; skill model: the demo's addition fine-tune; child: "
-        f"{result['child']}, kept by importance and re-ordered, then distilled from the parent on "
+        f"{result['child']}, kept by {a['importance']} importance and re-ordered, then distilled from the parent on "
         f"stdlib docstrings (batch {BATCH} x {SEQ} tokens, lr {a['distill_lr']:g}, every weight). "
         f"Skill: addition accuracy on {a['eval_problems']} held-out problems; own: mean KL(parent || "
         f"model) on {a['own_blocks']} held-out docstring blocks (lower is better). One seed. "
-        f"Regenerate: `.venv/bin/python -m benchmarks.cross_size_smollm2 --child {a['child']} "
+        f"Regenerate: `.venv/bin/python -m benchmarks.cross_size_smollm2 --child '{a['child']}' --importance {a['importance']} "
         f"--distill-steps {a['distill_steps']}` ({result['wall_s'] / 60:.0f} min on a shared "
         f"2-core x86_64 CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).",
         "",

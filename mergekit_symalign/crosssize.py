@@ -386,13 +386,28 @@ def _importance_order(score: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.argsort(score, descending=True, stable=True)[:keep]
 
 
+@dataclass(frozen=True)
+class PruningImportance:
+    """Importance scores measured outside (e.g. Minitron's, from activations on calibration
+    text), overriding :func:`prune_state_dict`'s weight norms: per residual channel
+    ``[hidden]``, and per layer index its query heads ``[num_heads]`` and neurons
+    ``[intermediate]``. A KV group scores the sum of its query heads."""
+
+    residual: torch.Tensor
+    heads: Mapping[int, torch.Tensor]
+    neurons: Mapping[int, torch.Tensor]
+
+
 def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
                      kv_heads: Optional[int] = None, heads_per_group: Optional[int] = None,
-                     intermediate: Optional[int] = None, drop_layers: Sequence[int] = ()):
-    """Importance-sorted structured pruning (a weight-norm stand-in for Minitron's
-    activation importance): keeps the ``hidden`` residual channels, ``kv_heads`` KV groups
-    (each with ``heads_per_group`` query heads), ``intermediate`` neurons per layer with the
-    largest weight norms, in descending order of importance, and drops ``drop_layers``.
+                     intermediate: Optional[int] = None, drop_layers: Sequence[int] = (),
+                     importance: Optional[PruningImportance] = None):
+    """Importance-sorted structured pruning: keeps the ``hidden`` residual channels,
+    ``kv_heads`` KV groups (each with ``heads_per_group`` query heads), ``intermediate``
+    neurons per layer that score highest, in descending order of importance (Model-Optimizer's
+    slice order), and drops ``drop_layers``. Scores are ``importance`` when given, else weight
+    norms (a stand-in for Minitron's activation importance: cheap, but it can drop a neuron
+    or head a real model depends on).
 
     Returns ``(child state dict, child config, ChildMap)`` (the true index maps)."""
     g = geometry_from_config(config)
@@ -415,20 +430,28 @@ def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
             score = score + sq(_proj(arch, g, t, which), 0)
         for which in ("o", "down"):
             score = score + sq(_proj(arch, g, t, which), 1)
+    if importance is not None:
+        score = importance.residual.double()
     residual = _importance_order(score, hidden)
     per_layer = []
     kept = [i for i in sorted(layers) if i not in set(drop_layers)]
     for i in kept:
         t = layers[i]
-        q = _proj(arch, g, t, "q").float().reshape(g.num_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
-        o = _proj(arch, g, t, "o").float().reshape(-1, g.num_heads, d).pow(2).sum((0, 2)).double().sqrt()
-        v = _proj(arch, g, t, "v").float().reshape(g.num_kv_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
-        head_score = (q * o).reshape(g.num_kv_heads, G)
-        groups = _importance_order(head_score.sum(1) + v * o.reshape(-1, G).sum(1), kv_heads)
+        if importance is not None:
+            head_score = importance.heads[i].double().reshape(g.num_kv_heads, G)
+            group_score = head_score.sum(1)
+            neuron = importance.neurons[i].double()
+        else:
+            q = _proj(arch, g, t, "q").float().reshape(g.num_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
+            o = _proj(arch, g, t, "o").float().reshape(-1, g.num_heads, d).pow(2).sum((0, 2)).double().sqrt()
+            v = _proj(arch, g, t, "v").float().reshape(g.num_kv_heads, d, -1).pow(2).sum((1, 2)).double().sqrt()
+            head_score = (q * o).reshape(g.num_kv_heads, G)
+            group_score = head_score.sum(1) + v * o.reshape(-1, G).sum(1)
+            neuron = (_proj(arch, g, t, "gate").float().norm(dim=1).double()
+                      * _proj(arch, g, t, "up").float().norm(dim=1).double()
+                      * _proj(arch, g, t, "down").float().norm(dim=0).double())
+        groups = _importance_order(group_score, kv_heads)
         q_heads = torch.stack([_importance_order(head_score[j], heads_per_group) for j in groups])
-        neuron = (_proj(arch, g, t, "gate").float().norm(dim=1).double()
-                  * _proj(arch, g, t, "up").float().norm(dim=1).double()
-                  * _proj(arch, g, t, "down").float().norm(dim=0).double())
         per_layer.append(LayerRestriction(groups, q_heads, _importance_order(neuron, intermediate)))
     child_map = ChildMap(residual, tuple(kept), tuple(per_layer))
     child = restrict_state_dict(state_dict, config, child_map)
@@ -733,7 +756,7 @@ def by_position(child: Tensors, parent: Tensors, skill: Tensors, scale: float = 
 
 
 __all__ = [
-    "ChildMap", "ChildMatch", "LayerRestriction", "MatchQuality", "Restriction", "assign",
+    "ChildMap", "ChildMatch", "LayerRestriction", "MatchQuality", "PruningImportance", "Restriction", "assign",
     "by_position", "check_child", "child_config", "child_warning", "explained", "explained_by_layer", "layer_indices",
     "layer_similarity", "match_child", "match_layer", "module_indices", "monotone_layer_map",
     "prune_state_dict", "residual_similarity", "restrict_state_dict", "scatter", "transfer", "validate_layer_map",

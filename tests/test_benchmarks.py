@@ -407,7 +407,12 @@ def test_cross_size_smollm2_distillation_moves_a_child_toward_its_parent_and_kee
                       num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=True)
     parent = LlamaForCausalLM(cfg).eval()
     sd = {k: v for k, v in parent.state_dict().items() if k != "lm_head.weight"}
-    child_sd, child_cfg, _ = cs.prune_state_dict(sd, cfg, hidden=24, intermediate=48)
+    calibration = torch.randint(64, (16, 8), generator=torch.Generator().manual_seed(2))
+    importance = bench.activation_importance(parent, calibration)
+    assert importance.residual.shape == (32,) and importance.heads[1].shape == (4,)
+    assert importance.neurons[0].shape == (64,) and bool((importance.neurons[0] > 0).all())
+    child_sd, child_cfg, _ = cs.prune_state_dict(sd, cfg, hidden=24, intermediate=48,
+                                                 importance=importance)
     child = bench._model(child_cfg, child_sd)
     blocks = torch.randint(64, (64, 8), generator=torch.Generator().manual_seed(1))
     held = blocks[:8]

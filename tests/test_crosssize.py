@@ -236,3 +236,28 @@ def test_real_smollm2_pruned_child_exact_transfer():
     moved = cs.transfer(child, parent, skill, model.config, match.map)
     assert _max_diff(moved, cs.restrict_state_dict(skill, model.config, truth)) < 1e-6
     assert cs.child_warning(match) is None
+
+
+def test_pruning_by_given_importance_keeps_the_top_scores_in_descending_order():
+    """``importance=`` (e.g. Minitron's, from activations) replaces the weight norms: the
+    survivors are the highest-scoring channels, KV groups (by their heads' summed score), query
+    heads and neurons, most important first, and matching still recovers them."""
+    config, _, parent, _ = _family("llama")
+    g = torch.Generator().manual_seed(3)
+    imp = cs.PruningImportance(
+        residual=torch.rand(config.hidden_size, generator=g),
+        heads={i: torch.rand(config.num_attention_heads, generator=g) for i in range(4)},
+        neurons={i: torch.rand(config.intermediate_size, generator=g) for i in range(4)})
+    child, child_cfg, truth = cs.prune_state_dict(parent, config, importance=imp, **SIZES)
+    assert torch.equal(truth.residual, imp.residual.argsort(descending=True)[:SIZES["hidden"]])
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    for k, i in enumerate(truth.layers):
+        r = truth.per_layer[k]
+        heads = imp.heads[i].reshape(-1, group_size)
+        assert torch.equal(r.kv_groups, heads.sum(1).argsort(descending=True)[:SIZES["kv_heads"]])
+        for row, j in zip(r.q_heads, r.kv_groups):
+            assert torch.equal(row, heads[j].argsort(descending=True)[:SIZES["heads_per_group"]])
+        assert torch.equal(r.neurons, imp.neurons[i].argsort(descending=True)[:SIZES["intermediate"]])
+    weight_norm = cs.prune_state_dict(parent, config, **SIZES)[2]
+    assert weight_norm.residual.tolist() != truth.residual.tolist()
+    assert cs.match_child(parent, config, child, child_cfg).map == truth
