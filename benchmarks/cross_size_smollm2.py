@@ -1,7 +1,7 @@
 """A parent's skill onto its pruned, *retrained* child, on real weights (docs/cross-size.md).
 
     .venv/bin/python -m benchmarks.cross_size_smollm2 [--workdir bench-output/cross-size-smollm2]
-        [--family demo-output] [--child 576,3,3,1344,] [--distill-steps 60,200] [--sweep]
+        [--family demo-output] [--child 576,3,3,1344,] [--distill-steps 40,120] [--sweep]
 
 The parent is SmolLM2-135M-Instruct (the demo's reference), the skill model the demo's
 addition fine-tune of it (``examples.demo.build_family``; a demo's ``demo-output`` is reused
@@ -53,8 +53,8 @@ from examples import demo, smollm  # noqa: E402
 from mergekit_symalign import crosssize as cs  # noqa: E402
 
 BUILD_VERSION = 1
-SEQ, BATCH, WARMUP = 64, 16, 10
-DISTILL_LR = 1e-4
+SEQ, BATCH, WARMUP = 64, 8, 10
+DISTILL_LR = 2e-4
 SCALES = (0.5, 1.0, 1.5)
 
 
@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="the demo's workdir: its reference and skill model are reused or built there")
     ap.add_argument("--child", default="576,3,3,1344,",
                     help="hidden,kv_groups,heads_per_group,intermediate,dropped layers (;-separated)")
-    ap.add_argument("--distill-steps", default="60,200",
+    ap.add_argument("--distill-steps", default="40,120",
                     help="retraining lengths (snapshots of one run), batch %d x %d tokens" % (BATCH, SEQ))
     ap.add_argument("--distill-lr", type=float, default=DISTILL_LR)
     ap.add_argument("--importance", choices=("activations", "weights"), default="activations",
