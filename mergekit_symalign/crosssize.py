@@ -568,7 +568,7 @@ def _layer_statistics(arch: Architecture, g: Geometry, t: Tensors, device=None) 
     for which in ("o", "down"):
         feats.append(_on(_proj(arch, g, t, which), device).norm(dim=1))
     norms = [n for n, _ in arch.readers if n] + [n for _, n in arch.writers if n]
-    feats += [_on(t[f"{n}.weight"], device) for n in norms]
+    feats += [t[f"{n}.weight"].to(dtype=torch.float32, copy=True) for n in norms]  # not the layer's own
     return [f.cpu() for f in feats]
 
 
@@ -800,19 +800,19 @@ def explained_by_layer(child: Tensors, parent: Tensors, parent_config,
     rx = Restriction(parent_config, child_map)
     sums: Dict[Any, List[float]] = {}
     for name in child:
-        c = child[name]
-        if c.dim() < 2:
-            continue
-        split = split_layer_name(rx.arch, name)
-        key = "module" if split is None else split[1]
-        p = rx.parent_name(name)
-        if p not in parent and p.endswith(rx.arch.lm_head):
-            p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
-        c = _on(c, device)
-        r = _on(rx.restrict(name, parent[p].to(c.device)), device)
-        acc = sums.setdefault(key, [0.0, 0.0])
-        acc[0] += float((c - r).pow(2).sum(dtype=torch.float64))
-        acc[1] += float(c.pow(2).sum(dtype=torch.float64))
+        c = _on(child[name], device)
+        if c.dim() >= 2:
+            split = split_layer_name(rx.arch, name)
+            key = "module" if split is None else split[1]
+            p = rx.parent_name(name)
+            if p not in parent and p.endswith(rx.arch.lm_head):
+                p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
+            r = _on(rx.restrict(name, parent[p].to(c.device)), device)
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += float((c - r).pow(2).sum(dtype=torch.float64))
+            acc[1] += float(c.pow(2).sum(dtype=torch.float64))
+            del r
+        del c  # before the next read: one tensor of each model at a time
     out = []
     for key in sorted(k for k in sums if k != "module") + (["module"] if "module" in sums else []):
         residual_sq, norm_sq = sums[key]
