@@ -446,8 +446,9 @@ def _on(x: torch.Tensor, device=None) -> torch.Tensor:
 
 
 def _unit_cols(x: torch.Tensor, device=None) -> torch.Tensor:
-    x = _on(x, device)
-    return x / x.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    y = _on(x, device)
+    norm = y.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    return y.div_(norm) if y is not x else y / norm  # in place on a copy: one embedding-sized copy
 
 
 def column_cosines(child: torch.Tensor, parent: torch.Tensor, device=None) -> torch.Tensor:
@@ -456,12 +457,12 @@ def column_cosines(child: torch.Tensor, parent: torch.Tensor, device=None) -> to
 
 
 def _add_column_cosines(total: Optional[torch.Tensor], child: torch.Tensor,
-                        parent: torch.Tensor) -> torch.Tensor:
-    """``total + column_cosines(child, parent)``, accumulated in place (an 8B MLP's
-    ``[9216, 14336]`` similarity is 0.5 GB: no temporaries of that size)."""
+                        parent: torch.Tensor, device=None) -> torch.Tensor:
+    """``total + column_cosines(child, parent)``, accumulated in place on ``total``'s device
+    (an 8B MLP's ``[9216, 14336]`` similarity is 0.5 GB: no temporaries of that size)."""
     if total is None:
-        return column_cosines(child, parent, None)
-    return total.addmm_(_unit_cols(child).T, _unit_cols(parent))
+        return column_cosines(child, parent, device)
+    return total.addmm_(_unit_cols(child, total.device).T, _unit_cols(parent, total.device))
 
 
 def assign(similarity: torch.Tensor) -> torch.Tensor:
@@ -673,7 +674,7 @@ def residual_similarity(arch: Architecture, parent: Tensors, child: Tensors,
     sim = column_cosines(child[arch.embed], parent[arch.embed], device)
     pieces = 1
     if arch.lm_head in child and arch.lm_head in parent:
-        sim = _add_column_cosines(sim, _on(child[arch.lm_head], device), _on(parent[arch.lm_head], device))
+        sim = _add_column_cosines(sim, child[arch.lm_head], parent[arch.lm_head])
         pieces = 2
     return sim.div_(pieces), pieces
 
