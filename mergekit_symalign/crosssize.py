@@ -526,8 +526,7 @@ def match_layer(arch: Architecture, parent_g: Geometry, child_g: Geometry, paren
     def proj(g, t, which):
         return _on(_proj(arch, g, t, which), device)
 
-    on_device = proj(parent_g, parent, "q").device
-    residual = residual.to(on_device)
+    residual = residual.to(device if device is not None else next(iter(parent.values())).device)
 
     def heads(g, t, which, cols):
         w = proj(g, t, which)
