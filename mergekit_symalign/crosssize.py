@@ -15,7 +15,8 @@ Pure torch/scipy, no mergekit import. The pieces a merge glue needs are per laye
   (:meth:`Restriction.parent_name`) and the parent-shaped tensor restricted to the child's
   coordinates (:meth:`Restriction.restrict`).
 
-Whole state dicts: :func:`match_child` (maps from weights), :func:`restrict_state_dict`,
+Whole models: :func:`match_child` (maps from weights; any name -> tensor mapping, read one layer
+pair at a time, so a lazy one streams), :func:`restrict_state_dict`,
 :func:`transfer`, :func:`prune_state_dict` (importance-sorted pruning, for tests and
 benchmarks), :func:`check_child` (refusals by shape).
 
