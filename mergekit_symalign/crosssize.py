@@ -15,7 +15,8 @@ Pure torch/scipy, no mergekit import. The pieces a merge glue needs are per laye
   (:meth:`Restriction.parent_name`) and the parent-shaped tensor restricted to the child's
   coordinates (:meth:`Restriction.restrict`).
 
-Whole state dicts: :func:`match_child` (maps from weights), :func:`restrict_state_dict`,
+Whole models: :func:`match_child` (maps from weights; any name -> tensor mapping, read one layer
+pair at a time, so a lazy one streams), :func:`restrict_state_dict`,
 :func:`transfer`, :func:`prune_state_dict` (importance-sorted pruning, for tests and
 benchmarks), :func:`check_child` (refusals by shape).
 
@@ -461,20 +462,45 @@ def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
 # --------------------------------------------------------------------------- matching
 
 
-# Similarities in float32: they only rank candidates (a true match has cosine 1 to ~1e-7).
-def _unit_cols(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x / x.norm(dim=0, keepdim=True).clamp_min(1e-30)
+# Similarities in float32 on the solve's device (``device=None``: where the tensors are): they
+# only rank candidates (a true match has cosine 1 to ~1e-7). Only the assignment itself runs
+# on the CPU (scipy).
+def _on(x: torch.Tensor, device=None) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.float32)  # no copy when already there
 
 
-def column_cosines(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+def _unit_cols(x: torch.Tensor, device=None) -> torch.Tensor:
+    y = _on(x, device)
+    norm = y.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    return y.div_(norm) if y is not x else y / norm  # in place on a copy: one embedding-sized copy
+
+
+def column_cosines(child: torch.Tensor, parent: torch.Tensor, device=None) -> torch.Tensor:
     """``[child columns, parent columns]`` cosine similarities (same rows)."""
-    return _unit_cols(child).T @ _unit_cols(parent)
+    return _unit_cols(child, device).T @ _unit_cols(parent, device)
+
+
+def _add_column_cosines(total: Optional[torch.Tensor], child: torch.Tensor,
+                        parent: torch.Tensor, device=None) -> torch.Tensor:
+    """``total + column_cosines(child, parent)``, accumulated in place on ``total``'s device
+    (an 8B MLP's ``[9216, 14336]`` similarity is 0.5 GB: no temporaries of that size)."""
+    if total is None:
+        return column_cosines(child, parent, device)
+    return total.addmm_(_unit_cols(child, total.device).T, _unit_cols(parent, total.device))
 
 
 def assign(similarity: torch.Tensor) -> torch.Tensor:
     """Rectangular assignment ``[n_child, n_parent]`` (n_child <= n_parent): the parent index
-    of each child index, one-to-one, maximising the summed similarity."""
+    of each child index, one-to-one, maximising the summed similarity (on the CPU).
+
+    When every child index's best parent index is a different one, that is the optimum (each
+    row at its maximum), so scipy's ``linear_sum_assignment`` runs only when best indices
+    collide; a true child's, even retrained, do not. (On an exact tie within a row the first
+    best index is taken, an optimum as good as scipy's.)"""
+    best, index = similarity.max(dim=1)
+    index = index.cpu()
+    if bool(torch.isfinite(best).all()) and torch.unique(index).numel() == index.numel():
+        return index
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)
@@ -494,7 +520,7 @@ class MatchQuality:
 
 
 def _quality(sim: torch.Tensor, index: torch.Tensor) -> MatchQuality:
-    matched = sim[torch.arange(sim.shape[0]), index]
+    matched = sim[torch.arange(sim.shape[0], device=sim.device), index.to(sim.device)]
     std = float(sim.std()) if sim.numel() > 1 else 0.0
     return MatchQuality(float(matched.mean()), float((matched.mean() - sim.mean()) / max(std, 1e-30)))
 
@@ -509,18 +535,25 @@ def _head_block_cos(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
 
 
 def match_layer(arch: Architecture, parent_g: Geometry, child_g: Geometry, parent: Tensors,
-                child: Tensors, residual: torch.Tensor) -> Tuple[LayerRestriction, Dict[str, MatchQuality]]:
+                child: Tensors, residual: torch.Tensor,
+                device=None) -> Tuple[LayerRestriction, Dict[str, MatchQuality]]:
     """One child layer's KV groups, query heads and MLP neurons among the parent layer's,
     from the weights restricted to the matched residual channels ``residual``.
 
     Heads move as wholes (RoPE planes in place: head_dim is never pruned): KV groups on
     their k/v rows and on the best match of each query head (q rows, o_proj columns), then
-    query heads within each matched group. Neurons: gate/up rows and down_proj columns."""
+    query heads within each matched group. Neurons: gate/up rows and down_proj columns.
+    Similarities on ``device`` (None: where the tensors are); the indices come back on the CPU."""
     d, Gp, Gc = parent_g.head_dim, parent_g.group_size, child_g.group_size
     Kp, Kc = parent_g.num_kv_heads, child_g.num_kv_heads
 
+    def proj(g, t, which):
+        return _on(_proj(arch, g, t, which), device)
+
+    residual = residual.to(device if device is not None else next(iter(parent.values())).device)
+
     def heads(g, t, which, cols):
-        w = _proj(arch, g, t, which)
+        w = proj(g, t, which)
         if which == "o":
             w = w[cols] if cols is not None else w
             return w.reshape(w.shape[0], -1, d).transpose(0, 1)  # [heads, D, d]
@@ -534,45 +567,61 @@ def match_layer(arch: Architecture, parent_g: Geometry, child_g: Geometry, paren
                     for w in ("k", "v"))  # [Kc, Kp]
     within = head_sim.reshape(Kc, Gc, Kp, Gp).amax(3).sum(1)  # each child head's best in the group
     kv = assign(group_sim + within)
-    q_heads = torch.stack([assign(head_sim.reshape(Kc, Gc, Kp, Gp)[j, :, kv[j]]) for j in range(Kc)])
+    by_group = head_sim.reshape(Kc, Gc, Kp, Gp).cpu()
+    q_heads = torch.stack([assign(by_group[j, :, kv[j]]) for j in range(Kc)])
     quality = {"kv_groups": _quality(group_sim / 2, kv)}
-    hs = head_sim.reshape(Kc, Gc, Kp, Gp)[torch.arange(Kc), :, kv]  # [Kc, Gc, Gp]
+    hs = by_group[torch.arange(Kc), :, kv]  # [Kc, Gc, Gp]
     quality["q_heads"] = _quality(hs.reshape(-1, Gp) / 2, q_heads.reshape(-1))
-    neuron_sim = (column_cosines(_proj(arch, child_g, child, "gate").T,
-                                 _proj(arch, parent_g, parent, "gate")[:, residual].T)
-                  + column_cosines(_proj(arch, child_g, child, "up").T,
-                                   _proj(arch, parent_g, parent, "up")[:, residual].T)
-                  + column_cosines(_proj(arch, child_g, child, "down"),
-                                   _proj(arch, parent_g, parent, "down")[residual]))
+    neuron_sim = None
+    for which in ("gate", "up"):  # rows: columns of the transposes
+        neuron_sim = _add_column_cosines(neuron_sim, proj(child_g, child, which).T,
+                                         proj(parent_g, parent, which)[:, residual].T)
+    neuron_sim = _add_column_cosines(neuron_sim, proj(child_g, child, "down"),
+                                     proj(parent_g, parent, "down")[residual])
     neurons = assign(neuron_sim)
-    quality["neurons"] = _quality(neuron_sim / 3, neurons)
+    quality["neurons"] = _quality(neuron_sim.div_(3), neurons)
     return LayerRestriction(kv, q_heads, neurons), quality
 
 
-def _layer_features(arch: Architecture, g: Geometry, t: Tensors, residual: Index) -> torch.Tensor:
-    """Per residual channel, statistics a layer's neuron/head pruning barely changes (column
-    norms of readers, row norms of writers, norm weights), z-scored per statistic: a layer's
-    fingerprint in residual coordinates."""
+def _layer_statistics(arch: Architecture, g: Geometry, t: Tensors, device=None) -> List[torch.Tensor]:
+    """Per residual channel, statistics a layer's neuron/head pruning barely changes: column
+    norms of readers, row norms of writers, norm weights (on the CPU: ``[D]`` each)."""
     feats = []
     for which in ("q", "k", "v", "gate", "up"):
-        feats.append(_proj(arch, g, t, which).float().norm(dim=0))
+        feats.append(_on(_proj(arch, g, t, which), device).norm(dim=0))
     for which in ("o", "down"):
-        feats.append(_proj(arch, g, t, which).float().norm(dim=1))
+        feats.append(_on(_proj(arch, g, t, which), device).norm(dim=1))
     norms = [n for n, _ in arch.readers if n] + [n for _, n in arch.writers if n]
-    feats += [t[f"{n}.weight"].float() for n in norms]
+    feats += [t[f"{n}.weight"].to(dtype=torch.float32, copy=True) for n in norms]  # not the layer's own
+    return [f.cpu() for f in feats]
+
+
+def _fingerprint(statistics: Sequence[torch.Tensor], residual: Index) -> torch.Tensor:
+    """A layer's statistics restricted to ``residual`` and z-scored per statistic: the
+    layer's fingerprint in residual coordinates."""
     out = []
-    for f in feats:
+    for f in statistics:
         f = f[residual] if residual is not None else f
         out.append((f - f.mean()) / f.std().clamp_min(1e-30))
     return torch.cat(out) / math.sqrt(len(out) * out[0].numel())
 
 
+def _layer_features(arch: Architecture, g: Geometry, t: Tensors, residual: Index) -> torch.Tensor:
+    return _fingerprint(_layer_statistics(arch, g, t), residual)
+
+
+def _statistics_similarity(parent_stats: Mapping[int, Sequence[torch.Tensor]],
+                           child_stats: Mapping[int, Sequence[torch.Tensor]], residual) -> torch.Tensor:
+    c = torch.stack([_fingerprint(child_stats[k], None) for k in sorted(child_stats)])
+    p = torch.stack([_fingerprint(parent_stats[i], residual) for i in sorted(parent_stats)])
+    return c @ p.T
+
+
 def layer_similarity(arch, parent_g, child_g, parent_layers, child_layers, residual) -> torch.Tensor:
     """``[child layers, parent layers]`` correlation of the layers' fingerprints."""
-    c = torch.stack([_layer_features(arch, child_g, child_layers[k], None) for k in sorted(child_layers)])
-    p = torch.stack([_layer_features(arch, parent_g, parent_layers[i], residual)
-                     for i in sorted(parent_layers)])
-    return c @ p.T
+    return _statistics_similarity({i: _layer_statistics(arch, parent_g, t) for i, t in parent_layers.items()},
+                                  {k: _layer_statistics(arch, child_g, t) for k, t in child_layers.items()},
+                                  residual)
 
 
 def monotone_layer_map(similarity: torch.Tensor) -> Tuple[int, ...]:
@@ -640,62 +689,111 @@ def child_warning(match: ChildMatch, parent: str = "reference", child: str = "ba
             f"coordinates.")
 
 
-def residual_similarity(arch: Architecture, parent: Tensors, child: Tensors) -> Tuple[torch.Tensor, int]:
+def residual_similarity(arch: Architecture, parent: Tensors, child: Tensors,
+                        device=None) -> Tuple[torch.Tensor, int]:
     """``([child channels, parent channels] similarity, number of tensors averaged)`` from the
     columns of the token embeddings and of an untied ``lm_head`` (the same tokenizer: the same
     rows). Cosines: retraining may shrink or grow a channel; pruning flips no sign."""
-    pieces = [(child[arch.embed], parent[arch.embed])]
+    sim = column_cosines(child[arch.embed], parent[arch.embed], device)
+    pieces = 1
     if arch.lm_head in child and arch.lm_head in parent:
-        pieces.append((child[arch.lm_head], parent[arch.lm_head]))
-    return sum(column_cosines(c, p) for c, p in pieces) / len(pieces), len(pieces)
+        sim = _add_column_cosines(sim, child[arch.lm_head], parent[arch.lm_head])
+        pieces = 2
+    return sim.div_(pieces), pieces
+
+
+def _layer_tensor_names(arch: Architecture, tensors: Tensors) -> Dict[int, Dict[str, str]]:
+    """``{layer: {relative name: full name}}`` from the names alone (nothing is read)."""
+    layers: Dict[int, Dict[str, str]] = {}
+    for name in tensors:
+        split = split_layer_name(arch, name)
+        if split is not None:
+            layers.setdefault(split[1], {})[split[2]] = name
+    return layers
+
+
+def _read_layer(tensors: Tensors, names: Mapping[str, str], device=None) -> Dict[str, torch.Tensor]:
+    """One layer's tensors, read now (a lazy ``tensors`` reads them from disk), in float32 on
+    ``device``."""
+    return {rel: _on(tensors[name], device) for rel, name in names.items()}
+
+
+def _add_refinement(total: torch.Tensor, arch: Architecture, pg: Geometry, cg: Geometry,
+                    parent: Tensors, child: Tensors, r: LayerRestriction) -> torch.Tensor:
+    """``total`` plus the cosines of one matched layer pair's residual channels (``[D_child,
+    D_parent]``): the reader columns (q/k/v, gate/up rows restricted to the matched heads and
+    neurons) and the writer rows (o, down columns likewise); 7 terms."""
+    dev = total.device
+    rows = dict(head_rows(pg, r), gate=r.neurons, up=r.neurons)
+    for which in ("q", "k", "v", "gate", "up"):
+        total = _add_column_cosines(total, _on(_proj(arch, cg, child, which), dev),
+                                    _on(_proj(arch, pg, parent, which), dev)[rows[which].to(dev)])
+    q_rows = head_rows(pg, r)["q"].to(dev)
+    total = _add_column_cosines(total, _on(_proj(arch, cg, child, "o"), dev).T,
+                                _on(_proj(arch, pg, parent, "o"), dev)[:, q_rows].T)
+    return _add_column_cosines(total, _on(_proj(arch, cg, child, "down"), dev).T,
+                               _on(_proj(arch, pg, parent, "down"), dev)[:, r.neurons.to(dev)].T)
+
+
+REFINEMENT_TERMS = 7  # per layer: q, k, v, gate, up columns; o, down rows
 
 
 def match_child(parent: Tensors, parent_config, child: Tensors, child_cfg,
                 layer_map: Optional[Sequence[int]] = None, refine: int = 1,
-                parent_name: str = "reference", child_name: str = "base") -> ChildMatch:
+                parent_name: str = "reference", child_name: str = "base",
+                device=None) -> ChildMatch:
     """The child's coordinates among the parent's, from the weights alone.
 
     Residual channels from the embedding (and untied lm_head) columns; the layer map by
     monotone dynamic programming over layer fingerprints (or ``layer_map``, validated); per
     layer the heads and neurons (:func:`match_layer`); then ``refine`` rounds that re-solve
-    the residual channels with every matched layer's reader columns and writer rows added."""
+    the residual channels with every matched layer's reader columns and writer rows added
+    (a round that leaves the residual map as it was ends the refinement: every later round
+    would repeat it).
+
+    ``parent`` and ``child`` are any name -> tensor mappings: a state dict, or a lazy one that
+    reads a tensor from disk when asked for (the mergekit glue's). They are read layer by
+    layer and nothing is kept but per-channel statistics: at most the embeddings (and
+    ``lm_head``s) or one parent layer and one child layer are held at a time, in float32 on
+    ``device`` (None: where the tensors are). The assignments run on the CPU."""
     check_child(parent_config, child_cfg, parent_name, child_name)
     pg, cg = geometry_from_config(parent_config, parent_name), geometry_from_config(child_cfg, child_name)
     arch = architecture_for(pg.model_type, parent_name)
-    _, p_layers = _by_layer(arch, parent)
-    _, c_layers = _by_layer(arch, child)
-    module_sim, pieces = residual_similarity(arch, parent, child)
+    p_names, c_names = _layer_tensor_names(arch, parent), _layer_tensor_names(arch, child)
+    module_sim, pieces = residual_similarity(arch, parent, child, device)
     residual = assign(module_sim)
     sim = module_sim
     layer_sim = None
+    p_stats = c_stats = None
     for round_ in range(refine + 1):
         if layer_map is not None:
-            lm = validate_layer_map(layer_map, len(p_layers), len(c_layers), parent_name, child_name)
+            lm = validate_layer_map(layer_map, len(p_names), len(c_names), parent_name, child_name)
         else:
-            layer_sim = layer_similarity(arch, pg, cg, p_layers, c_layers, residual)
+            if p_stats is None:  # one pass over every layer; the statistics do not depend on the map
+                p_stats = {i: _layer_statistics(arch, pg, _read_layer(parent, names, device))
+                           for i, names in p_names.items()}
+                c_stats = {k: _layer_statistics(arch, cg, _read_layer(child, names, device))
+                           for k, names in c_names.items()}
+            layer_sim = _statistics_similarity(p_stats, c_stats, residual)
             lm = monotone_layer_map(layer_sim)
+        refined = module_sim * pieces if round_ < refine else None
         per_layer, qualities = [], []
-        for k, i in enumerate(lm):
-            r, q = match_layer(arch, pg, cg, p_layers[i], c_layers[k], residual)
+        for k, i in enumerate(lm):  # one layer pair at a time
+            p_layer = _read_layer(parent, p_names[i], device)
+            c_layer = _read_layer(child, c_names[k], device)
+            r, q = match_layer(arch, pg, cg, p_layer, c_layer, residual)
             per_layer.append(r)
             qualities.append(q)
-        if round_ == refine:
+            if refined is not None:
+                refined = _add_refinement(refined, arch, pg, cg, p_layer, c_layer, r)
+            del p_layer, c_layer
+        if refined is None:
             break
-        sim, n = module_sim * pieces, pieces
-        for k, i in enumerate(lm):
-            rows = dict(head_rows(pg, per_layer[k]), gate=per_layer[k].neurons, up=per_layer[k].neurons)
-            for which in ("q", "k", "v", "gate", "up"):
-                sim = sim + column_cosines(_proj(arch, cg, c_layers[k], which),
-                                           _proj(arch, pg, p_layers[i], which)[rows[which]])
-                n += 1
-            q_rows = head_rows(pg, per_layer[k])["q"]
-            sim = sim + column_cosines(_proj(arch, cg, c_layers[k], "o").T,
-                                       _proj(arch, pg, p_layers[i], "o")[:, q_rows].T)
-            sim = sim + column_cosines(_proj(arch, cg, c_layers[k], "down").T,
-                                       _proj(arch, pg, p_layers[i], "down")[:, per_layer[k].neurons].T)
-            n += 2
-        sim = sim / n
-        residual = assign(sim)
+        sim = refined.div_(pieces + REFINEMENT_TERMS * len(lm))
+        refined_residual = assign(sim)
+        if torch.equal(refined_residual, residual):
+            break
+        residual = refined_residual
     return ChildMatch(ChildMap(residual, tuple(lm), tuple(per_layer)), _quality(sim, residual),
                       qualities, layer_sim)
 
@@ -716,26 +814,29 @@ def explained(child: Tensors, parent: Tensors, parent_config, child_map: ChildMa
 
 
 def explained_by_layer(child: Tensors, parent: Tensors, parent_config,
-                       child_map: ChildMap) -> List[Dict[str, Any]]:
+                       child_map: ChildMap, device=None) -> List[Dict[str, Any]]:
     """Per child layer (and ``"module"``: embeddings, final norm, lm_head): the parent layer it
     is matched to, and the share of the child's squared norm the restricted parent explains
     over the layer's weight matrices together (what a report shows before merging). Norm
     weights and biases are left out: norm weights sit near 1 in every model, so they would
-    make any two models look alike."""
+    make any two models look alike. One child tensor and its parent tensor are read at a
+    time (lazy mappings stream); differences in float32 on ``device``, sums in float64."""
     rx = Restriction(parent_config, child_map)
     sums: Dict[Any, List[float]] = {}
-    for name, c in child.items():
-        if c.dim() < 2:
-            continue
-        split = split_layer_name(rx.arch, name)
-        key = "module" if split is None else split[1]
-        p = rx.parent_name(name)
-        if p not in parent and p.endswith(rx.arch.lm_head):
-            p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
-        r = rx.restrict(name, parent[p]).double()
-        acc = sums.setdefault(key, [0.0, 0.0])
-        acc[0] += float((c.double() - r).pow(2).sum())
-        acc[1] += float(c.double().pow(2).sum())
+    for name in child:
+        c = _on(child[name], device)
+        if c.dim() >= 2:
+            split = split_layer_name(rx.arch, name)
+            key = "module" if split is None else split[1]
+            p = rx.parent_name(name)
+            if p not in parent and p.endswith(rx.arch.lm_head):
+                p = p[: -len(rx.arch.lm_head)] + rx.arch.embed
+            r = _on(rx.restrict(name, parent[p].to(c.device)), device)
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += float((c - r).pow(2).sum(dtype=torch.float64))
+            acc[1] += float(c.pow(2).sum(dtype=torch.float64))
+            del r
+        del c  # before the next read: one tensor of each model at a time
     out = []
     for key in sorted(k for k in sums if k != "module") + (["module"] if "module" in sums else []):
         residual_sq, norm_sq = sums[key]

@@ -20,8 +20,9 @@ base that cannot be a child, naming the sizes) before any other check, and
   wrapped method's combined delta, then :class:`.tasks.crosssize.RestrictedTransferTask`
   ``child + restrict(delta)``.
 
-Memory: the solve holds the reference's and the child's weights at once (in their stored
-dtype), then frees them; the merge itself streams tensor by tensor as a plain one does.
+Memory: the solve reads the reference and the child through mergekit's lazy loaders one layer
+pair at a time (:class:`LazyCheckpoint`; the embeddings first), in float32 on mergekit's device;
+the merge itself streams tensor by tensor as a plain one does.
 """
 
 from __future__ import annotations
@@ -150,6 +151,29 @@ def parse_layer_map(value: str, method: str) -> Optional[List[int]]:
         ) from None
 
 
+class LazyCheckpoint(Mapping):
+    """A checkpoint's tensors by name through mergekit's lazy loader: each read from disk when
+    asked for and not kept, so the solve holds what it is working on (embeddings, or one layer
+    pair), not two whole models."""
+
+    def __init__(self, model: ModelReference):
+        self.loader = LoaderCache().get(model)
+
+    def __getitem__(self, name: str):
+        if name not in self.loader.index.tensor_paths:
+            raise KeyError(name)
+        return self.loader.get_tensor(name, device="cpu")
+
+    def __contains__(self, name) -> bool:  # without reading the tensor
+        return name in self.loader.index.tensor_paths
+
+    def __iter__(self):
+        return iter(self.loader.index.tensor_paths)
+
+    def __len__(self) -> int:
+        return len(self.loader.index.tensor_paths)
+
+
 class CrossSizePlanning:
     """Per-merge state of a cross-size transfer's planning."""
 
@@ -193,20 +217,19 @@ class CrossSizePlanning:
 
     # ------------------------------------------------------------------ solve
 
-    def _state_dict(self, model: ModelReference) -> Dict[str, Any]:
-        loader = LoaderCache().get(model)
-        return {name: loader.get_tensor(name) for name in loader.index.tensor_paths}
-
     def solve(self) -> None:
-        """The child's coordinates among the reference's, from the weights (one solve)."""
-        parent, child = self._state_dict(self.reference), self._state_dict(self.base)
+        """The child's coordinates among the reference's, from the weights (one solve), read
+        layer by layer through mergekit's lazy loaders, the similarities on mergekit's device
+        (``--cuda``)."""
+        parent, child = LazyCheckpoint(self.reference), LazyCheckpoint(self.base)
+        device = self.planner.options.device
         try:
             self.match = cs.match_child(parent, self.ref_cfg, child, self.base_cfg, layer_map=self.layer_map,
-                                        parent_name=str(self.reference), child_name=str(self.base))
-            self.explained = cs.explained_by_layer(child, parent, self.ref_cfg, self.match.map)
+                                        parent_name=str(self.reference), child_name=str(self.base),
+                                        device=device)
+            self.explained = cs.explained_by_layer(child, parent, self.ref_cfg, self.match.map, device=device)
         except ValueError as err:
             raise SymAlignConfigError(f"{self.method.spec.name}: {err}") from None
-        del parent, child
         self.restriction = cs.Restriction(self.ref_cfg, self.match.map, model=str(self.reference))
         self.key = register_restriction(self.restriction)
         summary = self.summary()
@@ -329,4 +352,4 @@ def card_section(config) -> Optional[str]:
     return _CARDS.pop(id(config), None)
 
 
-__all__ = ["CrossSizePlanning", "card_section", "check_architectures", "check_child_settings", "child_verdict", "detect", "parse_layer_map"]
+__all__ = ["CrossSizePlanning", "LazyCheckpoint", "card_section", "check_architectures", "check_child_settings", "child_verdict", "detect", "parse_layer_map"]

@@ -142,3 +142,29 @@ def test_report_with_cuda_equals_report_on_cpu(family, tmp_path):
     for x, y in zip(a["layers"], b["layers"]):
         for key in ("distance_before", "distance_after"):
             assert abs(x[key] - y[key]) <= 1e-4 * max(abs(x[key]), 1e-6), (x["layer"], key)
+
+
+def test_cross_size_solve_on_cuda_equals_cpu(tmp_path):
+    """A pruned child's solve with its similarities on the GPU (the pure function on CPU
+    tensors, and a whole merge with --cuda / --read-to-gpu) finds the CPU's maps and merge."""
+    from mergekit_symalign import crosssize as cs
+
+    from .test_crosssize_merge import TA, _pair
+
+    paths, fam = _pair(tmp_path / "models")
+    gen = torch.Generator().manual_seed(3)
+    drifted = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=gen) for k, v in fam["child"].items()}
+    child_cfg = cs.child_config(fam["config"], fam["truth"])
+    on_cpu = cs.match_child(fam["parent"], fam["config"], drifted, child_cfg)
+    on_gpu = cs.match_child(fam["parent"], fam["config"], drifted, child_cfg, device="cuda")
+    assert on_gpu.map == on_cpu.map == fam["truth"]
+    assert abs(on_gpu.worst() - on_cpu.worst()) <= 1e-4
+    table = {where: cs.explained_by_layer(drifted, fam["parent"], fam["config"], on_cpu.map, device=where)
+             for where in ("cpu", "cuda")}
+    for a, b in zip(table["cpu"], table["cuda"]):
+        assert a["parent_layer"] == b["parent_layer"] and abs(a["explained"] - b["explained"]) <= 1e-5
+    rec = aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]])
+    cpu, gpu, gpu_read = _cpu_and_gpu(rec, tmp_path)
+    want = cs.restrict_state_dict(fam["skills"][0], fam["config"], fam["truth"])
+    for merged in (cpu, gpu, gpu_read):
+        assert_tensors_close(merged, want, rtol=1e-5)
