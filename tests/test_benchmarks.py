@@ -436,3 +436,22 @@ def test_cross_size_smollm2_distillation_moves_a_child_toward_its_parent_and_kee
     assert out.shape == (4, 10) and out[2, 4].item() == 0  # EOS after the first text (25th id)
     train, held_out = bench.stdlib_docstrings()
     assert len(train) > 1000 and len(held_out) > 100 and not set(train) & set(held_out)
+
+
+def test_cross_size_smollm2_render_reports_the_gain_ratio_and_recovery():
+    from benchmarks import cross_size_smollm2 as bench
+
+    row = lambda s, k: {"skill": s, "own_kl": k}  # noqa: E731
+    snap = {"child": row(0.1, 0.2), "child + tau, matched": row(0.5, 0.3),
+            "child fine-tuned on the skill": row(0.9, 0.25),
+            "facts": {"index_recovery": {"residual": 1.0, "neurons": 0.5}, "match_s": 3.0,
+                      "weakest_cosine": 0.97, "explained": {"a.weight": 0.9, "b.weight": 0.8,
+                                                            "x.norm.weight": 0.1}}}
+    result = {"args": {"distill_lr": 2e-4, "eval_problems": 100, "own_blocks": 32,
+                       "child": "576,3,3,1344,", "importance": "activations", "distill_steps": "40"},
+              "child": "c", "rows": {"parent": row(0.0, 0.0)}, "snapshots": {"40": snap},
+              "distill_kl": {"40": 0.12}, "wall_s": 600, "date": "2026-12-07"}
+    text = bench.render(result)
+    assert "0.40 / 0.80 (50%)" in text and "neurons 0.50" in text
+    assert "min 0.8000, median 0.8500" in text and "standard error at most 0.050" in text
+    assert "| child + tau, matched | 0.50 | 0.300 |" in text and "10 min" in text
