@@ -159,6 +159,33 @@ def table(rows: List[Dict], strengths) -> str:
     return "\n".join(out)
 
 
+TINY_ARCHS = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "qwen3", "olmo2", "phi3")
+
+
+def tiny_recovery() -> str:
+    """``--tiny``: on the tests' tiny random parents of every architecture pruned on every axis
+    (tests/test_crosssize.py's sizes) and not retrained, the share of the true indices each
+    path recovers and its weakest matched figure (2048 random tokens)."""
+    from tests.conftest import VOCAB, make_config, make_model
+
+    sizes = dict(hidden=36, kv_heads=1, heads_per_group=2, intermediate=56, drop_layers=(2,))
+    ids = torch.randint(0, VOCAB, (32, 64), generator=torch.Generator().manual_seed(3))
+    out = ["| architecture | weights: indices recovered | activations: indices recovered (residual / KV groups / query heads / neurons) | weakest cosine (weights) | weakest correlation (activations) |",
+           "|---|---:|---:|---:|---:|"]
+    for arch in TINY_ARCHS:
+        config = make_config(arch, num_hidden_layers=4)
+        parent = make_model(arch, seed=0, num_hidden_layers=4).state_dict()
+        child, child_cfg, truth = cs.prune_state_dict(parent, config, **sizes)
+        weights = cs.match_child(parent, config, child, child_cfg)
+        act = csa.match_child_by_activations(parent, config, child, child_cfg, ids)
+        rec = act.map.recovery(truth)
+        out.append(f"| {arch} | {'all' if weights.map == truth else 'not all'} | "
+                   f"{rec['residual']:.2f} / {rec['kv_groups']:.2f} / {rec['q_heads']:.2f} / "
+                   f"{rec['neurons']:.2f} | {weights.worst():.2f} | {act.worst():.2f} |")
+        print(out[-1], flush=True)
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -168,11 +195,22 @@ def main(argv=None) -> int:
     ap.add_argument("--strengths", default="light,gentle")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="only the index recovery on tiny random models of every architecture")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.tiny:
+        text = (f"Tiny random parents (hidden 48, 4 layers) pruned to 36 channels, 1 of 2 KV groups, "
+                f"2 of 3 query heads, 56 of 80 neurons, layer 2 dropped; not retrained; 2048 random "
+                f"tokens. Regenerate: `.venv/bin/python -m benchmarks.cross_size_drift --tiny` "
+                f"(2-core x86_64 CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).\n\n"
+                + tiny_recovery())
+        if not args.no_docs:
+            docs_pages.update_page("cross-size.md", "cross_size_tiny_activations", text)
+        return 0
     strengths = args.strengths.split(",")
     workdir = Path(args.workdir).resolve()
     world = tw.World()
