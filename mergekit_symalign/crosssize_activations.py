@@ -7,8 +7,8 @@ tokens instead of from their weights. Each model runs on its own hidden states, 
 by layer (:class:`.activations.LayerStreamer`: one decoder layer of each model resident):
 
 * **residual channels**: the Pearson correlation over the tokens, child channel against
-  parent channel, of the residual stream at the embedding output and at every matched layer's
-  output, averaged; one rectangular assignment at the end;
+  parent channel, of the residual stream at the embedding output (weight 1/2) and at every
+  matched layer's output (together 1/2); one rectangular assignment at the end;
 * **KV groups and query heads**: per head, the correlation of its ``[head_dim, tokens]`` block
   (pre-RoPE queries and the attention output entering ``o_proj`` per query head; keys and
   values per KV group), then the same two-level assignment as the weight path (groups on their
@@ -18,6 +18,13 @@ by layer (:class:`.activations.LayerStreamer`: one decoder layer of each model r
   value ``h = act(gate) * up`` (the input of ``down_proj``);
 * **layers**: ``layer_map`` (validated) or the weight path's monotone map (layer fingerprints
   on the weights: a layer must be paired before its activations can be compared).
+
+Two kinds of evidence per layer: each model on its *own* hidden states, and the parent layer's
+q/k/v, gate and ``h`` on the *child's* inputs (:func:`parent_on_child_inputs`, weighted
+:data:`SAME_INPUT_WEIGHT`). A pruned child's own stream differs from its parent's (fewer
+channels, heads and neurons wrote it), so on own streams alone a neuron of an unretrained
+child is often not told apart (on SmolLM2-135M pruned by a quarter, 18 % of the neurons were
+recovered); on the same inputs a kept neuron reproduces the child's own values exactly.
 
 Correlations, not raw inner products: a retrained child may shrink or grow a channel; pruning
 flips no sign, so they are signed.
@@ -54,6 +61,10 @@ from .calibration import check_enough_tokens
 Tensors = Mapping[str, torch.Tensor]
 
 RESIDUAL_FITS = ("lstsq", "procrustes")
+#: Weight of the same-input correlations against the own-stream ones: 2 recovers every index
+#: of the tests' tiny pruned children of every architecture, 1 misses OLMo 2 neurons
+#: (benchmarks/cross_size_drift.py --tiny).
+SAME_INPUT_WEIGHT = 2.0
 #: Ridge of the least-squares maps, relative to the mean eigenvalue of the regressor's second
 #: moment (a residual stream has a few huge channels and near-null directions).
 RIDGE = 1e-3
@@ -119,11 +130,42 @@ def _rows(acts: Mapping[str, torch.Tensor], keys: _Keys, which: str, size: int) 
     return acts[f"{module}:out"][offset: offset + size]
 
 
+def parent_on_child_inputs(arch: Architecture, g: Geometry, config, layer: Mapping[str, torch.Tensor],
+                           child: Mapping[str, torch.Tensor], keys_child: _Keys,
+                           residual: torch.Tensor, norms: Dict[str, Tuple]) -> Dict[str, torch.Tensor]:
+    """The parent layer's q/k/v outputs, gate pre-activations and ``act(gate) * up`` computed on
+    the *child's* normalized inputs, placed in the parent's channels by ``residual`` (zeros
+    elsewhere) with the parent's norm gains in place of the child's: both layers then see the
+    same inputs, so a kept head or neuron of an unretrained child gives exactly the child's own
+    values (a parent-side activation record, under the child's recorder keys' names for the
+    parent's modules). ``layer``: the parent layer's tensors by relative name; ``norms[site]``:
+    ``((parent gain, parent bias), (child gain, child bias))`` of the attention / MLP input."""
+    from transformers.activations import ACT2FN
+
+    out = {}
+    for site, key, projections in (("attn", keys_child.attn_in, ("q", "k", "v")),
+                                   ("mlp", keys_child.mlp_in, ("gate", "up"))):
+        (gp, bp), (gc, bc) = norms[site]
+        x = child[key].double()
+        x = (x - bc[:, None]) / gc[:, None]  # the child's normalized stream
+        wide = x.new_zeros(g.hidden_size, x.shape[1])
+        wide[residual] = x * gp[residual][:, None] + bp[residual][:, None]
+        for which in projections:
+            out[which] = cs._proj(arch, g, layer, which).double() @ wide
+    cfg = text_config(config)
+    act = ACT2FN[getattr(cfg, "hidden_activation", None) or cfg.hidden_act]
+    out["h"] = act(out["gate"]) * out["up"]
+    return out
+
+
 def match_layer_activations(g_parent: Geometry, g_child: Geometry, keys_parent: _Keys, keys_child: _Keys,
-                            parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.Tensor]
+                            parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.Tensor],
+                            same_input: Optional[Mapping[str, torch.Tensor]] = None
                             ) -> Tuple[cs.LayerRestriction, Dict[str, cs.MatchQuality]]:
     """One child layer's KV groups, query heads and neurons among its parent layer's, from the
-    two layers' activations on the same tokens (each ``[features, tokens]``)."""
+    two layers' activations on the same tokens (each ``[features, tokens]``), each model on its
+    own hidden states, plus (``same_input``, from :func:`parent_on_child_inputs`) the parent
+    layer's q/k/v, gate and ``h`` on the child's inputs."""
     d = g_parent.head_dim
     Kp, Kc, Gp, Gc = g_parent.num_kv_heads, g_child.num_kv_heads, g_parent.group_size, g_child.group_size
 
@@ -135,21 +177,32 @@ def match_layer_activations(g_parent: Geometry, g_child: Geometry, keys_parent: 
             x = _rows(acts, k, which, n)
         return x.reshape(-1, d, x.shape[-1])  # [heads, d, tokens]
 
-    head_sim = sum(correlation(heads(child, g_child, keys_child, w), heads(parent, g_parent, keys_parent, w))
-                   for w in ("q", "o"))  # [Hc, Hp]
-    group_sim = sum(correlation(heads(child, g_child, keys_child, w), heads(parent, g_parent, keys_parent, w))
-                    for w in ("k", "v"))  # [Kc, Kp]
+    def same(which):
+        return same_input[which].reshape(-1, d, same_input[which].shape[-1])
+
+    pairs_h = [(heads(child, g_child, keys_child, w), heads(parent, g_parent, keys_parent, w)) for w in ("q", "o")]
+    pairs_g = [(heads(child, g_child, keys_child, w), heads(parent, g_parent, keys_parent, w)) for w in ("k", "v")]
+    pairs_n = [(_rows(child, keys_child, "gate", g_child.intermediate_size),
+                _rows(parent, keys_parent, "gate", g_parent.intermediate_size)),
+               (child[keys_child.h], parent[keys_parent.h])]
+    if same_input is not None:
+        pairs_h.append((heads(child, g_child, keys_child, "q"), same("q")))
+        pairs_g += [(heads(child, g_child, keys_child, w), same(w)) for w in ("k", "v")]
+        pairs_n += [(_rows(child, keys_child, "gate", g_child.intermediate_size), same_input["gate"]),
+                    (child[keys_child.h], same_input["h"])]
+    w = SAME_INPUT_WEIGHT if same_input is not None else 1.0
+    head_sim = sum(correlation(c, p) * (w if i >= 2 else 1.0) for i, (c, p) in enumerate(pairs_h))  # [Hc, Hp]
+    group_sim = sum(correlation(c, p) * (w if i >= 2 else 1.0) for i, (c, p) in enumerate(pairs_g))  # [Kc, Kp]
     per_group = head_sim.reshape(Kc, Gc, Kp, Gp)
     kv = cs.assign(group_sim + per_group.amax(3).sum(1))
     q_heads = torch.stack([cs.assign(per_group[j, :, kv[j]]) for j in range(Kc)])
-    quality = {"kv_groups": _quality(group_sim / 2, kv)}
+    total = lambda pairs: 2 + (len(pairs) - 2) * w  # noqa: E731  (the weights' sum)
+    quality = {"kv_groups": _quality(group_sim / total(pairs_g), kv)}
     hs = per_group[torch.arange(Kc), :, kv]  # [Kc, Gc, Gp]
-    quality["q_heads"] = _quality(hs.reshape(-1, Gp) / 2, q_heads.reshape(-1))
-    neuron_sim = (correlation(_rows(child, keys_child, "gate", g_child.intermediate_size),
-                              _rows(parent, keys_parent, "gate", g_parent.intermediate_size))
-                  + correlation(child[keys_child.h], parent[keys_parent.h]))
+    quality["q_heads"] = _quality(hs.reshape(-1, Gp) / total(pairs_h), q_heads.reshape(-1))
+    neuron_sim = sum(correlation(c, p) * (w if i >= 2 else 1.0) for i, (c, p) in enumerate(pairs_n))
     neurons = cs.assign(neuron_sim)
-    quality["neurons"] = _quality(neuron_sim / 2, neurons)
+    quality["neurons"] = _quality(neuron_sim / total(pairs_n), neurons)
     return cs.LayerRestriction(kv, q_heads, neurons), quality
 
 
@@ -215,6 +268,21 @@ def _norm_gain(arch: Architecture, weight: torch.Tensor) -> torch.Tensor:
     kept away from 0, since the fit divides by them."""
     gain = weight.double() + (1.0 if arch.norm == "rms_offset" else 0.0)
     return torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
+
+
+def _layer_tensors(arch: Architecture, g: Geometry, tensors: Tensors, layer: int) -> Dict[str, torch.Tensor]:
+    """The q/k/v and gate/up weights of ``layer`` by relative name (what cs._proj reads)."""
+    names = {f"{_projection(arch, w, g)[0]}.weight" for w in ("q", "k", "v", "gate", "up")}
+    return {n: tensors[f"model.layers.{layer}.{n}"] for n in names}
+
+
+def _reader_bias(arch: Architecture, tensors: Tensors, layer: int, site: str) -> torch.Tensor:
+    """The bias of the norm in front of a layer's readers (LayerNorm's; zeros for RMSNorm)."""
+    norm = dict((("attn" if "q" in projections else "mlp"), n) for n, projections in arch.readers)[site]
+    bias = tensors.get(f"model.layers.{layer}.{norm}.bias") if norm is not None else None
+    if bias is None:
+        return torch.zeros(tensors[arch.embed].shape[1], dtype=torch.float64)
+    return bias.double()
 
 
 def _reader_gain(arch: Architecture, tensors: Tensors, layer: int, site: str) -> torch.Tensor:
@@ -301,7 +369,11 @@ def match_child_by_activations(parent: Tensors, parent_config, child: Tensors, c
         return torch.cat([h.reshape(-1, dim) for h in s.hidden]).T  # [D, tokens]
 
     p_embed, c_embed = stream(ps, pg.hidden_size), stream(chs, cg.hidden_size)
-    res_sim = correlation(c_embed, p_embed)
+    embed_sim = correlation(c_embed, p_embed)
+    # where the child's inputs sit among the parent's channels, for parent_on_child_inputs:
+    # the embedding outputs (the first, least drifted residual stream)
+    provisional = cs.assign(embed_sim)
+    layer_res_sim = torch.zeros_like(embed_sim)
     moments = {"embed": _Moments()} if fit else {}
     gains = {}
     if fit:
@@ -311,11 +383,17 @@ def match_child_by_activations(parent: Tensors, parent_config, child: Tensors, c
     for k, i in enumerate(lm):
         while ps.next_layer < i:
             ps.step()  # a layer the child dropped: run, record nothing
-        pa, ca = ps.step(p_plan, pk.record(fit)), chs.step(c_plan, ck.record(fit))
-        r, q = match_layer_activations(pg, cg, pk, ck, pa, ca)
+        pa, ca = ps.step(p_plan, pk.record(True)), chs.step(c_plan, ck.record(True))
+        norms = {site: ((_reader_gain(arch, parent, i, site), _reader_bias(arch, parent, i, site)),
+                        (_reader_gain(arch, child, k, site), _reader_bias(arch, child, k, site)))
+                 for site in ("attn", "mlp")}
+        same = parent_on_child_inputs(arch, pg, parent_config, _layer_tensors(arch, pg, parent, i),
+                                      ca, ck, provisional, norms)
+        r, q = match_layer_activations(pg, cg, pk, ck, pa, ca, same)
+        del same
         per_layer.append(r)
         qualities.append(q)
-        res_sim = res_sim + correlation(ca[ck.out], pa[pk.out])
+        layer_res_sim += correlation(ca[ck.out], pa[pk.out])
         if fit:
             moments[(k, "out")] = _Moments()
             moments[(k, "out")].add(ca[ck.out], pa[pk.out])
@@ -328,7 +406,9 @@ def match_child_by_activations(parent: Tensors, parent_config, child: Tensors, c
                 moments[(k, site)].add(ca[ckey] / gains[(k, site)][1][:, None].float(),
                                        pa[pkey] / gains[(k, site)][0][:, None].float())
         del pa, ca
-    res_sim = res_sim / (len(lm) + 1)
+    # the embedding outputs weigh as much as all layer outputs together: they are the child's
+    # own stream before any pruned head or neuron has changed it
+    res_sim = (embed_sim + layer_res_sim / len(lm)) / 2
     residual = cs.assign(res_sim)
     maps = None
     if fit:

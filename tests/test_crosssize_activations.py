@@ -20,10 +20,12 @@ SIZES = dict(hidden=36, kv_heads=1, heads_per_group=2, intermediate=56, drop_lay
 TA = "symmetry_aligned_task_arithmetic"
 # 32 x 64 random tokens: well above the child's 56 neurons per layer
 IDS = torch.randint(0, VOCAB, (32, 64), generator=torch.Generator().manual_seed(3))
-# OLMo 2 and Gemma 2 are left out: their writers' post-norms rescale the pruned attention
-# output to full size, so an unretrained tiny random child computes too differently from its
-# parent for its neurons to be told apart on activations (docs/cross-size.md).
-ARCHS = ["llama", "phi3", "gemma", "qwen3"]
+# Every architecture crosssize prunes (StableLM's child needs hidden = heads x head_dim:
+# tests/test_crosssize.py). OLMo 2 and Gemma 2/3 are the hard ones: their writers' post-norms
+# rescale the pruned attention output to full size, so the child's own stream differs most
+# from its parent's, and their neurons are told apart only on the same inputs
+# (crosssize_activations.parent_on_child_inputs).
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "qwen3", "olmo2", "phi3"]
 
 
 def _family(arch, seed=0):
