@@ -196,6 +196,41 @@ def tiny_recovery() -> str:
     return "\n".join(out)
 
 
+def smollm2_recovery() -> str:
+    """``--smollm2``: SmolLM2-135M-Instruct pruned as in tests/test_crosssize.py (576 -> 432
+    channels, 3 -> 2 KV groups, 1536 -> 1152 neurons, layers 9, 20, 21 dropped), not retrained,
+    matched on activations over the shipped calibration set (the merge's default budget)."""
+    from examples import smollm
+    from mergekit_symalign.calibration import default_token_budget, load_calibration, tokenize_calibration
+
+    model, tok = smollm.load_smollm2(torch.float32)
+    parent = {k: v.clone() for k, v in model.state_dict().items()}
+    child, child_cfg, truth = cs.prune_state_dict(parent, model.config, hidden=432, kv_heads=2,
+                                                  intermediate=1152, drop_layers=(9, 20, 21))
+    ids = tokenize_calibration({"smollm2": tok}, load_calibration(), 128,
+                               budget=default_token_budget(model.config.intermediate_size))
+    default = csa.SAME_INPUT_WEIGHT
+    out = ["| evidence | residual / KV groups / query heads / neurons recovered | neurons wrong | weakest correlation | s |",
+           "|---|---:|---:|---:|---:|"]
+    try:
+        for weight, name in ((0.0, "own streams only"), (default, "own streams + the parent on the child's inputs (default)")):
+            csa.SAME_INPUT_WEIGHT = weight
+            t = time.perf_counter()
+            match = csa.match_child_by_activations(parent, model.config, child, child_cfg, ids)
+            seconds = time.perf_counter() - t
+            rec = match.map.recovery(truth)
+            wrong = sum(int((a.neurons != b.neurons).sum()) for a, b in zip(match.map.per_layer, truth.per_layer))
+            out.append(f"| {name} | {rec['residual']:.3f} / {rec['kv_groups']:.3f} / {rec['q_heads']:.3f} / "
+                       f"{rec['neurons']:.4f} | {wrong} of {1152 * 27} | {match.worst():.2f} | {seconds:.0f} |")
+            print(out[-1], flush=True)
+    finally:
+        csa.SAME_INPUT_WEIGHT = default
+    return (f"SmolLM2-135M-Instruct pruned to 432 channels, 2 KV groups, 1152 neurons, 27 layers, not "
+            f"retrained; {ids.numel()} calibration tokens of the shipped set. Regenerate: "
+            f"`.venv/bin/python -m benchmarks.cross_size_drift --smollm2` (2-core x86_64 CPU shared "
+            f"with other jobs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(out))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -207,11 +242,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--tiny", action="store_true",
                     help="only the index recovery on tiny random models of every architecture")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="only the index recovery on SmolLM2-135M-Instruct pruned, not retrained")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.smollm2:
+        text = smollm2_recovery()
+        if not args.no_docs:
+            docs_pages.update_page("cross-size.md", "cross_size_smollm2_activations", text)
+        return 0
     if args.tiny:
         text = (f"Tiny random parents (hidden 48, 4 layers) pruned to 36 channels, 1 of 2 KV groups, "
                 f"2 of 3 query heads, 56 of 80 neurons, layer 2 dropped; not retrained; 2048 random "

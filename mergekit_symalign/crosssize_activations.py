@@ -74,8 +74,9 @@ RIDGE = 1e-3
 
 
 def _centered_unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` ``[n, ..., tokens]`` centered over the tokens, flattened, unit norm."""
-    x = x.double()
+    """Rows of ``x`` ``[n, ..., tokens]`` centered over the tokens, flattened, unit norm
+    (float32: the correlations only rank candidates)."""
+    x = x.float()
     x = x - x.mean(-1, keepdim=True)
     x = x.reshape(x.shape[0], -1)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -84,7 +85,7 @@ def _centered_unit_rows(x: torch.Tensor) -> torch.Tensor:
 def correlation(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """``[n_child, n_parent]`` Pearson correlations of rows (``[n, tokens]``) or of blocks
     (``[n, features, tokens]``: each feature centered over the tokens, the block flattened)."""
-    return (_centered_unit_rows(child) @ _centered_unit_rows(parent).T).float()
+    return (_centered_unit_rows(child) @ _centered_unit_rows(parent).T).cpu()
 
 
 def _quality(sim: torch.Tensor, index: torch.Tensor) -> cs.MatchQuality:
@@ -145,13 +146,14 @@ def parent_on_child_inputs(arch: Architecture, g: Geometry, config, layer: Mappi
     out = {}
     for site, key, projections in (("attn", keys_child.attn_in, ("q", "k", "v")),
                                    ("mlp", keys_child.mlp_in, ("gate", "up"))):
-        (gp, bp), (gc, bc) = norms[site]
-        x = child[key].double()
+        x = child[key].float()
+        (gp, bp), (gc, bc) = ((t.to(x.device, torch.float32) for t in pair) for pair in norms[site])
         x = (x - bc[:, None]) / gc[:, None]  # the child's normalized stream
         wide = x.new_zeros(g.hidden_size, x.shape[1])
-        wide[residual] = x * gp[residual][:, None] + bp[residual][:, None]
+        index = residual.to(x.device)
+        wide[index] = x * gp[index][:, None] + bp[index][:, None]
         for which in projections:
-            out[which] = cs._proj(arch, g, layer, which).double() @ wide
+            out[which] = cs._proj(arch, g, layer, which).to(x.device, torch.float32) @ wide
     cfg = text_config(config)
     act = ACT2FN[getattr(cfg, "hidden_activation", None) or cfg.hidden_act]
     out["h"] = act(out["gate"]) * out["up"]
