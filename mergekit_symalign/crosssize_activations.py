@@ -40,7 +40,6 @@ Pure torch/scipy/transformers, no mergekit import.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -329,6 +328,64 @@ class ActivationChildMatch(cs.ChildMatch):
     residual_maps: Optional[ResidualMaps] = None
 
 
+class _ResidualFit:
+    """The second moments the :class:`ResidualMaps` are fitted from, gathered layer by layer."""
+
+    def __init__(self, arch: Architecture, parent: Tensors, child: Tensors):
+        self.arch, self.parent, self.child = arch, parent, child
+        self.moments: Dict = {"embed": _Moments()}
+        self.gains: Dict = {}
+
+    def add_layer(self, k: int, i: int, pa, ca, pk: _Keys, ck: _Keys) -> None:
+        self.moments[(k, "out")] = _Moments()
+        self.moments[(k, "out")].add(ca[ck.out], pa[pk.out])
+        for site, ckey, pkey in (("attn", ck.attn_in, pk.attn_in), ("mlp", ck.mlp_in, pk.mlp_in)):
+            # the normalized stream (the norm's gain divided out): a rotation of the child's
+            # stream is a rotation of it, which Procrustes can then fit; the gains go back on
+            # in the map (readers read gain * normalized stream)
+            gp, gc = _reader_gain(self.arch, self.parent, i, site), _reader_gain(self.arch, self.child, k, site)
+            self.gains[(k, site)] = (gp, gc)
+            self.moments[(k, site)] = _Moments()
+            self.moments[(k, site)].add(ca[ckey] / gc[:, None].float(), pa[pkey] / gp[:, None].float())
+
+    def maps(self, residual: torch.Tensor, kind: str, ridge: float, layers: int) -> ResidualMaps:
+        m, arch = self.moments, self.arch
+        maps = ResidualMaps(kind, embed=_fit(m["embed"], residual, kind, True, ridge))
+        for k in range(layers):
+            maps.writers.append(_fit(m[(k, "out")], residual, kind, True, ridge))
+            readers = {}
+            for site in ("attn", "mlp"):
+                gp, gc = self.gains[(k, site)]
+                readers[site] = gp[residual][:, None] * _fit(m[(k, site)], residual, kind, False, ridge) / gc[None, :]
+            maps.readers.append(readers)
+        # lm_head reads the final norm's output: the last layer's map, between the norms
+        last = _fit(m[(layers - 1, "out")], residual, kind, False, ridge)
+        gp = _norm_gain(arch, self.parent[f"{arch.final_norm}.weight"])[residual]
+        gc = _norm_gain(arch, self.child[f"{arch.final_norm}.weight"])
+        maps.lm_head = gp[:, None] * last / gc[None, :]
+        return maps
+
+
+def _match_pair(arch, pg, cg, parent_config, parent: Tensors, child: Tensors, i: int, k: int,
+                pa, ca, pk: _Keys, ck: _Keys, provisional: torch.Tensor):
+    """Child layer ``k`` against parent layer ``i``: own streams and the same inputs."""
+    norms = {site: ((_reader_gain(arch, parent, i, site), _reader_bias(arch, parent, i, site)),
+                    (_reader_gain(arch, child, k, site), _reader_bias(arch, child, k, site)))
+             for site in ("attn", "mlp")}
+    same = parent_on_child_inputs(arch, pg, parent_config, _layer_tensors(arch, pg, parent, i),
+                                  ca, ck, provisional, norms)
+    return match_layer_activations(pg, cg, pk, ck, pa, ca, same)
+
+
+def _layer_map(arch, pg, cg, parent: Tensors, child: Tensors, layer_map, parent_config, child_config,
+               parent_name: str, child_name: str):
+    if layer_map is None:
+        return _weight_layer_map(arch, pg, cg, parent, child)
+    p_layers = int(text_config(parent_config).num_hidden_layers)
+    c_layers = int(text_config(child_config).num_hidden_layers)
+    return cs.validate_layer_map(layer_map, p_layers, c_layers, parent_name, child_name), None
+
+
 def match_child_by_activations(parent: Tensors, parent_config, child: Tensors, child_config,
                                token_ids: torch.Tensor, layer_map: Optional[Sequence[int]] = None,
                                residual_fit: Optional[str] = None, ridge: float = RIDGE, device="cpu",
@@ -347,89 +404,44 @@ def match_child_by_activations(parent: Tensors, parent_config, child: Tensors, c
     if residual_fit is not None and residual_fit not in RESIDUAL_FITS:
         raise ValueError(f"residual_fit must be one of {', '.join(RESIDUAL_FITS)} (or None), "
                          f"not {residual_fit!r}")
-    pg = geometry_from_config(parent_config, parent_name)
-    cg = geometry_from_config(child_config, child_name)
+    pg, cg = geometry_from_config(parent_config, parent_name), geometry_from_config(child_config, child_name)
     arch = architecture_for(pg.model_type, parent_name)
-    p_layers = int(text_config(parent_config).num_hidden_layers)
-    c_layers = int(text_config(child_config).num_hidden_layers)
     token_ids = torch.as_tensor(token_ids)
     # a neuron's correlation over fewer tokens than the child has neurons cannot single it out
     check_enough_tokens(int(token_ids.numel()), cg.intermediate_size,
                         f"matching {child_name}'s {cg.intermediate_size} MLP neurons per layer")
-    layer_sim = None
-    if layer_map is not None:
-        lm = cs.validate_layer_map(layer_map, p_layers, c_layers, parent_name, child_name)
-    else:
-        lm, layer_sim = _weight_layer_map(arch, pg, cg, parent, child)
+    lm, layer_sim = _layer_map(arch, pg, cg, parent, child, layer_map, parent_config, child_config,
+                               parent_name, child_name)
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
     ps = LayerStreamer(parent_config, _getter(parent, parent_name), token_ids, name=parent_name, **kw)
     chs = LayerStreamer(child_config, _getter(child, child_name), token_ids, name=child_name, **kw)
     p_plan, c_plan = activation_plan(parent_config, model=parent_name), activation_plan(child_config, model=child_name)
     pk, ck = _Keys.of(arch, pg), _Keys.of(arch, cg)
-    fit = residual_fit is not None
-
-    def stream(s, dim):
-        return torch.cat([h.reshape(-1, dim) for h in s.hidden]).T  # [D, tokens]
-
-    p_embed, c_embed = stream(ps, pg.hidden_size), stream(chs, cg.hidden_size)
+    fit = _ResidualFit(arch, parent, child) if residual_fit is not None else None
+    p_embed = torch.cat([h.reshape(-1, pg.hidden_size) for h in ps.hidden]).T  # [D, tokens]
+    c_embed = torch.cat([h.reshape(-1, cg.hidden_size) for h in chs.hidden]).T
     embed_sim = correlation(c_embed, p_embed)
-    # where the child's inputs sit among the parent's channels, for parent_on_child_inputs:
-    # the embedding outputs (the first, least drifted residual stream)
-    provisional = cs.assign(embed_sim)
-    layer_res_sim = torch.zeros_like(embed_sim)
-    moments = {"embed": _Moments()} if fit else {}
-    gains = {}
-    if fit:
-        moments["embed"].add(c_embed, p_embed)
+    if fit is not None:
+        fit.moments["embed"].add(c_embed, p_embed)
     del p_embed, c_embed
+    provisional = cs.assign(embed_sim)  # the child's inputs among the parent's channels, per layer
+    layer_res_sim = torch.zeros_like(embed_sim)
     per_layer, qualities = [], []
     for k, i in enumerate(lm):
         while ps.next_layer < i:
             ps.step()  # a layer the child dropped: run, record nothing
         pa, ca = ps.step(p_plan, pk.record(True)), chs.step(c_plan, ck.record(True))
-        norms = {site: ((_reader_gain(arch, parent, i, site), _reader_bias(arch, parent, i, site)),
-                        (_reader_gain(arch, child, k, site), _reader_bias(arch, child, k, site)))
-                 for site in ("attn", "mlp")}
-        same = parent_on_child_inputs(arch, pg, parent_config, _layer_tensors(arch, pg, parent, i),
-                                      ca, ck, provisional, norms)
-        r, q = match_layer_activations(pg, cg, pk, ck, pa, ca, same)
-        del same
+        r, q = _match_pair(arch, pg, cg, parent_config, parent, child, i, k, pa, ca, pk, ck, provisional)
         per_layer.append(r)
         qualities.append(q)
         layer_res_sim += correlation(ca[ck.out], pa[pk.out])
-        if fit:
-            moments[(k, "out")] = _Moments()
-            moments[(k, "out")].add(ca[ck.out], pa[pk.out])
-            for site, ckey, pkey in (("attn", ck.attn_in, pk.attn_in), ("mlp", ck.mlp_in, pk.mlp_in)):
-                # the normalized stream (the norm's gain divided out): a rotation of the child's
-                # stream is a rotation of it, which Procrustes can then fit; the gains go back
-                # on in the map (readers read gain * normalized stream)
-                gains[(k, site)] = (_reader_gain(arch, parent, i, site), _reader_gain(arch, child, k, site))
-                moments[(k, site)] = _Moments()
-                moments[(k, site)].add(ca[ckey] / gains[(k, site)][1][:, None].float(),
-                                       pa[pkey] / gains[(k, site)][0][:, None].float())
-        del pa, ca
+        if fit is not None:
+            fit.add_layer(k, i, pa, ca, pk, ck)
     # the embedding outputs weigh as much as all layer outputs together: they are the child's
     # own stream before any pruned head or neuron has changed it
     res_sim = (embed_sim + layer_res_sim / len(lm)) / 2
     residual = cs.assign(res_sim)
-    maps = None
-    if fit:
-        maps = ResidualMaps(residual_fit)
-        maps.embed = _fit(moments["embed"], residual, residual_fit, True, ridge)
-        for k in range(len(lm)):
-            maps.writers.append(_fit(moments[(k, "out")], residual, residual_fit, True, ridge))
-            readers = {}
-            for site in ("attn", "mlp"):
-                gp, gc = gains[(k, site)]
-                a = _fit(moments[(k, site)], residual, residual_fit, False, ridge)
-                readers[site] = gp[residual][:, None] * a / gc[None, :]
-            maps.readers.append(readers)
-        # lm_head reads the final norm's output: the last layer's map, between the norms
-        last = _fit(moments[(len(lm) - 1, "out")], residual, residual_fit, False, ridge)
-        gp = _norm_gain(arch, parent[f"{arch.final_norm}.weight"])[residual]
-        gc = _norm_gain(arch, child[f"{arch.final_norm}.weight"])
-        maps.lm_head = gp[:, None] * last / gc[None, :]
+    maps = fit.maps(residual, residual_fit, ridge, len(lm)) if fit is not None else None
     return ActivationChildMatch(cs.ChildMap(residual, tuple(lm), tuple(per_layer)), _quality(res_sim, residual),
                                 qualities, layer_sim, tokens=int(token_ids.numel()), residual_maps=maps)
 
