@@ -197,3 +197,22 @@ def test_alignment_activations_with_a_child_needs_its_tokenizer(pair, tmp_path):
     with pytest.raises(SymAlignConfigError, match="cannot load its tokenizer"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_report_with_alignment_activations_and_a_pruned_child(pair, tmp_path, capsys):
+    import json
+
+    from mergekit_symalign.cli import main
+
+    from .support import write_recipe
+
+    paths, _ = pair
+    recipe = aligned_recipe(TA, paths["child"], paths["parent"], [paths["skill"]],
+                            alignment="activations", calibration=paths["calibration"],
+                            calibration_max_tokens=32)
+    status = main(["report", write_recipe(recipe, tmp_path / "recipe.yml"), str(tmp_path / "report"), "--quiet"])
+    capsys.readouterr()
+    assert status == 0
+    child = json.loads((tmp_path / "report" / "report.json").read_text())["pruned_child"]
+    assert child["layer_map"] == [0, 1, 3] and child["warning"] is None
+    assert all(abs(r["explained"] - 1) < 1e-6 for r in child["layers"])  # the true maps: not retrained
