@@ -7,11 +7,14 @@ base that cannot be a child, naming the sizes) before any other check, and
 :class:`CrossSizePlanning` then plans the merge instead of the same-size path:
 
 * **checks**: the recipe's own checks, then what a cross-size transfer does not define
-  (``output_frame: reference``, ``alignment: activations``, ``residual:``, a tokenizer
-  section, ``slices:``), the skills' shapes (the reference's), ``layer_map``;
+  (``output_frame: reference``, ``residual:``, a tokenizer section, ``slices:``), the
+  skills' shapes (the reference's), ``layer_map``; with ``alignment: activations`` the
+  calibration text, tokenized with the child's and the reference's tokenizers;
 * **one solve per merge, at plan time**: :func:`.crosssize.match_child` on the reference's
-  and the child's weights (read through mergekit's loaders), logged, with a warning when the
-  child does not look like the reference's (:func:`.crosssize.child_warning`);
+  and the child's weights (read through mergekit's loaders; with ``alignment: activations``
+  :func:`.crosssize_activations.match_child_by_activations` on both models' activations over
+  the calibration tokens), logged, with a warning when the child does not look like the
+  reference's (:func:`.crosssize.child_warning`);
 * **planning in the child's layer numbering**: mergekit 0.1.5 lists every model's layers as
   one slice ``[0, num_layers)`` and refuses a slice whose sources differ in length, so the
   sources are cut to the child's length and every output tensor's parent tensor is picked by
@@ -37,13 +40,16 @@ from mergekit.io.tasks import GatherTensors, LoaderCache
 from mergekit.parameter_resolver import resolve_parameters
 
 from . import crosssize as cs
-from .architectures import text_config
+from .architectures import geometry_from_config, text_config
+from .calibration import calibration_tokens
+from .crosssize_activations import match_child_by_activations
 from .errors import SymAlignConfigError, UnsupportedArchitecture
 from .settings import recipe_setting, resolve_roles
 from .tasks import SkillDeltas
 from .tasks.crosssize import RestrictedTransferTask, register_restriction
 from .tensor_inputs import method_task
 from .validation import (
+    check_calibration,
     check_models,
     check_options,
     check_output_path,
@@ -114,10 +120,6 @@ def check_child_settings(cfg, method: str, base, reference) -> None:
             f"{what}; output_frame: reference is not defined for it: the reference's frame "
             f"is wider than the child, so the merged model is written in the child's "
             f"coordinates and shape. Remove output_frame (or set output_frame: base).")
-    if recipe_setting(top, "alignment") == "activations":
-        raise SymAlignConfigError(
-            f"{what}; alignment: activations is not built for a pruned child yet (its maps "
-            f"are solved from the weights). Remove alignment (or set alignment: weights).")
     if recipe_setting(top, "residual") != "none":
         raise SymAlignConfigError(
             f"{what}; residual: {recipe_setting(top, 'residual')} moves a model's residual "
@@ -214,6 +216,13 @@ class CrossSizePlanning:
             except ValueError as err:
                 raise SymAlignConfigError(f"{name}: {err}") from None
         self.layer_map = layer_map
+        self.token_ids = None
+        if recipe_setting(cfg.parameters, "alignment") == "activations":
+            self.token_ids = check_calibration(
+                cfg, lambda path, samples, max_tokens: calibration_tokens(
+                    self.reference, [self.base], path, samples, max_tokens, trust),
+                geometry=geometry_from_config(self.base_cfg, str(self.base)),
+                vocab_size=getattr(text_config(self.ref_cfg), "vocab_size", None))
 
     # ------------------------------------------------------------------ solve
 
@@ -224,9 +233,14 @@ class CrossSizePlanning:
         parent, child = LazyCheckpoint(self.reference), LazyCheckpoint(self.base)
         device = self.planner.options.device
         try:
-            self.match = cs.match_child(parent, self.ref_cfg, child, self.base_cfg, layer_map=self.layer_map,
-                                        parent_name=str(self.reference), child_name=str(self.base),
-                                        device=device)
+            if self.token_ids is not None:  # alignment: activations (crosssize_activations)
+                self.match = match_child_by_activations(
+                    parent, self.ref_cfg, child, self.base_cfg, self.token_ids, layer_map=self.layer_map,
+                    device=device, parent_name=str(self.reference), child_name=str(self.base))
+            else:
+                self.match = cs.match_child(parent, self.ref_cfg, child, self.base_cfg, layer_map=self.layer_map,
+                                            parent_name=str(self.reference), child_name=str(self.base),
+                                            device=device)
             self.explained = cs.explained_by_layer(child, parent, self.ref_cfg, self.match.map, device=device)
         except ValueError as err:
             raise SymAlignConfigError(f"{self.method.spec.name}: {err}") from None
@@ -246,8 +260,15 @@ class CrossSizePlanning:
         return (f"aligned a pruned child: base {self.base} taken as a pruned child of the reference "
                 f"{self.reference} ({sizes}); layer map "
                 f"{'given' if self.layer_map is not None else 'solved'} {list(m.map.layers)}; "
+                f"{self._how()}"
                 f"weakest matched cosine {m.worst():.3f} (residual stream {m.residual.cosine:.3f}); "
                 f"the skill vectors are restricted to the child's coordinates.")
+
+    def _how(self) -> str:
+        if self.token_ids is None:
+            return ""
+        return (f"residual channels, heads and neurons matched on activations over "
+                f"{self.token_ids.numel()} calibration tokens; ")
 
     def card(self, warning: Optional[str]) -> str:
         lines = ["### Pruned child", "", self.summary(), ""]

@@ -123,7 +123,6 @@ def _refused(rec, out, match):
 
 @pytest.mark.parametrize("setting, match", [
     ({"output_frame": "reference"}, "the reference's frame is wider than the child"),
-    ({"alignment": "activations"}, "alignment: activations is not built for a pruned child"),
     ({"residual": "permutation"}, "residual: permutation moves a model's residual stream"),
 ])
 def test_settings_without_a_meaning_for_a_child_are_refused(llama_pair, tmp_path, setting, match):

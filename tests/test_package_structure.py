@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergekit_symalign"
 # transfer's arithmetic stay testable without mergekit).
 PURE = ("groups", "spec", "architectures", "assignment", "residual", "rope", "settings",
         "kernels", "solve", "measure", "output", "calibration", "statedict", "cache", "errors",
-        "activations")
+        "activations", "crosssize_activations")
 
 MAX_LINES = 60
 # function -> why it is longer (a line each)
