@@ -57,6 +57,7 @@ BUILD_VERSION = 1
 SEQ, BATCH, WARMUP = 64, 8, 10
 DISTILL_LR = 2e-4
 SCALES = (0.5, 1.0, 1.5)
+DEFAULT_REGION = "cross_size_smollm2"  # docs/cross-size.md's region for the default child
 
 
 def _log(msg: str) -> None:
@@ -275,11 +276,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="do not write the table into docs/cross-size.md")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="only rewrite the docs table from a saved results.json (no model is run)")
-    ap.add_argument("--region", default="cross_size_smollm2",
+    ap.add_argument("--region", default=DEFAULT_REGION,
                     help="the docs/cross-size.md region the table goes to")
     a = ap.parse_args(argv)
     if a.render:
-        text = render(json.loads(Path(a.render).read_text()))
+        text = render(json.loads(Path(a.render).read_text()), a.region)
         if a.docs:
             docs_pages.update_page("cross-size.md", a.region, text)
         _log(text)
@@ -387,8 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "wall_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     if a.docs:
-        docs_pages.update_page("cross-size.md", a.region, render(result))
-    _log(render(result))
+        docs_pages.update_page("cross-size.md", a.region, render(result, a.region))
+    _log(render(result, a.region))
     return 0
 
 
@@ -397,8 +398,9 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def render(result: Dict[str, object]) -> str:
+def render(result: Dict[str, object], region: str = DEFAULT_REGION) -> str:
     a = result["args"]
+    where = "" if region == DEFAULT_REGION else f" --region {region}"
     rows, snaps = result["rows"], result["snapshots"]
     lines = [
         f"Parent SmolLM2-135M-Instruct; skill model: the demo's addition fine-tune; child: "
@@ -408,7 +410,7 @@ def render(result: Dict[str, object]) -> str:
         f"standard error at most {0.5 / math.sqrt(a['eval_problems']):.3f}); own: mean KL(parent || "
         f"model) on {a['own_blocks']} held-out docstring blocks (lower is better). One seed. "
         f"Regenerate: `.venv/bin/python -m benchmarks.cross_size_smollm2 --child '{a['child']}' --importance {a['importance']} "
-        f"--distill-steps {a['distill_steps']}` ({result.get('wall_s', math.nan) / 60:.0f} min on a shared "
+        f"--distill-steps {a['distill_steps']}{where}` ({result.get('wall_s', math.nan) / 60:.0f} min on a shared "
         f"2-core x86_64 CPU, torch {torch.__version__}, {result.get('date', time.strftime('%Y-%m-%d'))}).",
         "",
         "| model | skill: addition | own: KL to parent |",

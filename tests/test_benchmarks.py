@@ -455,3 +455,4 @@ def test_cross_size_smollm2_render_reports_the_gain_ratio_and_recovery():
     assert "0.40 / 0.80 (50%)" in text and "neurons 0.50" in text
     assert "min 0.8000, median 0.8500" in text and "standard error at most 0.050" in text
     assert "| child + tau, matched | 0.50 | 0.300 |" in text and "10 min" in text
+    assert "--region" not in text and "--distill-steps 40 --region other`" in bench.render(result, "other")
