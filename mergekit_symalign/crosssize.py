@@ -606,10 +606,6 @@ def _fingerprint(statistics: Sequence[torch.Tensor], residual: Index) -> torch.T
     return torch.cat(out) / math.sqrt(len(out) * out[0].numel())
 
 
-def _layer_features(arch: Architecture, g: Geometry, t: Tensors, residual: Index) -> torch.Tensor:
-    return _fingerprint(_layer_statistics(arch, g, t), residual)
-
-
 def _statistics_similarity(parent_stats: Mapping[int, Sequence[torch.Tensor]],
                            child_stats: Mapping[int, Sequence[torch.Tensor]], residual) -> torch.Tensor:
     c = torch.stack([_fingerprint(child_stats[k], None) for k in sorted(child_stats)])
@@ -718,6 +714,13 @@ def _read_layer(tensors: Tensors, names: Mapping[str, str], device=None) -> Dict
     return {rel: _on(tensors[name], device) for rel, name in names.items()}
 
 
+def streamed_layer_statistics(arch: Architecture, g: Geometry, tensors: Tensors,
+                              names: Mapping[int, Mapping[str, str]], device=None) -> Dict[int, List[torch.Tensor]]:
+    """Every layer's per-channel statistics (the layer map's evidence), reading one layer at a
+    time: a lazy ``tensors`` is never materialised whole."""
+    return {i: _layer_statistics(arch, g, _read_layer(tensors, layer, device)) for i, layer in names.items()}
+
+
 def _add_refinement(total: torch.Tensor, arch: Architecture, pg: Geometry, cg: Geometry,
                     parent: Tensors, child: Tensors, r: LayerRestriction) -> torch.Tensor:
     """``total`` plus the cosines of one matched layer pair's residual channels (``[D_child,
@@ -770,10 +773,8 @@ def match_child(parent: Tensors, parent_config, child: Tensors, child_cfg,
             lm = validate_layer_map(layer_map, len(p_names), len(c_names), parent_name, child_name)
         else:
             if p_stats is None:  # one pass over every layer; the statistics do not depend on the map
-                p_stats = {i: _layer_statistics(arch, pg, _read_layer(parent, names, device))
-                           for i, names in p_names.items()}
-                c_stats = {k: _layer_statistics(arch, cg, _read_layer(child, names, device))
-                           for k, names in c_names.items()}
+                p_stats = streamed_layer_statistics(arch, pg, parent, p_names, device)
+                c_stats = streamed_layer_statistics(arch, cg, child, c_names, device)
             layer_sim = _statistics_similarity(p_stats, c_stats, residual)
             lm = monotone_layer_map(layer_sim)
         refined = module_sim * pieces if round_ < refine else None

@@ -313,11 +313,8 @@ def _weight_layer_map(arch, pg, cg, parent: Tensors, child: Tensors) -> Tuple[Tu
     """The weight path's layer map: residual channels from the embedding (and lm_head)
     columns, then the monotone map over the layers' fingerprints."""
     residual = cs.assign(cs.residual_similarity(arch, parent, child)[0])
-    # one layer read at a time (a lazy checkpoint is not materialised whole), as match_child does
-    p_stats = {i: cs._layer_statistics(arch, pg, cs._read_layer(parent, names))
-               for i, names in cs._layer_tensor_names(arch, parent).items()}
-    c_stats = {k: cs._layer_statistics(arch, cg, cs._read_layer(child, names))
-               for k, names in cs._layer_tensor_names(arch, child).items()}
+    p_stats = cs.streamed_layer_statistics(arch, pg, parent, cs._layer_tensor_names(arch, parent))
+    c_stats = cs.streamed_layer_statistics(arch, cg, child, cs._layer_tensor_names(arch, child))
     sim = cs._statistics_similarity(p_stats, c_stats, residual)
     return cs.monotone_layer_map(sim), sim
 
