@@ -167,16 +167,18 @@ def _model(config, state: Dict[str, torch.Tensor]):
 
 
 def _state(model) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A copy of the weights; a tied model without ``lm_head.weight`` (its embedding: the
+    restriction reads that, and :func:`_model` ties it back)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
 
 
 @torch.no_grad()
 def own_kl(model, parent_logprobs: torch.Tensor, blocks: torch.Tensor) -> float:
     """Mean KL(parent || model) of next-token distributions over the held-out blocks."""
-    out = []
-    for i in range(0, len(blocks), 16):
-        out.append(torch.log_softmax(model(input_ids=blocks[i: i + 16]).logits.float(), -1))
-    q = torch.cat(out).reshape(-1, parent_logprobs.shape[-1])
+    q = logprobs(model, blocks).reshape(-1, parent_logprobs.shape[-1])
     p = parent_logprobs.reshape(-1, q.shape[-1])
     return float((p.exp() * (p - q)).sum(-1).mean())
 
@@ -243,11 +245,14 @@ def parse_child(text: str) -> Dict[str, object]:
             "intermediate": int(parts[3]), "drop_layers": drop}
 
 
-def describe(child: Dict[str, object]) -> str:
+def describe(child: Dict[str, object], config) -> str:
+    """The child's sizes against the parent's ``config``."""
     drop = child["drop_layers"]
-    return (f"{child['hidden']}/576 channels, {child['kv_heads']}/3 KV groups x "
-            f"{child['heads_per_group']}/3 query heads, {child['intermediate']}/1536 neurons"
-            + (f", layers {', '.join(map(str, drop))} of 30 dropped" if drop else ""))
+    heads_per_group = config.num_attention_heads // config.num_key_value_heads
+    return (f"{child['hidden']}/{config.hidden_size} channels, {child['kv_heads']}/"
+            f"{config.num_key_value_heads} KV groups x {child['heads_per_group']}/{heads_per_group} "
+            f"query heads, {child['intermediate']}/{config.intermediate_size} neurons"
+            + (f", layers {', '.join(map(str, drop))} of {config.num_hidden_layers} dropped" if drop else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -296,10 +301,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     skill, _ = smollm.load_pretrained(paths["skill"])
     cfg = parent.config
     p_sd, s_sd = _state(parent), _state(skill)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if tied:  # the restriction reads the embedding; lm_head is the same tensor
-        p_sd.pop("lm_head.weight", None)
-        s_sd.pop("lm_head.weight", None)
     problems = demo.eval_problems(a.eval_problems, a.seed)
     train_text, held_text = stdlib_docstrings()
     own_blocks = token_blocks(tok, held_text, SEQ, a.own_blocks)
@@ -320,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             child = parse_child(spec)
             c_sd, c_cfg, true_map = cs.prune_state_dict(p_sd, cfg, importance=importance, **child)
             pruned_skill = cs.restrict_state_dict(s_sd, cfg, true_map)
-            entry = {"child": describe(child), "child pruned": score(_model(c_cfg, c_sd)),
+            entry = {"child": describe(child, cfg), "child pruned": score(_model(c_cfg, c_sd)),
                      "skill model pruned": score(_model(c_cfg, pruned_skill))}
             _log(json.dumps(entry))
             sweep.append(entry)
@@ -334,25 +335,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows["child before retraining"] = score(_model(c_cfg, c_sd))
     rows["skill model pruned by the same indices"] = score(_model(c_cfg, pruned_skill))
     _log(json.dumps(rows))
-    snapshots: Dict[int, Dict[str, object]] = {}
+    result: Dict[str, object] = {"args": vars(a), "child": describe(child, cfg), "rows": rows,
+                                 "snapshots": {}}
+
+    def save() -> None:  # after every snapshot, so an interrupted run keeps what it measured
+        (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
 
     def evaluate(step: int, student) -> None:
         t0 = time.perf_counter()
         retrained = _state(student)
-        if tied:
-            retrained.pop("lm_head.weight", None)
         out: Dict[str, object] = {"child": score(student)}
         out["child + tau by position"] = score(_model(c_cfg, cs.by_position(retrained, p_sd, s_sd)))
         t = time.perf_counter()
         match = cs.match_child(p_sd, cfg, retrained, c_cfg)
         match_s = time.perf_counter() - t
-        recovery = {
-            "residual": float((match.map.residual == true_map.residual).double().mean()),
-            "layers": float(match.map.layers == true_map.layers),
-            "kv_groups": _mean([(m.kv_groups == t.kv_groups).double().mean() for m, t in zip(match.map.per_layer, true_map.per_layer)]),
-            "q_heads": _mean([(m.q_heads == t.q_heads).double().mean() for m, t in zip(match.map.per_layer, true_map.per_layer)]),
-            "neurons": _mean([(m.neurons == t.neurons).double().mean() for m, t in zip(match.map.per_layer, true_map.per_layer)]),
-        }
+        recovery = {"residual": float((match.map.residual == true_map.residual).double().mean()),
+                    "layers": float(match.map.layers == true_map.layers)}
+        for axis in ("kv_groups", "q_heads", "neurons"):
+            recovery[axis] = _mean([(getattr(m, axis) == getattr(t, axis)).double().mean()
+                                    for m, t in zip(match.map.per_layer, true_map.per_layer)])
         for scale in SCALES:
             tag = "" if scale == 1.0 else f" (x{scale:g})"
             out[f"child + tau, matched{tag}"] = score(_model(c_cfg, cs.transfer(retrained, p_sd, s_sd, cfg, match.map, scale)))
@@ -360,33 +361,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         direct = _model(c_cfg, retrained)
         skill_finetune(direct, tok, a.skill_steps, a.seed)
         out["child fine-tuned on the skill"] = score(direct)
-        direct_sd = _state(direct)
-        if tied:
-            direct_sd.pop("lm_head.weight", None)
-        other = cs.scatter(p_sd, retrained, direct_sd, cfg, match.map)
-        if tied:
-            other["lm_head.weight"] = other["model.embed_tokens.weight"]
+        other = cs.scatter(p_sd, retrained, _state(direct), cfg, match.map)
         out["parent + child's tau scattered (other direction)"] = score(_model(cfg, other))
         explained = cs.explained(retrained, p_sd, cfg, match.map)
         out["facts"] = {"index_recovery": recovery, "match_s": match_s,
                         "weakest_cosine": match.worst(),
                         "explained": explained, "eval_s": time.perf_counter() - t0}
-        snapshots[step] = out
+        result["snapshots"][str(step)] = out
         _log(f"after {step} distillation steps: " + json.dumps(out))
-        (workdir / "results.json").write_text(json.dumps(
-            {"args": vars(a), "child": describe(child), "rows": rows,
-             "snapshots": {str(k): v for k, v in snapshots.items()}}, indent=1, default=float))
+        save()
 
     student = _model(c_cfg, c_sd)
     train_blocks = token_blocks(tok, train_text, SEQ, BATCH * max(stops))
     _log(f"distillation text: {len(train_blocks)} blocks of {SEQ} tokens "
          f"({len(train_text)} docstrings); held out: {len(own_blocks)} blocks")
     losses = distill(student, parent, train_blocks, stops, a.distill_lr, a.seed, evaluate)
-    result = {"args": vars(a), "child": describe(child), "rows": rows,
-              "snapshots": {str(k): v for k, v in snapshots.items()},
-              "distill_kl": {str(s): _mean(losses[max(0, s - 10): s]) for s in stops},
-              "wall_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
-    (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    result.update(distill_kl={str(s): _mean(losses[max(0, s - 10): s]) for s in stops},
+                  wall_s=time.perf_counter() - t_start, date=time.strftime("%Y-%m-%d"))
+    save()
     if a.docs:
         docs_pages.update_page("cross-size.md", a.region, render(result, a.region))
     _log(render(result, a.region))

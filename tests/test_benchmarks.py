@@ -425,6 +425,10 @@ def test_cross_size_smollm2_distillation_moves_a_child_toward_its_parent_and_kee
     assert seen[-1][1] < 0.8 * before, (before, seen)
     assert bench.parse_child("512,3,2,1344,9;20") == {
         "hidden": 512, "kv_heads": 3, "heads_per_group": 2, "intermediate": 1344, "drop_layers": (9, 20)}
+    assert bench.describe(bench.parse_child("24,1,2,48,1"), cfg) == (
+        "24/32 channels, 1/2 KV groups x 2/2 query heads, 48/64 neurons, layers 1 of 2 dropped")
+    assert "lm_head.weight" not in bench._state(parent)  # tied: the embedding stands for it
+    assert torch.equal(bench._model(cfg, bench._state(parent)).lm_head.weight, parent.lm_head.weight)
 
     class Tok:
         eos_token_id = 0
