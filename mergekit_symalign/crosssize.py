@@ -399,6 +399,21 @@ class PruningImportance:
     neurons: Mapping[int, torch.Tensor]
 
 
+def _check_importance(importance: PruningImportance, g: Geometry, layers: Sequence[int]) -> None:
+    """Scores of the model's own sizes for every kept layer, or a ValueError saying which."""
+    want = [("residual", importance.residual, g.hidden_size)]
+    for i in layers:
+        for axis, size in (("heads", g.num_heads), ("neurons", g.intermediate_size)):
+            scores = getattr(importance, axis).get(i)
+            if scores is None:
+                raise ValueError(f"PruningImportance.{axis} has no scores for layer {i} (kept layers: {list(layers)})")
+            want.append((f"{axis}[{i}]", scores, size))
+    for name, scores, size in want:
+        if tuple(scores.shape) != (size,):
+            raise ValueError(f"PruningImportance.{name} has shape {tuple(scores.shape)}, but "
+                             f"{g.model_type} has {size} of them: one score each")
+
+
 def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
                      kv_heads: Optional[int] = None, heads_per_group: Optional[int] = None,
                      intermediate: Optional[int] = None, drop_layers: Sequence[int] = (),
@@ -431,11 +446,12 @@ def prune_state_dict(state_dict: Tensors, config, hidden: Optional[int] = None,
             score = score + sq(_proj(arch, g, t, which), 0)
         for which in ("o", "down"):
             score = score + sq(_proj(arch, g, t, which), 1)
+    kept = [i for i in sorted(layers) if i not in set(drop_layers)]
     if importance is not None:
+        _check_importance(importance, g, kept)
         score = importance.residual.double()
     residual = _importance_order(score, hidden)
     per_layer = []
-    kept = [i for i in sorted(layers) if i not in set(drop_layers)]
     for i in kept:
         t = layers[i]
         if importance is not None:

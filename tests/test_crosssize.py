@@ -261,3 +261,9 @@ def test_pruning_by_given_importance_keeps_the_top_scores_in_descending_order():
     weight_norm = cs.prune_state_dict(parent, config, **SIZES)[2]
     assert weight_norm.residual.tolist() != truth.residual.tolist()
     assert cs.match_child(parent, config, child, child_cfg).map == truth
+    short = cs.PruningImportance(imp.residual[:-1], imp.heads, imp.neurons)
+    with pytest.raises(ValueError, match=r"residual has shape \(47,\), but llama has 48"):
+        cs.prune_state_dict(parent, config, importance=short, **SIZES)
+    missing = cs.PruningImportance(imp.residual, imp.heads, {0: imp.neurons[0]})
+    with pytest.raises(ValueError, match="neurons has no scores for layer 1"):
+        cs.prune_state_dict(parent, config, importance=missing, **SIZES)
